@@ -1,0 +1,66 @@
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from keyedge import Key
+
+from .test_keys import malformed_key_files
+
+
+def keyedge(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "keyedge.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands():
+    out = keyedge("--help").stdout
+    for cmd in ("keygen", "key"):
+        assert cmd in out
+
+
+def test_keygen_and_inspect(tmp_path):
+    path = tmp_path / "key.bin"
+    r = keyedge("keygen", "-o", path, "--block-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    key = Key.load(path)
+    assert not key.insecure
+    r = keyedge("key", "inspect", path)
+    assert r.returncode == 0
+    assert key.fingerprint in r.stdout and "block size:   4" in r.stdout and "10^61.1" in r.stdout
+    # the permutation is never printed, in any form
+    for text in (r.stdout + r.stderr, ):
+        assert str(key.perm.tolist()) not in text
+        assert " ".join(map(str, key.perm[:6])) not in text
+        assert ",".join(map(str, key.perm[:6])) not in text
+
+
+def test_keygen_refuses_overwrite_and_records_insecure_seed(tmp_path):
+    path = tmp_path / "key.bin"
+    assert keyedge("keygen", "-o", path, "-m", "2", "--insecure-seed", "7").returncode == 0
+    assert Key.load(path).insecure
+    before = path.read_bytes()
+    r = keyedge("keygen", "-o", path, "-m", "2")
+    assert r.returncode == 2 and "--force" in r.stderr and path.read_bytes() == before
+    assert keyedge("keygen", "-o", path, "-m", "2", "--force").returncode == 0
+    assert path.read_bytes() != before
+
+
+def test_keygen_into_missing_directory(tmp_path):
+    r = keyedge("keygen", "-o", tmp_path / "nope" / "key.bin", "-m", "2")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("case", sorted(malformed_key_files()) + ["missing"])
+def test_inspect_refuses_malformed(tmp_path, case):
+    path = tmp_path / "bad.bin"
+    if case != "missing":
+        path.write_bytes(malformed_key_files()[case][0])
+    r = keyedge("key", "inspect", path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keyedge: error:"), r.stderr
+    assert "Traceback" not in r.stderr
