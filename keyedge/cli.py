@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,6 +75,178 @@ def key_inspect(path: Path = typer.Argument(..., help="Key file.")) -> None:
     typer.echo(f"key space:    10^{key.log10_keyspace:.1f} keys  ((M*M*C)!)")
     typer.echo(f"insecure:     {'yes (seeded, for tests only)' if key.insecure else 'no'}")
     typer.echo(f"fingerprint:  {key.fingerprint}")
+
+
+class Mode(str, Enum):
+    full = "full"
+    lora = "lora"
+
+
+class Threat(str, Enum):
+    small = "small"
+    imagenet = "imagenet"
+
+
+class AAVersion(str, Enum):
+    quick = "quick"
+    standard = "standard"
+    off = "off"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _model_kwargs(depth: int | None, embed_dim: int | None, heads: int | None) -> dict:
+    return {k: v for k, v in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", heads)) if v is not None}
+
+
+@app.command()
+@handles_errors
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
+    model: str = typer.Option("vit_base_patch16_224", help="timm model name."),
+    checkpoint: Path | None = typer.Option(None, help="Base weights (.safetensors/.pth/.npz), offline."),
+    pretrained: bool = typer.Option(False, help="Base weights from the Hugging Face hub (needs network)."),
+    data: str = typer.Option("digits", help="'digits' (built in) or an ImageFolder root with train/ and val/."),
+    key: Path | None = typer.Option(None, help="Key file; omit for a plain (un-keyed) fine-tune."),
+    mode: Mode = typer.Option(Mode.full, help="full: all weights; lora: LoRA adapters + head."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(64, min=1, help="Per-process batch size."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up + cosine)."),
+    weight_decay: float = typer.Option(0.05),
+    warmup_epochs: float = typer.Option(1.0),
+    accum_steps: int = typer.Option(1, min=1, help="Gradient accumulation steps."),
+    num_classes: int | None = typer.Option(None, help="Classes (default: the model's)."),
+    img_size: int | None = typer.Option(None, help="Input size override."),
+    patch_size: int | None = typer.Option(None, help="Patch size override."),
+    depth: int | None = typer.Option(None, help="Transformer depth override (small models)."),
+    embed_dim: int | None = typer.Option(None, help="Width override (small models)."),
+    heads: int | None = typer.Option(None, help="Attention heads override (small models)."),
+    lora_rank: int = typer.Option(8, min=1),
+    lora_alpha: float = typer.Option(16.0),
+    lora_dropout: float = typer.Option(0.0),
+    lora_targets: str = typer.Option("qkv,proj,fc1,fc2", help="Comma-separated layer names inside blocks."),
+    lora_patch_embed: bool = typer.Option(False, help="Also train the patch embedding fully."),
+    amp: bool = typer.Option(True, help="Mixed precision on GPU."),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(4, help="Data loader workers (ImageFolder)."),
+    resume: bool = typer.Option(False, help="Continue from the run's last epoch checkpoint."),
+    force: bool = typer.Option(False, help="Replace a non-empty run directory."),
+) -> None:
+    """Fine-tune a keyed (or plain) ViT from a base checkpoint; torchrun for multi-GPU."""
+    from .train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(model=model, out=str(out), data=data, key=str(key) if key else None,
+                      checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
+                      mode=mode.value, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
+                      model_kwargs=_model_kwargs(depth, embed_dim, heads), epochs=epochs,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                      accum_steps=accum_steps, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      lora_dropout=lora_dropout, lora_targets=tuple(t for t in lora_targets.split(",") if t),
+                      lora_patch_embed=lora_patch_embed, amp=amp, seed=seed, workers=workers,
+                      resume=resume, force=force)
+    manifest = run_train(cfg, console=_console())
+    typer.echo(f"wrote {out}: test accuracy {manifest['metrics']['test_acc']:.4f} after "
+               f"{manifest['epochs_done']} epochs")
+    typer.echo(f"trainable parameters: {manifest['trainable_params']:,} of {manifest['total_params']:,}")
+    typer.echo(f"per-key storage: {manifest['per_key_bytes']:,} bytes "
+               f"(full model {manifest['full_model_bytes']:,} bytes)")
+
+
+def _surrogate(path: Path, target_manifest: dict):
+    """A plain classifier the attacker could have: a run directory or a checkpoint file."""
+    from .models import KeyedClassifier, create_vit, load_checkpoint
+    from .runs import load_run
+
+    if path.is_dir():
+        return load_run(path, None)
+    spec = target_manifest["model"]
+    model = create_vit(spec["name"], **spec["kwargs"])
+    if any(k.startswith("head") for k in load_checkpoint(model, path)):
+        raise KeyedgeError(f"{path} has no classifier head for {spec['kwargs']['num_classes']} classes; "
+                           "pass --base a model that classifies the same labels")
+    return KeyedClassifier(model.eval(), None, target_manifest["input"]["mean"], target_manifest["input"]["std"])
+
+
+@app.command("eval")
+@handles_errors
+def evaluate_cmd(
+    run: Path = typer.Argument(..., help="Keyed (or plain) run directory."),
+    key: Path | None = typer.Option(None, help="The run's key file (checked against its fingerprint)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory (report.md, results.json, plot)."),
+    data: str = typer.Option("digits", help="'digits' or an ImageFolder root (val/ is used)."),
+    base: Path | None = typer.Option(None, help="Public base classifier (run dir or checkpoint); "
+                                                "default: the run's base checkpoint."),
+    plain_ft: Path | None = typer.Option(None, help="A plain fine-tune of the base (run dir): surrogate (c)."),
+    n: int = typer.Option(500, min=1, help="Test images."),
+    threat: Threat = typer.Option(Threat.small, help="Defaults: small (l_inf 8/255, l_2 0.5) or "
+                                                     "imagenet (l_inf 4/255, l_2 3.0)."),
+    eps: float | None = typer.Option(None, help="l_inf eps (in [0,1] units)."),
+    l2_eps: float | None = typer.Option(None, help="l_2 eps."),
+    steps: int | None = typer.Option(None, help="PGD steps."),
+    step_size: float | None = typer.Option(None, help="l_inf PGD step."),
+    random_start: bool = typer.Option(True),
+    autoattack: AAVersion = typer.Option(AAVersion.quick, help="quick: APGD-CE + APGD-DLR; standard: the full suite."),
+    eot_samples: int = typer.Option(8, min=1, help="Random keys per EOT step."),
+    key_search_random: int = typer.Option(200, min=0),
+    key_search_swaps: int = typer.Option(500, min=0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Clean accuracy and robustness under transfer, adaptive and white-box attacks."""
+    from .data import load_data, sample
+    from .evaluate import EvalConfig, evaluate
+    from .keys import Key
+    from .manifest import check_key
+    from .report import write_eval_report
+    from .runs import base_checkpoint_path, load_run, read_run_manifest
+
+    manifest = read_run_manifest(run)
+    k = Key.load(key) if key else None
+    check_key(manifest, k, f"run {run}")
+    overrides = {name: v for name, v in (("linf_eps", eps), ("l2_eps", l2_eps), ("steps", steps),
+                                         ("step_size", step_size)) if v is not None}
+    overrides.update(n=n, random_start=random_start, autoattack=autoattack.value, eot_samples=eot_samples,
+                     key_search_random=key_search_random, key_search_swaps=key_search_swaps, seed=seed)
+    cfg = EvalConfig.imagenet(**overrides) if threat is Threat.imagenet else EvalConfig(**overrides)
+    if out.exists() and not out.is_dir():
+        raise KeyedgeError(f"{out} is not a directory")
+    target = load_run(run, k, device=device)
+    base_path = base if base is not None else base_checkpoint_path(manifest)
+    base_model = _surrogate(base_path, manifest).to(device) if base_path is not None else None
+    plain_model = load_run(plain_ft, None, device=device) if plain_ft is not None else None
+    splits = load_data(data, manifest["input"]["size"][0], manifest["input"]["channels"])
+    x, y = sample(splits.test, n, seed=seed)
+    console = _console()
+    results = evaluate({run.name: target}, x.to(device), y.to(device), cfg, base=base_model,
+                       plain_ft=plain_model,
+                       base_patch_weight=base_model.model.patch_embed.proj.weight if base_model else None,
+                       status=lambda s: console.print(f"[bold]eval[/]: {s}"))
+    results["key_fingerprint"] = manifest.get("key_fingerprint")
+    from .io import staged_dir
+
+    with staged_dir(out, overwrite=True) as stage:
+        write_eval_report(results, stage)
+    typer.echo(f"wrote {out / 'report.md'} and {out / 'results.json'}")
+
+
+@app.command()
+@handles_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output directory."),
+    seed: int = typer.Option(0, help="Training seed (the key itself always comes from the CSPRNG)."),
+    quick: bool = typer.Option(False, help="A one-minute smoke version with tiny budgets."),
+    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """The main job: the whole keyed-ViT defense on the built-in digits data."""
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick(str(out), seed=seed, force=force) if quick else DemoConfig(
+        out=str(out), seed=seed, force=force)
+    run_demo(cfg, console=_console())
 
 
 def main() -> None:

@@ -25,3 +25,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def key4():
     return Key.generate(4, seed=1)
+
+
+TINY = dict(model="vit_tiny_patch16_224", img_size=16, patch_size=4, num_classes=10,
+            model_kwargs=dict(depth=2, embed_dim=48, num_heads=3), data="digits", progress=False)
+
+
+def tiny_train_config(out, **overrides):
+    from keyedge.train import TrainConfig
+
+    kwargs = dict(TINY, out=str(out), epochs=2, lr=3e-3, batch_size=64, force=True)
+    kwargs.update(overrides)
+    return TrainConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def trained_plain(tmp_path_factory):
+    """A tiny plain ViT trained on digits (16x16): the undefended model attacks must break."""
+    from keyedge.runs import load_run
+    from keyedge.train import train
+
+    out = tmp_path_factory.mktemp("plain_run")
+    manifest = train(tiny_train_config(out, epochs=8, lr=2e-3, batch_size=32, max_shift=0, warmup_epochs=0.5))
+    return out, manifest, load_run(out, None)

@@ -1,0 +1,290 @@
+"""Keyed fine-tuning (full or LoRA) of a timm ViT from a base checkpoint.
+
+One command for 1 CPU, 1 GPU or N GPUs (``torchrun --nproc-per-node N -m keyedge.cli train ...``:
+DDP, one process per GPU). AdamW with linear warm-up and cosine decay, AMP on GPU,
+gradient accumulation, a checkpoint after every epoch and ``--resume`` that loses at
+most one epoch. The run directory never holds the key, only its fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from .data import load_data, random_shift
+from .errors import KeyedgeError
+from .io import atomic_write_bytes
+from .keys import Key
+from .lora import DEFAULT_TARGETS, attach_lora, count_parameters, save_adapter
+from .manifest import check_key, library_versions, read_json, write_json
+from .models import KeyedClassifier, create_vit, file_sha256, model_input_spec
+from .runs import ADAPTER, CHECKPOINT, MANIFEST, WEIGHTS
+from .progress import progress_bar
+
+Mode = Literal["full", "lora"]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vit_base_patch16_224"
+    out: str = "run"
+    data: str = "digits"
+    key: str | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    mode: Mode = "full"
+    num_classes: int | None = None
+    img_size: int | None = None
+    patch_size: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    accum_steps: int = 1
+    max_shift: int = 2
+    label_smoothing: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_patch_embed: bool = False
+    amp: bool = True
+    seed: int = 0
+    workers: int = 4
+    resume: bool = False
+    force: bool = False
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    progress: bool = True
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return fn
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, dataset, batch_size: int = 256,
+                      device: torch.device | str = "cpu") -> float:
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(1, total)
+
+
+def _validate(cfg: TrainConfig) -> tuple[Key | None, dict[str, Any] | None]:
+    """Check every input before anything is written."""
+    if cfg.mode not in ("full", "lora"):
+        raise KeyedgeError(f"--mode must be full or lora, not {cfg.mode!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.accum_steps < 1:
+        raise KeyedgeError("--epochs, --batch-size and --accum-steps must be >= 1")
+    if cfg.mode == "lora" and cfg.checkpoint is None:
+        raise KeyedgeError("--mode lora needs the base it adapts: pass --checkpoint")
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+        raise KeyedgeError(f"checkpoint {cfg.checkpoint} does not exist")
+    key = Key.load(cfg.key) if cfg.key else None
+    out = Path(cfg.out)
+    previous = None
+    if cfg.resume:
+        if not (out / CHECKPOINT).is_file():
+            raise KeyedgeError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+        previous = read_json(out / MANIFEST, "run manifest")
+        check_key(previous, key, f"run {out}")
+    elif out.exists() and any(out.iterdir()) and not cfg.force:
+        raise KeyedgeError(f"{out} exists and is not empty; pass --resume to continue or --force to replace it")
+    return key, previous
+
+
+def train(cfg: TrainConfig, console=None) -> dict[str, Any]:
+    """Fine-tune; returns the final manifest. Writes ``cfg.out`` after each epoch."""
+    key, previous = _validate(cfg)
+    world, rank, local_rank = _dist_env()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    main_process = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+
+    model = create_vit(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size,
+                       patch_size=cfg.patch_size, checkpoint=cfg.checkpoint,
+                       pretrained=cfg.pretrained, **cfg.model_kwargs)
+    spec = model_input_spec(model)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    data = load_data(cfg.data, spec["img_size"][0], spec["channels"])
+    num_classes = model.num_classes
+    if num_classes != data.num_classes:
+        raise KeyedgeError(f"the model has {num_classes} classes but {cfg.data} has {data.num_classes}; "
+                           "pass --num-classes")
+    if key is not None and (spec["img_size"][0] % key.block_size or key.channels != spec["channels"]):
+        raise KeyedgeError(f"a {key.block_size}x{key.block_size}x{key.channels} key does not fit a "
+                           f"{spec['channels']}x{spec['img_size'][0]}x{spec['img_size'][1]} input")
+    if cfg.mode == "lora":
+        model = attach_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            targets=cfg.lora_targets, train_patch_embed=cfg.lora_patch_embed)
+    keyed = KeyedClassifier(model, key, spec["mean"], spec["std"]).to(device)
+    trainable_params, total_params = count_parameters(keyed)
+
+    sampler = DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
+    is_tensor_data = isinstance(data.train, TensorDataset)
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, num_workers=0 if is_tensor_data else cfg.workers,
+                        pin_memory=device.type == "cuda")
+    steps_per_epoch = max(1, len(loader) // cfg.accum_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    params = [p for p in keyed.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(
+        total_steps, int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio))
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    start_epoch, step = 0, 0
+    out = Path(cfg.out)
+    if cfg.resume:
+        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        missing = keyed.load_state_dict(state["trainable"], strict=False)
+        if missing.unexpected_keys:
+            raise KeyedgeError(f"{out / CHECKPOINT} does not fit this model")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        torch.set_rng_state(state["rng"])
+    elif main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (CHECKPOINT, MANIFEST, WEIGHTS):
+            (out / stale).unlink(missing_ok=True)
+
+    net = keyed
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            keyed, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    base_info = None
+    if cfg.checkpoint is not None:
+        base_info = previous["base_checkpoint"] if previous else {
+            "path": str(Path(cfg.checkpoint).resolve()), "sha256": file_sha256(cfg.checkpoint)}
+    manifest: dict[str, Any] = {
+        "format": "keyedge-run", "version": 1,
+        "model": {"name": cfg.model, "kwargs": {
+            "num_classes": num_classes, "img_size": spec["img_size"][0],
+            "patch_size": spec["patch_size"][0], **cfg.model_kwargs}},
+        "mode": cfg.mode,
+        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                 "targets": list(cfg.lora_targets), "train_patch_embed": cfg.lora_patch_embed}
+        if cfg.mode == "lora" else None,
+        "input": {"size": spec["img_size"], "channels": spec["channels"], "layout": "NCHW",
+                  "dtype": "float32", "range": [0.0, 1.0], "mean": spec["mean"], "std": spec["std"]},
+        "block_size": key.block_size if key else None,
+        "key_fingerprint": key.fingerprint if key else None,
+        "base_checkpoint": base_info,
+        "data": {"spec": cfg.data, "description": data.description, "classes": data.classes},
+        "train": {k: v for k, v in asdict(cfg).items()
+                  if k not in ("key", "out", "resume", "force", "progress", "model_kwargs")},
+        "trainable_params": trainable_params, "total_params": total_params,
+        "full_model_bytes": model_bytes,
+        "versions": library_versions(),
+        "history": previous.get("history", []) if previous else [],
+    }
+
+    ce_smoothing = cfg.label_smoothing
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        t0 = time.perf_counter()
+        with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader),
+                          enabled=cfg.progress and main_process, console=console) as bar:
+            for i, (x, y) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if is_tensor_data:
+                    x = random_shift(x, cfg.max_shift)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=ce_smoothing)
+                scaler.scale(loss / cfg.accum_steps).backward()
+                if (i + 1) % cfg.accum_steps == 0:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    step += 1
+                seen += len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                loss_sum += loss.item() * len(y)
+                bar.update(loss=loss_sum / seen, acc=correct / seen,
+                           ips=seen * world / (time.perf_counter() - t0))
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+        stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(stats)
+        test_acc = evaluate_accuracy(keyed, data.test, device=device)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": float(stats[0] / stats[2]),
+                  "train_acc": float(stats[1] / stats[2]), "test_acc": test_acc,
+                  "images_per_s": float(stats[2]) / (time.perf_counter() - t0)}
+        manifest["history"].append(record)
+        manifest["epochs_done"] = epoch + 1
+        manifest["metrics"] = record
+        if main_process:
+            _save_epoch(out, keyed, cfg, manifest, optimizer, scheduler, scaler, epoch, step)
+            if console is not None and cfg.progress:
+                console.print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f} "
+                              f"train acc {record['train_acc']:.3f} test acc {test_acc:.3f}")
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+    if world > 1:
+        dist.barrier()
+    return manifest
+
+
+def _save_epoch(out: Path, keyed: KeyedClassifier, cfg: TrainConfig, manifest: dict[str, Any],
+                optimizer, scheduler, scaler, epoch: int, step: int) -> None:
+    import io
+
+    from safetensors.torch import save_file
+
+    if cfg.mode == "lora":
+        save_adapter(keyed.model, out / ADAPTER)
+        unique = out / ADAPTER / "adapter_model.safetensors"
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in keyed.model.state_dict().items()}
+        tmp = out / f".{WEIGHTS}.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, out / WEIGHTS)
+        unique = out / WEIGHTS
+    manifest["per_key_bytes"] = unique.stat().st_size
+    buf = io.BytesIO()
+    torch.save({"trainable": {n: p.detach().cpu() for n, p in keyed.named_parameters() if p.requires_grad},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                "rng": torch.get_rng_state(), "key_fingerprint": manifest["key_fingerprint"]}, buf)
+    atomic_write_bytes(out / CHECKPOINT, buf.getvalue())
+    write_json(out / MANIFEST, manifest)
