@@ -249,6 +249,166 @@ def demo(
     run_demo(cfg, console=_console())
 
 
+class FoldMode(str, Enum):
+    fused = "fused"
+    gather = "gather"
+
+
+class InputKind(str, Enum):
+    float = "float"
+    uint8 = "uint8"
+
+
+class Layout(str, Enum):
+    nchw = "nchw"
+    nhwc = "nhwc"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Int8Method(str, Enum):
+    dynamic = "dynamic"
+    static = "static"
+
+
+def export_run(run: Path, key_path: Path | None, out: Path, opts, *, force: bool = False,
+               calibration_n: int = 64, echo=typer.echo) -> dict:
+    """Load a run, merge LoRA, export + verify into ``out`` atomically. Exit 1 on failed verification."""
+    from .data import run_images
+    from .io import staged_dir
+    from .keys import Key
+    from .onnx_export import export_onnx
+    from .runs import load_run, read_run_manifest
+
+    manifest = read_run_manifest(run)
+    key = Key.load(key_path) if key_path else None
+    keyed = load_run(run, key)
+    opts.resolved_mode(keyed.block_size, keyed.model.patch_embed.patch_size[0])  # refuse early
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise KeyedgeError(f"{out} exists; pass --force to replace it")
+    real = run_images(manifest, 16)
+    calib = run_images(manifest, calibration_n, train=True) if opts.int8_method == "static" else None
+    with staged_dir(out, overwrite=True) as stage:
+        art_manifest, report = export_onnx(keyed, stage, opts, manifest, source=str(run.resolve()),
+                                           real_images=real[0] if real else None,
+                                           calibration=calib[0] if calib else None)
+        checks = ", ".join(f"{k} rel err {v['rel_error']:.2e}" for k, v in report.items() if isinstance(v, dict))
+        if not report["passed"]:
+            echo(f"keyedge: error: ONNX Runtime verification failed ({checks}; tolerance "
+                 f"{report['tolerance_rel']}); nothing written", err=True)
+            raise typer.Exit(1)
+        from .manifest import write_json
+
+        write_json(stage / "verification.json", report)
+    echo(f"wrote {out / 'model.onnx'} ({art_manifest['fold_mode']}, {art_manifest['precision']}, "
+         f"{art_manifest['input']['dtype']} {art_manifest['input']['layout']}); verified with ONNX Runtime: {checks}"
+         + ("" if real else " (no real images here: random inputs only)"))
+    if art_manifest["contains_key"]:
+        echo(f"WARNING: {art_manifest['secret']}", err=True)
+    return art_manifest
+
+
+@app.command("export")
+@handles_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="Keyed run directory (full weights or a LoRA adapter)."),
+    key: Path | None = typer.Option(None, help="The run's key file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (model.onnx, manifest.json)."),
+    mode: FoldMode | None = typer.Option(None, help="fused: fold the key into the patch embedding "
+                                                    "(default when M divides the patch size); gather: keep it."),
+    embed_key: bool = typer.Option(False, help="gather: bake the key in as a constant (default: a graph input)."),
+    input: InputKind = typer.Option(InputKind.float, help="float ([0,1]) or uint8 ([0,255]) images."),
+    layout: Layout = typer.Option(Layout.nchw),
+    batch: int = typer.Option(1, min=1, help="Static batch size."),
+    dynamic_batch: bool = typer.Option(False, help="Dynamic batch dimension instead of --batch."),
+    precision: Precision = typer.Option(Precision.fp32, help="fp32; fp16 (weights/compute, fp32 I/O); int8 (CPU)."),
+    int8_method: Int8Method = typer.Option(Int8Method.dynamic, help="int8: dynamic, or static with calibration."),
+    calibration_n: int = typer.Option(64, min=1, help="Calibration images for static int8."),
+    opset: int = typer.Option(18, min=17),
+    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Merge LoRA, fold the key (or keep a gather), export ONNX and verify it with ONNX Runtime."""
+    from .onnx_export import ExportOptions
+
+    opts = ExportOptions(mode=mode.value if mode else None, input=input.value, layout=layout.value,
+                         batch=None if dynamic_batch else batch, embed_key=embed_key,
+                         precision=precision.value, int8_method=int8_method.value, opset=opset)
+    export_run(run, key, out, opts, force=force, calibration_n=calibration_n)
+
+
+def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], out: Path | None, *,
+               data: str | None = None, n: int = 200, base: Path | None = None, cfg=None,
+               echo=typer.echo) -> dict:
+    from .data import run_images
+    from .keys import Key
+    from .parity import ParityConfig, check_artifact, craft, parity_markdown, save_sets
+    from .runners import open_runner
+    from .runs import base_checkpoint_path, load_run, read_run_manifest
+
+    cfg = cfg or ParityConfig(n=n)
+    manifest = read_run_manifest(reference)
+    key = Key.load(key_path) if key_path else None
+    ref = load_run(reference, key)
+    runners = [open_runner(a, key) for a in artifacts]  # refuse bad artifacts before crafting
+    images = run_images(manifest, cfg.n, seed=cfg.seed, data=data)
+    if images is None:
+        raise KeyedgeError(f"the run's data set {manifest['data']['spec']} is not here; pass --data")
+    x, y = images
+    base_path = base if base is not None else base_checkpoint_path(manifest, verify=False)
+    base_model = _surrogate(base_path, manifest) if base_path is not None else None
+    sets = craft(ref, x, y, cfg, base_model)
+    report = {"reference": str(reference), "key_fingerprint": manifest.get("key_fingerprint"),
+              "data": manifest["data"]["spec"] if data is None else data, "n": len(y),
+              "tolerance": cfg.tolerance, "attack": cfg.attack.linf().describe(), "artifacts": {}}
+    for artifact, runner in zip(artifacts, runners):
+        with runner:
+            result = check_artifact(runner, ref, sets, y, cfg.tolerance)
+        result["runner"] = runner.name
+        report["artifacts"][str(artifact)] = result
+    report["passed"] = all(r["passed"] for r in report["artifacts"].values())
+    if out is not None:
+        from .io import atomic_write_text
+        from .manifest import write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_sets(out / "adversarial.npz", sets, y, manifest.get("key_fingerprint"))
+        write_json(out / "parity.json", report)
+        atomic_write_text(out / "parity.md", parity_markdown(report))
+    return report
+
+
+@app.command()
+@handles_errors
+def parity(
+    artifacts: list[Path] = typer.Argument(..., help="Artifacts to check (.onnx, .engine, run directories)."),
+    reference: Path = typer.Option(..., help="The keyed PyTorch reference run directory."),
+    key: Path | None = typer.Option(None, help="The reference's key file."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write parity.md, parity.json and adversarial.npz."),
+    data: str | None = typer.Option(None, help="'digits' or an ImageFolder root (default: the run's)."),
+    n: int = typer.Option(200, min=1, help="Images."),
+    base: Path | None = typer.Option(None, help="Public base for transfer attacks (default: the run's base)."),
+    tolerance_fp32: float = typer.Option(0.1, help="Allowed accuracy difference, points."),
+    tolerance_fp16: float = typer.Option(1.0),
+    tolerance_int8: float = typer.Option(1.0),
+) -> None:
+    """Prove that artifacts keep the reference's clean and adversarial accuracy (exit 1 if not)."""
+    from .parity import ParityConfig
+
+    cfg = ParityConfig(n=n, tolerance={"fp32": tolerance_fp32 / 100, "fp16": tolerance_fp16 / 100,
+                                       "int8": tolerance_int8 / 100})
+    report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg)
+    for name, r in report["artifacts"].items():
+        sets = ", ".join(f"{k} {100 * v['accuracy']:.1f}% ({100 * v['difference']:+.1f})" for k, v in r["sets"].items())
+        typer.echo(f"{'PASS' if r['passed'] else 'FAIL'} {name} [{r['runner']}, {r['precision']}]: {sets}"
+                   + ("" if r["key_fingerprint_match"] else "; made with another key"))
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app(prog_name="keyedge")
 

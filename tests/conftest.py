@@ -48,3 +48,28 @@ def trained_plain(tmp_path_factory):
     out = tmp_path_factory.mktemp("plain_run")
     manifest = train(tiny_train_config(out, epochs=8, lr=2e-3, batch_size=32, max_shift=0, warmup_epochs=0.5))
     return out, manifest, load_run(out, None)
+
+
+def _train_keyed(tmp_path_factory, name, seed, block=4, **overrides):
+    from keyedge.runs import load_run
+    from keyedge.train import train
+
+    out = tmp_path_factory.mktemp(name)
+    key = Key.generate(block, seed=seed)
+    key.save(out / "key.bin")
+    kwargs = dict(epochs=8, lr=2e-3, batch_size=32, max_shift=0, warmup_epochs=0.5, key=str(out / "key.bin"))
+    kwargs.update(overrides)
+    train(tiny_train_config(out / "run", **kwargs))
+    return out / "run", out / "key.bin", key, load_run(out / "run", key)
+
+
+@pytest.fixture(scope="session")
+def trained_keyed(tmp_path_factory):
+    """A tiny keyed ViT (block 4 = patch 4) trained on digits: (run_dir, key_path, key, model)."""
+    return _train_keyed(tmp_path_factory, "keyed_run", seed=11)
+
+
+@pytest.fixture(scope="session")
+def trained_keyed_other(tmp_path_factory):
+    """The same recipe with another key."""
+    return _train_keyed(tmp_path_factory, "keyed_other", seed=12)

@@ -1,0 +1,305 @@
+"""ONNX export of a keyed model: the key folded into the patch embedding, or kept as a gather.
+
+* ``fused``: the key, the normalisation (and the 1/255 of uint8 input) live in the
+  patch-embedding weights. The file takes plain images and *encodes the key*.
+* ``gather``: an ONNX Gather applies the permutation before the patch embedding.
+  By default the permutation is a second graph input (``key_perm``), so the file
+  holds no key and the runtime supplies it from key.bin; ``embed_key`` bakes it in.
+
+Right after export the file is checked with ONNX Runtime against the PyTorch keyed
+model on random and real images; a file beyond tolerance is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import KeyedgeError
+from .fold import can_fold, fold_key
+from .keys import Key
+from .manifest import library_versions
+from .models import KeyedClassifier
+from .shuffle import permute_blocks
+
+Mode = Literal["fused", "gather"]
+Precision = Literal["fp32", "fp16", "int8"]
+METADATA_KEY = "keyedge_manifest"
+INPUT_NAME, KEY_INPUT_NAME, OUTPUT_NAME = "images", "key_perm", "logits"
+SECRET_WARNING = ("this file encodes the secret key (in its weights or as a constant): "
+                  "keep it as secret as key.bin")
+# relative logit error allowed by the post-export check, and minimum top-1 agreement
+TOLERANCE = {"fp32": (1e-4, 1.0), "fp16": (1e-2, 0.97), "int8": (0.1, 0.9)}
+
+
+@dataclass
+class ExportOptions:
+    mode: Mode | None = None  # None: fused when the block size divides the patch size
+    input: Literal["float", "uint8"] = "float"
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    batch: int | None = 1  # None: dynamic batch
+    embed_key: bool = False
+    precision: Precision = "fp32"
+    int8_method: Literal["dynamic", "static"] = "dynamic"
+    opset: int = 18
+
+    def resolved_mode(self, block_size: int | None, patch_size: int) -> Mode:
+        if self.mode is None:
+            return "fused" if can_fold(block_size, patch_size) else "gather"
+        if self.mode == "fused" and not can_fold(block_size, patch_size):
+            raise KeyedgeError(f"block size {block_size} does not divide patch size {patch_size}: "
+                               "the key cannot be folded; use --mode gather")
+        return self.mode
+
+
+class ExportModule(nn.Module):
+    """What the ONNX graph computes: plain images (as the input spec says) -> logits."""
+
+    def __init__(self, keyed: KeyedClassifier, mode: Mode, opts: ExportOptions) -> None:
+        super().__init__()
+        self.mode, self.uint8, self.nhwc = mode, opts.input == "uint8", opts.layout == "nhwc"
+        self.block_size = keyed.block_size
+        self.perm_is_input = mode == "gather" and keyed.key is not None and not opts.embed_key
+        if mode == "fused":
+            self.net = fold_key(keyed, input=opts.input)
+        else:
+            self.net = keyed.model
+            self.register_buffer("mean", keyed.mean.clone())
+            self.register_buffer("std", keyed.std.clone())
+            if keyed.key is not None and opts.embed_key:
+                self.register_buffer("perm", keyed.perm.clone())
+
+    def forward(self, images: torch.Tensor, key_perm: torch.Tensor | None = None) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2) if self.nhwc else images
+        if self.mode == "fused":
+            return self.net(x)
+        x = x.to(torch.float32)
+        if self.uint8:
+            x = x / 255.0
+        if self.block_size is not None:
+            x = permute_blocks(x, key_perm if self.perm_is_input else self.perm, self.block_size)
+        return self.net((x - self.mean) / self.std)
+
+
+def input_shape(spec: dict[str, Any], batch: int) -> tuple[int, ...]:
+    h, w = spec["size"]
+    c = spec["channels"]
+    return (batch, h, w, c) if spec["layout"] == "NHWC" else (batch, c, h, w)
+
+
+def to_input_spec(images: torch.Tensor, spec: dict[str, Any]) -> np.ndarray:
+    """Canonical images (float [0,1], NCHW) -> the array an artifact takes."""
+    x = images.detach().cpu()
+    if spec["layout"] == "NHWC":
+        x = x.permute(0, 2, 3, 1)
+    if spec["dtype"] == "uint8":
+        return (x * 255).round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
+    return x.to(torch.float32).contiguous().numpy()
+
+
+def from_input_spec(array: np.ndarray, spec: dict[str, Any]) -> torch.Tensor:
+    """The canonical float [0,1] NCHW images that an artifact's input stands for."""
+    x = torch.as_tensor(np.asarray(array))
+    x = x.to(torch.float32) / 255.0 if spec["dtype"] == "uint8" else x.to(torch.float32)
+    return x.permute(0, 3, 1, 2).contiguous() if spec["layout"] == "NHWC" else x
+
+
+def read_manifest(onnx_path: str | Path) -> dict[str, Any]:
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except FileNotFoundError:
+        raise KeyedgeError(f"artifact {onnx_path} does not exist") from None
+    except Exception as exc:
+        raise KeyedgeError(f"{onnx_path} is not a readable ONNX file: {exc}") from None
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise KeyedgeError(f"{onnx_path} carries no keyedge manifest")
+
+
+def _torch_export(module: ExportModule, example: tuple[torch.Tensor, ...], path: Path, opts: ExportOptions,
+                  names: list[str]) -> None:
+    dynamic = None
+    if opts.batch is None:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic = ({0: batch},) + ((None,) * (len(example) - 1))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, example, None, input_names=names, output_names=[OUTPUT_NAME],
+                                    opset_version=opts.opset, dynamo=True, dynamic_shapes=dynamic,
+                                    external_data=False, verbose=False, optimize=True)
+        program.save(str(path), external_data=False)
+
+
+def _fp16(path: Path) -> None:
+    import onnx
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = float16.convert_float_to_float16(
+            onnx.load(str(path)), keep_io_types=True,
+            op_block_list=["LayerNormalization", "Softmax"])
+    onnx.save(model, str(path))
+
+
+class _Calibration:
+    """Calibration images for static int8 quantization (onnxruntime CalibrationDataReader)."""
+
+    def __init__(self, arrays: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(arrays)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def _int8(path: Path, method: str, calibration: list[dict[str, np.ndarray]] | None) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = path.with_name(path.stem + ".pre.onnx")
+    out = path.with_name(path.stem + ".q.onnx")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+            if method == "dynamic":
+                quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul", "Gemm"], per_channel=False)
+            else:
+                if not calibration:
+                    raise KeyedgeError("static int8 needs calibration images")
+                quantize_static(str(pre), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
+        out.replace(path)
+    finally:
+        pre.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+
+
+def build_manifest(keyed: KeyedClassifier, mode: Mode, opts: ExportOptions, run_manifest: dict[str, Any],
+                   source: str) -> dict[str, Any]:
+    spec = run_manifest["input"]
+    contains_key = keyed.key is not None and (mode == "fused" or opts.embed_key)
+    return {
+        "format": "keyedge-artifact", "version": 1,
+        "model": run_manifest["model"],
+        "classes": run_manifest.get("data", {}).get("classes"),
+        "input": {
+            "name": INPUT_NAME, "size": list(spec["size"]), "channels": spec["channels"],
+            "layout": opts.layout.upper(), "dtype": "uint8" if opts.input == "uint8" else "float32",
+            "range": [0, 255] if opts.input == "uint8" else [0.0, 1.0],
+            "batch": opts.batch if opts.batch is not None else "dynamic",
+        },
+        "output": {"name": OUTPUT_NAME, "num_classes": run_manifest["model"]["kwargs"]["num_classes"]},
+        "mean": spec["mean"], "std": spec["std"],
+        "block_size": keyed.block_size,
+        "key_fingerprint": keyed.key.fingerprint if keyed.key is not None else None,
+        "fold_mode": mode if keyed.key is not None else "plain",
+        "key_input": KEY_INPUT_NAME if mode == "gather" and keyed.key is not None and not opts.embed_key else None,
+        "contains_key": contains_key,
+        "secret": SECRET_WARNING if contains_key else None,
+        "precision": opts.precision,
+        "int8_method": opts.int8_method if opts.precision == "int8" else None,
+        "opset": opts.opset,
+        "source_run": source,
+        "versions": library_versions(),
+    }
+
+
+def _attach_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    prop = model.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, json.dumps(manifest, sort_keys=True)
+    model.producer_name = "keyedge"
+    onnx.save(model, str(path), save_as_external_data=False)
+
+
+def verify(path: Path, keyed: KeyedClassifier, manifest: dict[str, Any], key: Key | None,
+           real_images: torch.Tensor | None, *, seed: int = 0) -> dict[str, Any]:
+    """ONNX Runtime vs the PyTorch keyed model on random and real images."""
+    from .runners import OnnxRunner
+
+    gen = torch.Generator().manual_seed(seed)
+    spec = manifest["input"]
+    n = spec["batch"] if isinstance(spec["batch"], int) else 3
+    h, w = spec["size"]
+    sets = {"random": torch.rand(n, spec["channels"], h, w, generator=gen)}
+    if real_images is not None:
+        sets["real"] = real_images[:n] if len(real_images) >= n else real_images.repeat(n, 1, 1, 1)[:n]
+    tol, min_agree = TOLERANCE[manifest["precision"]]
+    report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree}
+    with OnnxRunner(path, key=key) as runner:
+        for name, images in sets.items():
+            feed = to_input_spec(images, spec)
+            got = torch.as_tensor(runner(feed))
+            with torch.no_grad():
+                want = keyed(from_input_spec(feed, spec))
+            rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
+            agree = float((got.argmax(1) == want.argmax(1)).float().mean())
+            report[name] = {"rel_error": rel, "top1_agreement": agree}
+    report["passed"] = all(report[s]["rel_error"] <= tol and
+                           (s == "random" or report[s]["top1_agreement"] >= min_agree) for s in sets)
+    return report
+
+
+def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run_manifest: dict[str, Any], *,
+                source: str = "", real_images: torch.Tensor | None = None,
+                calibration: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Export into ``out_dir`` (model.onnx + manifest.json); returns (manifest, verification).
+
+    ``out_dir`` should be a fresh staging directory: on failure the caller discards it.
+    """
+    if opts.precision not in TOLERANCE:
+        raise KeyedgeError(f"precision must be fp32, fp16 or int8, not {opts.precision!r}")
+    if opts.batch is not None and opts.batch < 1:
+        raise KeyedgeError("--batch must be >= 1")
+    keyed = keyed.eval()
+    patch = keyed.model.patch_embed.patch_size[0]
+    mode = opts.resolved_mode(keyed.block_size, patch)
+    manifest = build_manifest(keyed, mode, opts, run_manifest, source)
+    module = ExportModule(keyed, mode, opts).eval()
+    spec = manifest["input"]
+    example_batch = opts.batch or 2
+    dtype = torch.uint8 if opts.input == "uint8" else torch.float32
+    example: tuple[torch.Tensor, ...] = (torch.zeros(input_shape(spec, example_batch), dtype=dtype),)
+    names = [INPUT_NAME]
+    if module.perm_is_input:
+        example += (keyed.perm.clone(),)
+        names.append(KEY_INPUT_NAME)
+    path = out_dir / "model.onnx"
+    _torch_export(module, example, path, opts, names)
+    if opts.precision == "fp16":
+        _fp16(path)
+    elif opts.precision == "int8":
+        feeds = None
+        if opts.int8_method == "static":
+            if calibration is None:
+                raise KeyedgeError("static int8 needs calibration images from the data set")
+            feeds = [{INPUT_NAME: to_input_spec(calibration[i:i + example_batch], spec), **(
+                {KEY_INPUT_NAME: keyed.key.perm.astype(np.int64)} if module.perm_is_input else {})}
+                for i in range(0, len(calibration) - example_batch + 1, example_batch)]
+        _int8(path, opts.int8_method, feeds)
+    _attach_manifest(path, manifest)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    report = verify(path, keyed, manifest, keyed.key if module.perm_is_input else None, real_images)
+    return manifest, report
+
+
+def export_options_dict(opts: ExportOptions) -> dict[str, Any]:
+    return asdict(opts)

@@ -1,0 +1,155 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from keyedge import Key
+from keyedge.onnx_export import ExportOptions, METADATA_KEY, export_onnx, read_manifest
+from keyedge.runs import read_run_manifest
+
+from .test_cli_keys import keyedge
+
+
+def _export(tmp_path, trained, **opts):
+    run, _, key, keyed = trained
+    out = tmp_path / "art"
+    out.mkdir()
+    manifest, report = export_onnx(keyed, out, ExportOptions(**opts), read_run_manifest(run),
+                                   real_images=keyed.mean.new_zeros(0) if False else None)
+    return out / "model.onnx", manifest, report, key
+
+
+def _int_payloads(path):
+    """Every integer tensor stored in the graph: initializers and Constant nodes."""
+    model = onnx.load(str(path))
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    return [numpy_helper.to_array(t).ravel() for t in tensors
+            if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)]
+
+
+def _contains(arrays, seq):
+    seq = np.asarray(seq)
+    for a in arrays:
+        if a.size >= seq.size:
+            windows = np.lib.stride_tricks.sliding_window_view(a, seq.size)
+            if (windows == seq).all(axis=1).any():
+                return True
+    return False
+
+
+@pytest.mark.parametrize("mode", ["fused", "gather"])
+@pytest.mark.parametrize("kind", ["float", "uint8"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_export_matches_reference(tmp_path, trained_keyed, mode, kind, layout):
+    path, manifest, report, _ = _export(tmp_path, trained_keyed, mode=mode, input=kind, layout=layout, batch=2)
+    assert report["passed"] and report["random"]["rel_error"] <= 1e-4
+    assert manifest["fold_mode"] == mode and manifest["input"]["layout"] == layout.upper()
+    assert manifest["contains_key"] == (mode == "fused")
+
+
+def test_onnx_structure_manifest_and_no_key_in_gather(tmp_path, trained_keyed):
+    path, manifest, _, key = _export(tmp_path, trained_keyed, mode="gather", batch=None)
+    model = onnx.load(str(path))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    assert any(n.op_type == "Gather" for n in model.graph.node)
+    assert not any(i.HasField("data_location") and i.data_location == 1 for i in model.graph.initializer)
+    props = {p.key: p.value for p in model.metadata_props}
+    embedded = json.loads(props[METADATA_KEY])
+    assert embedded == read_manifest(path) == json.loads((path.parent / "manifest.json").read_text())
+    assert embedded["key_fingerprint"] == key.fingerprint and embedded["key_input"] == "key_perm"
+    assert [i.name for i in model.graph.input] == ["images", "key_perm"]
+    assert not _contains(_int_payloads(path), key.perm) and not _contains(_int_payloads(path), key.inverse)
+    text = path.read_bytes() + (path.parent / "manifest.json").read_bytes()
+    assert str(key.perm.tolist()).encode() not in text
+    # positive control: --embed-key does put the permutation in the file, and says so
+    (tmp_path / "e").mkdir()
+    embedded_path, m2, _, _ = _export(tmp_path / "e", trained_keyed, mode="gather", embed_key=True)
+    assert _contains(_int_payloads(embedded_path), key.perm)
+    assert m2["contains_key"] and "secret" in m2["secret"]
+
+
+@pytest.mark.parametrize("precision,method", [("fp16", "dynamic"), ("int8", "dynamic"), ("int8", "static")])
+def test_precision_variants_keep_parity(tmp_path, trained_keyed, precision, method):
+    run, key_path, _, _ = trained_keyed
+    out = tmp_path / precision
+    r = keyedge("export", run, "--key", key_path, "-o", out, "--precision", precision, "--int8-method", method)
+    assert r.returncode == 0, r.stderr
+    r = keyedge("parity", "--reference", run, "--key", key_path, out / "model.onnx", "--n", "200",
+                "-o", tmp_path / "parity")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "parity" / "parity.json").read_text())
+    art = report["artifacts"][str(out / "model.onnx")]
+    assert art["precision"] == precision and art["max_accuracy_difference"] <= 0.01
+
+
+def test_parity_passes_on_exact_and_fails_on_other_key(tmp_path, trained_keyed, trained_keyed_other):
+    run, key_path, key, _ = trained_keyed
+    other_run, other_key_path, _, _ = trained_keyed_other
+    for name, (r_dir, k_path, mode) in {"exact": (run, key_path, "fused"), "gather": (run, key_path, "gather"),
+                                        "other": (other_run, other_key_path, "fused")}.items():
+        res = keyedge("export", r_dir, "--key", k_path, "-o", tmp_path / name, "--mode", mode)
+        assert res.returncode == 0, res.stderr
+    ok = keyedge("parity", "--reference", run, "--key", key_path, tmp_path / "exact" / "model.onnx",
+                 tmp_path / "gather" / "model.onnx", run, "--n", "200", "-o", tmp_path / "p1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    report = json.loads((tmp_path / "p1" / "parity.json").read_text())
+    assert all(a["max_accuracy_difference"] == 0 for a in report["artifacts"].values())
+    sets, labels, fp = __import__("keyedge.parity", fromlist=["load_sets"]).load_sets(tmp_path / "p1" / "adversarial.npz")
+    assert fp == key.fingerprint and "whitebox_linf" in sets and len(labels) == 200
+    bad = keyedge("parity", "--reference", run, "--key", key_path, tmp_path / "other" / "model.onnx",
+                  "--n", "200", "-o", tmp_path / "p2")
+    assert bad.returncode == 1
+    art = json.loads((tmp_path / "p2" / "parity.json").read_text())["artifacts"]
+    art = next(iter(art.values()))
+    assert not art["passed"] and not art["key_fingerprint_match"]
+    assert art["max_accuracy_difference"] > 0.05  # the adversarial accuracy gives it away too
+
+
+def _refused(r, out):
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_bad_input(tmp_path, trained_keyed, trained_keyed_other, tmp_path_factory):
+    run, key_path, _, _ = trained_keyed
+    _, other_key_path, _, _ = trained_keyed_other
+    out = tmp_path / "out"
+    r = keyedge("export", run, "--key", other_key_path, "-o", out)
+    _refused(r, out)
+    assert "does not match" in r.stderr
+    (tmp_path / "file").write_text("x")
+    r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "file" / "sub")
+    _refused(r, tmp_path / "file" / "sub")
+    assert "cannot create" in r.stderr
+
+
+def test_export_refuses_unfoldable_key_and_missing_base(tmp_path, trained_plain):
+    from keyedge.train import train
+
+    from .conftest import tiny_train_config
+
+    base_dir, _, _ = trained_plain
+    Key.generate(8, seed=0).save(tmp_path / "k8.bin")
+    train(tiny_train_config(tmp_path / "m8", key=str(tmp_path / "k8.bin"), epochs=1, max_steps=2))
+    out = tmp_path / "out"
+    r = keyedge("export", tmp_path / "m8", "--key", tmp_path / "k8.bin", "-o", out, "--mode", "fused")
+    _refused(r, out)
+    assert "--mode gather" in r.stderr
+    ok = keyedge("export", tmp_path / "m8", "--key", tmp_path / "k8.bin", "-o", out)  # gather by default
+    assert ok.returncode == 0 and read_manifest(out / "model.onnx")["fold_mode"] == "gather"
+    # a LoRA run whose base checkpoint is gone
+    (tmp_path / "base.safetensors").write_bytes((base_dir / "model.safetensors").read_bytes())
+    Key.generate(4, seed=0).save(tmp_path / "k4.bin")
+    train(tiny_train_config(tmp_path / "lora", key=str(tmp_path / "k4.bin"), mode="lora", epochs=1,
+                            max_steps=2, checkpoint=str(tmp_path / "base.safetensors")))
+    (tmp_path / "base.safetensors").unlink()
+    out2 = tmp_path / "out2"
+    r = keyedge("export", tmp_path / "lora", "--key", tmp_path / "k4.bin", "-o", out2)
+    _refused(r, out2)
+    assert "base checkpoint" in r.stderr
