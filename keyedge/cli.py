@@ -191,8 +191,8 @@ def evaluate_cmd(
     random_start: bool = typer.Option(True),
     autoattack: AAVersion = typer.Option(AAVersion.quick, help="quick: APGD-CE + APGD-DLR; standard: the full suite."),
     eot_samples: int = typer.Option(8, min=1, help="Random keys per EOT step."),
-    key_search_random: int = typer.Option(200, min=0),
-    key_search_swaps: int = typer.Option(500, min=0),
+    key_search_random: int = typer.Option(100, min=0, help="Random keys tried by the key search."),
+    key_search_swaps: int = typer.Option(300, min=0, help="Greedy pair swaps after the random search."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
@@ -407,6 +407,160 @@ def parity(
                    + ("" if r["key_fingerprint_match"] else "; made with another key"))
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+@key_app.command("export-perm")
+@handles_errors
+def key_export_perm(
+    path: Path = typer.Argument(..., help="Key file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Raw little-endian int64 permutation (0600)."),
+    force: bool = typer.Option(False, help="Overwrite an existing file."),
+) -> None:
+    """Write the permutation as raw int64 (a gather engine's key_perm input for trtexec); secret, 0600."""
+    import numpy as np
+
+    from .io import atomic_write_bytes
+    from .keys import Key
+
+    key = Key.load(path)
+    atomic_write_bytes(out, key.perm.astype("<i8").tobytes(), mode=0o600, overwrite=force)
+    typer.echo(f"wrote {out} (key {key.fingerprint}); it is the key itself: keep it secret")
+
+
+def _artifact_onnx(artifact: Path) -> Path:
+    onnx_path = artifact / "model.onnx" if artifact.is_dir() else artifact
+    if not onnx_path.is_file():
+        raise KeyedgeError(f"{artifact} is not an exported artifact (model.onnx missing); run keyedge export")
+    return onnx_path
+
+
+@app.command()
+@handles_errors
+def build(
+    artifact: Path = typer.Argument(..., help="An exported artifact (directory or model.onnx)."),
+    target: str = typer.Option(..., help="Target profile: desktop, jetson-orin, jetson-orin-nano, ... or a .toml."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    timing_cache: Path | None = typer.Option(None, help="A timing cache to reuse (and update)."),
+    plan_only: bool = typer.Option(False, help="Write the on-device build plan only."),
+    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Build a TensorRT engine for a target, and always its on-device build plan."""
+    from .io import staged_dir
+    from .onnx_export import read_manifest
+    from .targets import load_target
+    from .tensorrt import build_engine, local_gpu_capability, tensorrt_available, write_build_plan
+
+    tgt = load_target(target)
+    onnx_path = _artifact_onnx(artifact)
+    manifest = read_manifest(onnx_path)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise KeyedgeError(f"{out} exists; pass --force to replace it")
+    gpu = local_gpu_capability()
+    reasons = []
+    if plan_only:
+        reasons.append("--plan-only")
+    if tgt.is_jetson and gpu != "8.7":
+        reasons.append(f"{tgt.name} engines are built on the Jetson itself")
+    if not tensorrt_available():
+        reasons.append("TensorRT is not installed here")
+    if gpu is None:
+        reasons.append("no CUDA GPU here")
+    elif gpu not in tgt.compute_capabilities:
+        reasons.append(f"the local GPU (compute capability {gpu}) is not a {tgt.name} GPU")
+    with staged_dir(out, overwrite=True) as stage:
+        plan = write_build_plan(onnx_path, manifest, tgt, stage)
+        engine = None
+        if not reasons:
+            engine = build_engine(stage / "model.onnx", plan, tgt, stage, timing_cache)
+    typer.echo(f"wrote the build plan for {tgt.name} in {out}: model.onnx, manifest.json, "
+               "build_engine.sh, bench_engine.sh")
+    typer.echo("  build on the device: " + " ".join(plan["trtexec_build"]))
+    if engine is not None:
+        typer.echo(f"built {out / engine.name} with TensorRT (manifest {engine.name}.json)")
+    else:
+        typer.echo("did not build an engine here: " + "; ".join(dict.fromkeys(reasons)))
+    if tgt.experimental:
+        typer.echo(f"note: target {tgt.name} is experimental")
+    if manifest.get("contains_key"):
+        typer.echo(f"WARNING: {manifest['secret']}", err=True)
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise KeyedgeError(f"--batch takes a comma-separated list of integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise KeyedgeError("--batch sizes must be >= 1")
+    return values
+
+
+@app.command()
+@handles_errors
+def bench(
+    artifacts: list[Path] = typer.Argument(..., help="Artifacts: export dirs / .onnx, .engine, run dirs (torch)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, desktop, jetson-orin or jetson-orin-nano."),
+    out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="bench.json, bench.md, latency.png."),
+    key: Path | None = typer.Option(None, help="Key file (gather artifacts and keyed run directories)."),
+    batch: str = typer.Option("1,8", help="Batch sizes (dynamic-batch artifacts; static ones use their own)."),
+    rounds: int = typer.Option(5, min=1, help="Interleaved rounds."),
+    iters: int = typer.Option(10, min=1, help="Timed iterations per model per round."),
+    estimate: bool = typer.Option(False, help="Roofline floor for --target instead of measuring."),
+    target: str = typer.Option("desktop", help="Target profile for --estimate."),
+) -> None:
+    """Latency (p50/p90/p99) and throughput per backend, models interleaved, ratios vs plain."""
+    from .bench import bench_markdown, bench_plot, roofline, run_bench
+    from .io import atomic_write_text
+    from .manifest import write_json
+
+    batches = _batches(batch)
+    if estimate:
+        from .onnx_export import read_manifest
+        from .targets import load_target
+
+        tgt = load_target(target)
+        for a in artifacts:
+            est = roofline(read_manifest(_artifact_onnx(a)), tgt, batches)
+            typer.echo(f"{a} on {tgt.name} ({est['device']}, {est['precision']}): "
+                       f"{est['flops_per_image'] / 1e9:.2f} GFLOP/image, {est['params'] / 1e6:.1f} M params")
+            for row in est["batches"]:
+                typer.echo(f"  batch {row['batch']}: floor {row['floor_ms']:.3f} ms ({row['bound']}-bound), "
+                           f"at most {row['ceiling_images_per_s']:.0f} images/s")
+        return
+    from .keys import Key
+
+    k = Key.load(key) if key else None
+    console = _console()
+    results = run_bench(artifacts, key=k, device=device, batches=batches, rounds=rounds, iters=iters,
+                        status=lambda s: console.print(f"[bold]bench[/]: {s}"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench.json", results)
+    atomic_write_text(out / "bench.md", bench_markdown(results))
+    bench_plot(results, out / "latency.png")
+    typer.echo(bench_markdown(results))
+
+
+@app.command()
+@handles_errors
+def bindings(
+    artifact_dir: Path = typer.Argument(..., help="An export (model.onnx) or build (model.engine) directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the C++ package."),
+    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Generate a C++17 package (keyedge::Model, CMake package, classify example) for an artifact."""
+    from .bindings import render
+    from .io import staged_dir
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise KeyedgeError(f"{out} exists; pass --force to replace it")
+    with staged_dir(out, overwrite=True) as stage:
+        manifest = render(artifact_dir, stage)
+    typer.echo(f"wrote the C++ package for {manifest.get('fold_mode')} {manifest.get('precision')} artifact "
+               f"(key {manifest.get('key_fingerprint') or 'none'}) to {out}")
+    typer.echo(f"  cmake -S {out} -B {out}/build -DONNXRUNTIME_INCLUDE_DIR=... -DONNXRUNTIME_LIBRARY=... && "
+               f"cmake --build {out}/build")
+    if manifest.get("contains_key"):
+        typer.echo(f"WARNING: {manifest['secret']} (the package holds a copy)", err=True)
 
 
 def main() -> None:

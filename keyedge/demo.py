@@ -51,6 +51,10 @@ class DemoConfig:
     lora_lr: float = 3e-3
     lora_rank: int = 8
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=360))
+    parity_n: int = 200
+    bench_batches: tuple[int, ...] = (1, 8)
+    bench_rounds: int = 5
+    bench_iters: int = 20
     force: bool = False
 
     @classmethod
@@ -59,7 +63,8 @@ class DemoConfig:
         cfg = cls(out=out, base_epochs=2, plain_epochs=1, keyed_epochs=1, lora_epochs=1,
                   eval=EvalConfig(n=48, steps=2, eps_sweep=(8 / 255,), autoattack_n=16, adaptive_n=16,
                                   eot_samples=2, key_search_random=4, key_search_swaps=4,
-                                  key_search_batch=16, wrong_keys=2))
+                                  key_search_batch=16, wrong_keys=2), parity_n=32,
+                  bench_rounds=1, bench_iters=2)
         return replace(cfg, **overrides)
 
 
@@ -121,6 +126,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
             "epochs": m["epochs_done"], "test_acc": m["metrics"]["test_acc"],
             "trainable_params": m["trainable_params"], "per_key_bytes": m["per_key_bytes"],
             "full_model_bytes": m["full_model_bytes"]}
+    t0 = time.perf_counter()
+    results["parity"] = export_and_check(cfg, out, key_path, console)
+    timings["export_parity"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["bench"] = bench_artifacts(cfg, out, key, console)
+    timings["bench"] = time.perf_counter() - t0
     results["key_fingerprint"] = key.fingerprint
     results["data"] = data.description
     results["seed"] = cfg.seed
@@ -130,6 +141,58 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     write_demo_report(results, out)
     console.print(f"[bold]done[/] in {timings['total']:.0f} s: {out / 'report.md'}, {out / 'results.json'}")
     return results
+
+
+ARTIFACTS = {  # name: export options (dynamic batch, so bench can sweep batch sizes)
+    "fused_fp32": dict(mode="fused", batch=None),
+    "gather_fp32": dict(mode="gather", batch=None),
+    "fused_int8": dict(mode="fused", precision="int8", batch=None),
+}
+
+
+def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Console) -> dict[str, Any]:
+    """Export each keyed model (fused/gather, fp32/int8) and prove parity with its reference."""
+    from .cli import export_run, run_parity
+    from .onnx_export import ExportOptions
+    from .parity import ParityConfig
+
+    section: dict[str, Any] = {"n": cfg.parity_n, "models": {}}
+    quiet = lambda *a, **k: None  # noqa: E731
+    for model in ("keyed_full", "keyed_lora"):
+        run = out / "runs" / model
+        paths = []
+        for name, opts in ARTIFACTS.items():
+            dest = out / "artifacts" / model / name
+            console.print(f"[bold]export[/]: {model} {name}")
+            export_run(run, key_path, dest, ExportOptions(**opts), force=True, echo=quiet)
+            paths.append(dest / "model.onnx")
+        console.print(f"[bold]parity[/]: {model}, {len(paths)} artifacts on {cfg.parity_n} images")
+        pcfg = ParityConfig(n=cfg.parity_n, attack=cfg.eval, seed=cfg.seed)
+        report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg, echo=quiet)
+        section["models"][model] = {
+            Path(p).parent.name: {"passed": r["passed"], "precision": r["precision"], "fold_mode": r["fold_mode"],
+                                  "max_accuracy_difference": r["max_accuracy_difference"],
+                                  "sets": r["sets"]}
+            for p, r in report["artifacts"].items()}
+    section["passed"] = all(a["passed"] for m in section["models"].values() for a in m.values())
+    return section
+
+
+def bench_artifacts(cfg: DemoConfig, out: Path, key: Key, console: Console) -> dict[str, Any]:
+    """Keyed (fused, gather, int8) vs the plain model, ONNX Runtime on this CPU, interleaved."""
+    from .bench import run_bench
+    from .cli import export_run
+    from .onnx_export import ExportOptions
+
+    plain = out / "artifacts" / "plain" / "fused_fp32"
+    export_run(out / "runs" / "plain", None, plain, ExportOptions(batch=None), force=True, echo=lambda *a, **k: None)
+    keyed = [out / "artifacts" / "keyed_full" / name for name in ARTIFACTS]
+    console.print("[bold]bench[/]: keyed (fused, gather, int8) vs plain, ONNX Runtime, batch 1 and 8")
+    results = run_bench([*keyed, plain], key=key, batches=cfg.bench_batches, rounds=cfg.bench_rounds,
+                        iters=cfg.bench_iters)
+    return {"batches": list(cfg.bench_batches), "machine": results["machine"],
+            "measurements": [{k: v for k, v in m.items() if k != "artifact"} | {"model": Path(m["artifact"]).name}
+                             for m in results["measurements"]]}
 
 
 def write_demo_report(results: dict[str, Any], out: Path) -> None:
@@ -147,6 +210,26 @@ def write_demo_report(results: dict[str, Any], out: Path) -> None:
         t = res["train"]
         lines.append(f"| {name} | {t['epochs']} | {100 * t['test_acc']:.1f}% | {t['trainable_params']:,} | "
                      f"{t['per_key_bytes'] / 1024:.0f} KiB | {t['full_model_bytes'] / 1024:.0f} KiB |")
+    parity = results.get("parity")
+    if parity:
+        lines += ["", f"## Export and parity ({parity['n']} images; accuracy of the ONNX artifact, "
+                      "difference to the PyTorch reference in points)", ""]
+        sets = list(next(iter(next(iter(parity["models"].values())).values()))["sets"])
+        lines += ["| model | artifact | " + " | ".join(sets) + " | verdict |",
+                  "|---|---|" + "---|" * len(sets) + "---|"]
+        for model, arts in parity["models"].items():
+            for name, a in arts.items():
+                cells = [f"{100 * s['accuracy']:.1f}% ({100 * s['difference']:+.1f})" for s in a["sets"].values()]
+                lines.append(f"| {model} | {name} | " + " | ".join(cells) + f" | {'pass' if a['passed'] else 'FAIL'} |")
+    bench = results.get("bench")
+    if bench:
+        lines += ["", f"## Latency on this machine ({bench['machine']['cpu']}, ONNX Runtime, interleaved; "
+                      "median ms, ratio to the plain model)", "",
+                  "| model | batch | p50 ms | p90 ms | images/s | vs plain |", "|---|---|---|---|---|---|"]
+        for m in bench["measurements"]:
+            vs = f"{m['ratio_vs_plain']:.3f}" if "ratio_vs_plain" in m else "—"
+            lines.append(f"| {m['kind']} | {m['batch']} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} | "
+                         f"{m['throughput_ips']:.0f} | {vs} |")
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items()), ""]
     if plot is not None:
         lines.append(f"![robust accuracy against eps]({plot.name})\n")

@@ -37,9 +37,9 @@ class EvalConfig:
     autoattack_n: int = 100
     adaptive_n: int = 200
     eot_samples: int = 8
-    key_search_random: int = 200
-    key_search_swaps: int = 500
-    key_search_batch: int = 128
+    key_search_random: int = 100
+    key_search_swaps: int = 300
+    key_search_batch: int = 64
     wrong_keys: int = 5
     seed: int = 0
 
@@ -122,7 +122,8 @@ def evaluate(targets: dict[str, KeyedClassifier], x: torch.Tensor, y: torch.Tens
     # non-adaptive transfer attacks, crafted once per surrogate
     if base is not None:
         status("transfer attacks crafted on the public base")
-        replay("pgd_linf_transfer_base", pgd(ce_loss(base), x, y, cfg.linf(), cfg.batch_size))
+        x_base = pgd(ce_loss(base), x, y, cfg.linf(), cfg.batch_size)
+        replay("pgd_linf_transfer_base", x_base)
         replay("pgd_l2_transfer_base", pgd(ce_loss(base), x, y, cfg.l2(), cfg.batch_size))
         if cfg.autoattack != "off":
             na = min(cfg.autoattack_n, len(x))
@@ -131,7 +132,7 @@ def evaluate(targets: dict[str, KeyedClassifier], x: torch.Tensor, y: torch.Tens
             for t in tgts:
                 t.record("autoattack_linf_transfer_base", outcome(t.keyed, x_aa, y[:na], correct[t.name][:na]))
         for eps in cfg.eps_sweep:
-            x_adv = pgd(ce_loss(base), x, y, cfg.linf(eps), cfg.batch_size)
+            x_adv = x_base if eps == cfg.linf_eps else pgd(ce_loss(base), x, y, cfg.linf(eps), cfg.batch_size)
             for t in tgts:
                 t.result.setdefault("eps_sweep", {}).setdefault("transfer_base", {})[f"{eps:.6f}"] = \
                     outcome(t.keyed, x_adv, y, correct[t.name]).robust
@@ -170,13 +171,14 @@ def evaluate(targets: dict[str, KeyedClassifier], x: torch.Tensor, y: torch.Tens
                 t.result["key_recovery"] = audit_key(keyed.model.patch_embed.proj.weight, base_patch_weight,
                                                      k).as_dict()
         status(f"{t.name}: white-box with the right key")
-        t.record("whitebox_linf", outcome(keyed, pgd(ce_loss(keyed), x, y, cfg.linf(), cfg.batch_size),
-                                          y, correct[t.name]))
+        x_white = pgd(ce_loss(keyed), x, y, cfg.linf(), cfg.batch_size)
+        t.record("whitebox_linf", outcome(keyed, x_white, y, correct[t.name]))
         t.record("whitebox_l2", outcome(keyed, pgd(ce_loss(keyed), x, y, cfg.l2(), cfg.batch_size),
                                         y, correct[t.name]))
         for eps in cfg.eps_sweep:
+            x_adv = x_white if eps == cfg.linf_eps else pgd(ce_loss(keyed), x, y, cfg.linf(eps), cfg.batch_size)
             t.result.setdefault("eps_sweep", {}).setdefault("whitebox", {})[f"{eps:.6f}"] = outcome(
-                keyed, pgd(ce_loss(keyed), x, y, cfg.linf(eps), cfg.batch_size), y, correct[t.name]).robust
+                keyed, x_adv, y, correct[t.name]).robust
 
     settings = asdict(cfg)
     settings.update({"linf_budget": cfg.linf().describe(), "l2_budget": cfg.l2().describe(), "n_images": len(x)})

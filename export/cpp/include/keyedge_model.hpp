@@ -1,0 +1,96 @@
+// keyedge C++ runtime: load a keyed ViT artifact (ONNX Runtime or TensorRT) and classify images.
+//
+//   auto model = keyedge::Model::load("model/model.onnx", "key.bin");
+//   std::vector<float> logits(batch * model->num_classes());
+//   model->infer(hwc_uint8_images, batch, logits.data());
+//   for (auto [cls, prob] : model->top_k(logits.data(), 5)) ...
+//
+// The artifact's manifest (manifest.json, or <engine>.json) is read and checked at load:
+// input spec, output size and the key fingerprint (against the key file, when the
+// artifact takes the key at run time, and against the fingerprint baked into this
+// package). Every failure is a keyedge::Error with a one-line message.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace keyedge {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct InputSpec {
+  int height = 0;
+  int width = 0;
+  int channels = 3;
+  bool uint8 = false;  // the graph takes uint8 [0,255] (else float [0,1])
+  bool nhwc = false;   // graph layout (infer() always takes uint8 HWC images)
+  int batch = 1;       // fixed batch, or -1 for a dynamic batch
+};
+
+struct Manifest {
+  InputSpec input;
+  std::string input_name = "images";
+  std::string output_name = "logits";
+  int num_classes = 0;
+  int block_size = 0;
+  std::string key_fingerprint;  // empty for a plain model
+  std::string key_input;        // graph input that takes the permutation at run time, or empty
+  std::string fold_mode;
+  std::string precision;
+  std::vector<std::string> classes;
+  static Manifest from_file(const std::string& path);
+};
+
+// A key file (keyedge key format v1): validated, fingerprinted. The permutation never leaves it.
+struct KeyFile {
+  int block_size = 0;
+  int channels = 0;
+  std::vector<int64_t> perm;
+  std::string fingerprint;
+  static KeyFile load(const std::string& path);
+};
+
+class Model {
+ public:
+  // model_path: model.onnx (ONNX Runtime backend) or model.engine (TensorRT backend); the
+  // manifest is read from beside it. key_path: the key file, needed when the artifact takes
+  // the key at run time (gather mode); when given, its fingerprint must match the manifest's.
+  static std::unique_ptr<Model> load(const std::string& model_path, const std::string& key_path = "");
+  virtual ~Model() = default;
+
+  // hwc: batch images, each height x width x channels uint8, rows packed.
+  // logits: batch x num_classes floats.
+  void infer(const uint8_t* hwc, int batch, float* logits);
+  // The k most probable classes of one logits row: (class index, softmax probability).
+  std::vector<std::pair<int, float>> top_k(const float* logits, int k) const;
+
+  const Manifest& manifest() const { return manifest_; }
+  int num_classes() const { return manifest_.num_classes; }
+  const InputSpec& input() const { return manifest_.input; }
+  const char* backend() const { return backend_name(); }
+
+ protected:
+  explicit Model(Manifest manifest) : manifest_(std::move(manifest)) {}
+  // Run exactly `batch` images (a supported batch size) through the backend.
+  virtual void run(const uint8_t* hwc, int batch, float* logits) = 0;
+  virtual const char* backend_name() const = 0;
+  Manifest manifest_;
+  std::vector<int64_t> key_perm_;  // only for artifacts that take the key at run time
+  friend void attach_key(Model&, const std::string&);
+};
+
+// Backends, chosen at build time (CMake options KEYEDGE_WITH_ONNXRUNTIME / KEYEDGE_WITH_TENSORRT).
+std::unique_ptr<Model> make_onnxruntime_model(const std::string& path, Manifest manifest);
+std::unique_ptr<Model> make_tensorrt_model(const std::string& path, Manifest manifest);
+
+// uint8 HWC -> the float graph input ([0,1], NCHW or NHWC); shared by the CPU backends.
+void to_float_input(const uint8_t* hwc, int batch, const InputSpec& spec, float* out);
+
+}  // namespace keyedge

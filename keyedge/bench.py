@@ -1,0 +1,284 @@
+"""Latency measurement: warm-up, many timed calls, percentiles, and interleaving.
+
+Models compared with each other (keyed-folded, keyed-gather, plain; ONNX Runtime
+vs PyTorch) are measured *interleaved* in the same run -- round-robin in short
+bursts -- so that clock changes and background load hit all of them alike, and
+reported as ratios of medians.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float] = field(default_factory=list)
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.samples_ms, q))
+
+    @property
+    def median(self) -> float:
+        return self.pct(50)
+
+    def summary(self, batch: int = 1) -> dict[str, float]:
+        return {"p50_ms": self.median, "p90_ms": self.pct(90), "p99_ms": self.pct(99),
+                "mean_ms": float(np.mean(self.samples_ms)), "iterations": len(self.samples_ms),
+                "throughput_ips": 1000.0 * batch / self.median}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 3, rounds: int = 5,
+                iters: int = 10, status: Callable[[str], None] = lambda s: None) -> dict[str, Timing]:
+    """Time each zero-argument callable ``rounds * iters`` times, round-robin by bursts."""
+    for name, fn in fns.items():
+        status(f"warm-up {name}")
+        for _ in range(warmup):
+            fn()
+    timings = {name: Timing() for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        status(f"round {r + 1}/{rounds}")
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        for name in order:
+            fn = fns[name]
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                timings[name].samples_ms.append(1000 * (time.perf_counter() - t0))
+    return timings
+
+
+def ratio(timings: dict[str, Timing], a: str, b: str) -> float:
+    """median(a) / median(b)."""
+    return timings[a].median / timings[b].median
+
+
+# ---- keyedge bench: artifacts x backends x batch sizes ------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from .errors import KeyedgeError  # noqa: E402
+
+DEVICES = ("cpu", "cuda", "desktop", "jetson-orin", "jetson-orin-nano")
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").strip("\x00\n ")
+    except OSError:
+        return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def is_jetson_orin() -> bool:
+    model = _read("/proc/device-tree/model") or ""
+    return Path("/etc/nv_tegra_release").exists() and "orin" in model.lower()
+
+
+def machine_info() -> dict[str, Any]:
+    from .manifest import library_versions
+
+    cpu = None
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    info: dict[str, Any] = {"cpu": cpu or platform.processor() or platform.machine(),
+                            "cores": os.cpu_count(), "platform": platform.platform(),
+                            "versions": library_versions()}
+    smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem",
+                "--format=csv,noheader"])
+    if smi:
+        name, driver, sm, sm_max, mem = (s.strip() for s in smi.splitlines()[0].split(","))
+        info["gpu"] = {"name": name, "driver": driver, "sm_clock": sm, "sm_clock_max": sm_max, "mem_clock": mem}
+    if Path("/etc/nv_tegra_release").exists():
+        info["jetson"] = {"model": _read("/proc/device-tree/model"), "l4t": _read("/etc/nv_tegra_release"),
+                          "nvpmodel": _run(["nvpmodel", "-q"]), "jetson_clocks": _run(["jetson_clocks", "--show"])}
+    return info
+
+
+def check_device(device: str) -> str:
+    """The runner device for ``--device``; refuses targets this host is not."""
+    if device not in DEVICES:
+        raise KeyedgeError(f"--device must be one of {', '.join(DEVICES)}")
+    if device.startswith("jetson") and not is_jetson_orin():
+        raise KeyedgeError(f"this host is not a Jetson Orin: build the plan with `keyedge build ARTIFACT --target "
+                           f"{device} -o plan/` and run plan/bench_engine.sh on the device")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KeyedgeError(f"--device {device} needs a CUDA GPU and none is visible here")
+        return "cuda"
+    return "cpu"
+
+
+def _runners_for(artifact: Path, key, device: str) -> list:
+    """Every backend that can run ``artifact`` here."""
+    from .runners import OnnxRunner, TorchRunner, open_runner
+
+    if artifact.is_dir() and (artifact / "model.onnx").is_file():
+        artifact = artifact / "model.onnx"
+    if artifact.suffix == ".onnx":
+        return [OnnxRunner(artifact, key, device=device)]
+    if artifact.is_dir():
+        return [TorchRunner(artifact, key, device=device)]
+    return [open_runner(artifact, key)]
+
+
+def _images(spec: dict[str, Any], batch: int) -> np.ndarray:
+    h, w = spec["size"]
+    shape = (batch, h, w, spec["channels"]) if spec["layout"] == "NHWC" else (batch, spec["channels"], h, w)
+    rng = np.random.default_rng(0)
+    if spec["dtype"] == "uint8":
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    return rng.random(shape, dtype=np.float32)
+
+
+def label(runner) -> str:
+    m = runner.manifest
+    mode = m.get("fold_mode", "reference")
+    return f"{mode}-{m.get('precision', 'fp32')}"
+
+
+def run_bench(artifacts: list[Path], *, key=None, device: str = "cpu", batches: tuple[int, ...] = (1, 8),
+              rounds: int = 5, iters: int = 10, warmup: int = 3, status=lambda s: None) -> dict[str, Any]:
+    runner_device = check_device(device)
+    runners = []
+    for a in artifacts:
+        for r in _runners_for(Path(a), key, runner_device):
+            runners.append((str(a), r))
+    results: dict[str, Any] = {"device": device, "machine": machine_info(), "batches": list(batches),
+                               "rounds": rounds, "iters": iters, "measurements": []}
+    for batch in batches:
+        fns, meta = {}, {}
+        for artifact, r in runners:
+            fixed = r.manifest["input"].get("batch")
+            if isinstance(fixed, int) and fixed != batch:
+                continue
+            try:
+                r.activate()
+            except KeyedgeError as exc:
+                raise KeyedgeError(f"{artifact}: {exc}") from None
+            x = _images(r.manifest["input"], batch)
+            name = f"{r.name}:{label(r)}:{Path(artifact).name if Path(artifact).suffix else artifact}"
+            fns[name] = (lambda r=r, x=x: r(x))
+            meta[name] = {"artifact": artifact, "backend": r.name, "kind": label(r),
+                          "fold_mode": r.manifest.get("fold_mode", "reference"),
+                          "precision": r.manifest.get("precision", "fp32")}
+        if not fns:
+            continue
+        status(f"batch {batch}: {len(fns)} models interleaved")
+        timings = interleaved(fns, warmup=warmup, rounds=rounds, iters=iters, status=status)
+        plain = {m["backend"] + m["precision"]: n for n, m in meta.items() if m["fold_mode"] == "plain"}
+        for name, t in timings.items():
+            entry = {**meta[name], "batch": batch, **t.summary(batch)}
+            ref = plain.get(meta[name]["backend"] + meta[name]["precision"])
+            if ref is not None:
+                entry["ratio_vs_plain"] = ratio(timings, name, ref)
+            results["measurements"].append(entry)
+    if not results["measurements"]:
+        raise KeyedgeError("none of the artifacts can run at the requested batch sizes here")
+    for _, r in runners:
+        r.deactivate()
+    return results
+
+
+def bench_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = ["# keyedge bench", "",
+             f"Device `{results['device']}` — CPU {m['cpu']} ({m['cores']} cores)"
+             + (f"; GPU {m['gpu']['name']} (driver {m['gpu']['driver']}, SM clock {m['gpu']['sm_clock']})"
+                if "gpu" in m else "") + ".",
+             f"Interleaved: {results['rounds']} rounds x {results['iters']} iterations per model; "
+             "the median is the figure quoted.", "",
+             "| backend | model | batch | p50 ms | p90 ms | p99 ms | images/s | vs plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in results["measurements"]:
+        vs = f"{e['ratio_vs_plain']:.3f}" if "ratio_vs_plain" in e else "—"
+        lines.append(f"| {e['backend']} | {e['kind']} ({Path(e['artifact']).parent.name or e['artifact']}) | "
+                     f"{e['batch']} | {e['p50_ms']:.2f} | {e['p90_ms']:.2f} | {e['p99_ms']:.2f} | "
+                     f"{e['throughput_ips']:.1f} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for e in results["measurements"]:
+        series.setdefault(f"{e['backend']} {e['kind']}", []).append((e["batch"], e["p50_ms"]))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=name)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("median latency (ms)")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"keyedge bench ({results['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def model_cost(manifest: dict[str, Any]) -> dict[str, float]:
+    """FLOPs (per image) and weight bytes (fp32) of the artifact's model, from its recipe."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import create_vit
+
+    spec = manifest["model"]
+    model = create_vit(spec["name"], **spec["kwargs"]).eval()
+    h, w = manifest["input"]["size"]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, manifest["input"]["channels"], h, w))
+    params = sum(p.numel() for p in model.parameters())
+    return {"flops_per_image": float(counter.get_total_flops()), "params": float(params)}
+
+
+def roofline(manifest: dict[str, Any], target, batches: tuple[int, ...]) -> dict[str, Any]:
+    """The latency floor on a target: max(compute time, weight + I/O traffic time) per batch."""
+    cost = model_cost(manifest)
+    precision = target.precision if manifest.get("precision", "fp32") == "fp32" and target.strongly_typed is False \
+        else manifest.get("precision", "fp32")
+    bytes_per_weight = {"fp32": 4, "fp16": 2, "int8": 1}[precision]
+    h, w = manifest["input"]["size"]
+    io_bytes = h * w * manifest["input"]["channels"] * (1 if manifest["input"]["dtype"] == "uint8" else 4)
+    peak = target.peak.compute_tflops(precision) * 1e12
+    rows = []
+    for b in batches:
+        flops = cost["flops_per_image"] * b
+        traffic = cost["params"] * bytes_per_weight + io_bytes * b
+        t_compute, t_memory = flops / peak * 1e3, traffic / (target.peak.memory_gbs * 1e9) * 1e3
+        rows.append({"batch": b, "gflops": flops / 1e9, "mbytes": traffic / 1e6, "compute_ms": t_compute,
+                     "memory_ms": t_memory, "floor_ms": max(t_compute, t_memory),
+                     "bound": "compute" if t_compute >= t_memory else "memory",
+                     "ceiling_images_per_s": b / max(t_compute, t_memory) * 1e3})
+    return {"target": target.name, "device": target.peak.device, "precision": precision,
+            "peak_tflops": peak / 1e12, "peak_memory_gbs": target.peak.memory_gbs,
+            "flops_per_image": cost["flops_per_image"], "params": cost["params"], "batches": rows,
+            "note": "a floor from nominal peaks: real latency is higher (kernel efficiency, attention, launch)"}

@@ -1,0 +1,201 @@
+"""TensorRT engines: an on-device build plan for every target, and a Python-API build where possible.
+
+The build plan is the primary path (Jetson engines must be built on the Jetson):
+``model.onnx``, ``manifest.json``, ``build_engine.sh`` running the exact ``trtexec``
+command for the target, and ``bench_engine.sh``. Where TensorRT is importable and
+the local GPU matches the target, :func:`build_engine` builds the engine with the
+Python API (ONNX parser, optimisation profile, a timing cache saved and reused).
+An engine's manifest lives beside it as ``<engine>.json`` (so ``trtexec
+--loadEngine`` still reads the engine), with the TensorRT version and the key
+fingerprint. ``tensorrt`` is imported lazily: nothing here needs it at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import KeyedgeError
+from .targets import Target
+
+INSTALL_HINT = ("TensorRT is not installed: pip install 'keyedge[gpu]' with NVIDIA's package index, "
+                "or use the JetPack TensorRT on a Jetson")
+ENGINE = "model.engine"
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise KeyedgeError(INSTALL_HINT) from None
+    if not hasattr(trt, "Builder"):  # a stubs-only or namespace package is not TensorRT
+        raise KeyedgeError(INSTALL_HINT)
+    return trt
+
+
+def tensorrt_available() -> bool:
+    try:
+        import_tensorrt()
+    except KeyedgeError:
+        return False
+    return True
+
+
+def _shape(spec: dict[str, Any], batch: int) -> str:
+    h, w = spec["size"]
+    dims = (batch, h, w, spec["channels"]) if spec["layout"] == "NHWC" else (batch, spec["channels"], h, w)
+    return "x".join(str(d) for d in dims)
+
+
+def check_artifact_for_target(manifest: dict[str, Any], target: Target) -> None:
+    precision = manifest["precision"]
+    if precision == "int8" and manifest.get("int8_method") != "static":
+        raise KeyedgeError("dynamically quantized int8 ONNX is for CPUs; TensorRT takes Q/DQ int8: "
+                           "export with --precision int8 --int8-method static, or fp16")
+    if target.strongly_typed and precision != target.precision:
+        raise KeyedgeError(f"target {target.name} is strongly typed (precision comes from the ONNX types) and "
+                           f"expects {target.precision}, but this artifact is {precision}: "
+                           f"export with --precision {target.precision}")
+
+
+def trtexec_build_args(manifest: dict[str, Any], target: Target, onnx_name: str = "model.onnx",
+                       engine_name: str = ENGINE) -> list[str]:
+    spec = manifest["input"]
+    args = ["--onnx=" + onnx_name, "--saveEngine=" + engine_name]
+    if target.strongly_typed:
+        args.append("--stronglyTyped")
+    else:
+        if target.precision in ("fp16", "int8"):
+            args.append("--fp16")
+        if target.precision == "int8" or manifest["precision"] == "int8":
+            args.append("--int8")
+    if spec["batch"] == "dynamic":
+        name = spec["name"]
+        args += [f"--minShapes={name}:{_shape(spec, target.batch_min)}",
+                 f"--optShapes={name}:{_shape(spec, target.batch_opt)}",
+                 f"--maxShapes={name}:{_shape(spec, target.batch_max)}"]
+    args += [f"--memPoolSize=workspace:{target.workspace_mib}M",
+             f"--builderOptimizationLevel={target.builder_optimization_level}",
+             f"--timingCacheFile={target.timing_cache}"]
+    if target.dla_enabled:
+        args.append(f"--useDLACore={target.dla_core}")
+        if target.dla_gpu_fallback:
+            args.append("--allowGPUFallback")
+    return args
+
+
+def trtexec_bench_args(manifest: dict[str, Any], target: Target, engine_name: str = ENGINE) -> list[str]:
+    spec = manifest["input"]
+    args = ["--loadEngine=" + engine_name, "--useCudaGraph", "--useSpinWait", "--noDataTransfers",
+            "--separateProfileRun", "--warmUp=500", "--duration=10"]
+    if spec["batch"] == "dynamic":
+        args.append(f"--shapes={spec['name']}:{_shape(spec, target.batch_opt)}")
+    if manifest.get("key_input"):
+        args.append(f"--loadInputs={manifest['key_input']}:${{KEY_PERM_BIN:?set KEY_PERM_BIN to the key's "
+                    "raw int64 permutation (keyedge key export-perm)}}")
+    return args
+
+
+def _script(lines: list[str]) -> str:
+    return "#!/usr/bin/env bash\n" + "\n".join(lines) + "\n"
+
+
+def write_build_plan(onnx_path: Path, manifest: dict[str, Any], target: Target, out: Path) -> dict[str, Any]:
+    """Write model.onnx, manifest.json, build_engine.sh and bench_engine.sh into ``out``."""
+    check_artifact_for_target(manifest, target)
+    shutil.copyfile(onnx_path, out / "model.onnx")
+    build = trtexec_build_args(manifest, target)
+    bench = trtexec_bench_args(manifest, target)
+    plan = {**manifest, "target": {"name": target.name, "description": target.description,
+                                   "tensorrt_major": target.tensorrt, "strongly_typed": target.strongly_typed,
+                                   "precision": target.precision, "experimental": target.experimental,
+                                   "batch": [target.batch_min, target.batch_opt, target.batch_max],
+                                   "dla": target.dla_enabled},
+            "tensorrt_version": None,
+            "trtexec_build": ["trtexec", *build], "trtexec_bench": ["trtexec", *bench]}
+    (out / "manifest.json").write_text(json.dumps(plan, indent=2) + "\n")
+    header = [f"# keyedge on-device build plan: target {target.name} ({target.description})",
+              "# Run on the target device. Engines are specific to the GPU and TensorRT version that built them.",
+              "set -euo pipefail", 'cd "$(dirname "$0")"',
+              'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"']
+    if target.experimental:
+        header.append(f'echo "note: target {target.name} is experimental" >&2')
+    if plan.get("contains_key"):
+        header.append('echo "note: model.onnx and the engine encode the secret key: keep them as secret as key.bin" >&2')
+    build_lines = header + [
+        '"$TRTEXEC" ' + " ".join(shlex.quote(a) for a in build) + " 2>&1 | tee build.log",
+        "version=$(grep -o 'TensorRT v[0-9]*' build.log | head -n 1 | cut -d v -f 2)",
+        '# the engine\'s manifest, beside it: the artifact manifest plus the TensorRT version',
+        "sed \"s/\\\"tensorrt_version\\\": null/\\\"tensorrt_version\\\": \\\"${version:-unknown}\\\"/\" "
+        "manifest.json > " + ENGINE + ".json",
+        'echo "wrote ' + ENGINE + ' and ' + ENGINE + '.json (TensorRT ${version:-unknown})"']
+    bench_lines = header + ['[ -f ' + ENGINE + ' ] || { echo "run ./build_engine.sh first" >&2; exit 1; }',
+                            '"$TRTEXEC" ' + " ".join(a if a.startswith("--loadInputs") else shlex.quote(a)
+                                                     for a in bench)]
+    for name, lines in (("build_engine.sh", build_lines), ("bench_engine.sh", bench_lines)):
+        (out / name).write_text(_script(lines))
+        (out / name).chmod(0o755)
+    return plan
+
+
+def local_gpu_capability() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{major}.{minor}"
+    except Exception:
+        pass
+    return None
+
+
+def build_engine(onnx_path: Path, plan: dict[str, Any], target: Target, out: Path,
+                 timing_cache: Path | None = None) -> Path:
+    """Build ``out/model.engine`` with the TensorRT Python API; writes ``model.engine.json``."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if target.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise KeyedgeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, target.workspace_mib << 20)
+    config.builder_optimization_level = target.builder_optimization_level
+    if not target.strongly_typed:
+        if target.precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if target.precision == "int8" or plan["precision"] == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+    if target.dla_enabled:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = target.dla_core
+        if target.dla_gpu_fallback:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    cache_path = timing_cache or out / target.timing_cache
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    spec = plan["input"]
+    if spec["batch"] == "dynamic":
+        profile = builder.create_optimization_profile()
+        dims = [tuple(int(d) for d in _shape(spec, b).split("x"))
+                for b in (target.batch_min, target.batch_opt, target.batch_max)]
+        profile.set_shape(spec["name"], dims[0], dims[1], dims[2])
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise KeyedgeError(f"TensorRT failed to build an engine for target {target.name}")
+    engine_path = out / ENGINE
+    engine_path.write_bytes(bytes(serialized))
+    (out / target.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
+    sidecar = {**plan, "tensorrt_version": trt.__version__}
+    (out / (ENGINE + ".json")).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return engine_path

@@ -1,0 +1,195 @@
+"""Kernels, target profiles, build plans and the TensorRT module (CPU checks; GPU ones skip)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from keyedge import Key, block_shuffle
+from keyedge.errors import KeyedgeError
+from keyedge.kernels import KERNELS_DIR, reference_preprocess
+from keyedge.targets import TARGETS_DIR, available_targets, load_target
+
+from .test_cli_keys import keyedge
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_GPU = torch.cuda.is_available()
+HAS_NVCC = shutil.which("nvcc") is not None and shutil.which("cmake") is not None
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+def test_numpy_reference_equals_keyedge_shuffle_normalise(m):
+    rng = np.random.default_rng(m)
+    images = rng.integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    key = Key.generate(m, seed=m)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    want = (block_shuffle(x, key) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    got = reference_preprocess(images, key, mean, std)
+    assert np.array_equal(got, want.numpy())  # bit-exact
+    plain = reference_preprocess(images, None, mean, std)
+    assert np.array_equal(plain, ((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).numpy())
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc and cmake are not installed")
+def test_kernels_compile_with_nvcc_warnings_as_errors(tmp_path):
+    from keyedge.kernels import build_library
+
+    lib = build_library(tmp_path / "build", archs=("86", "87", "89", "90"))
+    assert lib.is_file()
+    symbols = subprocess.run(["nm", "-D", str(lib)], capture_output=True, text=True).stdout
+    assert "keyedge_preprocess" in symbols and "keyedge_last_error" in symbols
+    commands = (tmp_path / "build" / "compile_commands.json").read_text()
+    for arch in ("sm_86", "sm_87", "sm_89", "sm_90"):
+        assert arch in commands  # device code for Orin (8.7) and desktop GPUs
+    assert "all-warnings" in commands and "-Werror" in commands
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not installed")
+def test_kernel_warning_would_fail_the_build(tmp_path):
+    """The -Werror flags are live: a source with an unused variable does not compile."""
+    src = tmp_path / "bad.cu"
+    src.write_text("__global__ void k(float* x) { int unused = 3; x[0] = 1.0f; }\n")
+    flags = ["--Werror", "all-warnings", "-Xcompiler=-Wall,-Wextra,-Werror", "-arch=sm_87"]
+    proc = subprocess.run(["nvcc", *flags, "-c", str(src), "-o", str(tmp_path / "bad.o")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+
+
+def test_target_profiles_parse_and_validate():
+    names = available_targets()
+    assert {"desktop", "jetson-orin", "jetson-orin-nano"} <= set(names)
+    desktop, orin = load_target("desktop"), load_target("jetson-orin")
+    assert desktop.tensorrt == 11 and desktop.strongly_typed
+    assert orin.tensorrt == 10 and not orin.strongly_typed and orin.is_jetson
+    assert load_target("jetson-orin-dla").experimental
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("strongly_typed = true", "strongly_typed = false"), "TensorRT 11"),
+    (lambda t: t.replace("min = 1", "min = 64"), "min <= opt <= max"),
+    (lambda t: t.replace('precision = "fp16"', 'precision = "fp8"'), "precision"),
+    (lambda t: t.replace("workspace_mib = 4096\n", ""), "workspace_mib"),
+    (lambda t: t.replace("enabled = false", "enabled = true"), "DLA"),
+    (lambda t: t.replace("fp32_tflops = 82.6", 'fp32_tflops = "fast"'), "fp32_tflops"),
+    (lambda t: t + "\n[[[broken", "not valid TOML"),
+])
+def test_broken_profile_refused(tmp_path, edit, message):
+    path = tmp_path / "broken.toml"
+    path.write_text(edit((TARGETS_DIR / "desktop.toml").read_text()))
+    with pytest.raises(KeyedgeError, match=message):
+        load_target(path)
+
+
+def test_unknown_target():
+    with pytest.raises(KeyedgeError, match="available"):
+        load_target("nope")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, trained_keyed):
+    run, key_path, _, _ = trained_keyed
+    root = tmp_path_factory.mktemp("exports")
+    for name, args in {"fp32": [], "fp16": ["--precision", "fp16", "--dynamic-batch"],
+                       "gather": ["--mode", "gather", "--dynamic-batch"]}.items():
+        r = keyedge("export", run, "--key", key_path, "-o", root / name, *args)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.mark.parametrize("target,artifact,flags", [
+    ("desktop", "fp16", ["--stronglyTyped", "--minShapes=images:1x3x16x16", "--optShapes=images:8x3x16x16",
+                         "--maxShapes=images:32x3x16x16"]),
+    ("jetson-orin", "fp32", ["--fp16"]),
+    ("jetson-orin-nano", "gather", ["--fp16", "--maxShapes=images:8x3x16x16"]),
+    ("jetson-orin-dla", "fp32", ["--fp16", "--useDLACore=0", "--allowGPUFallback"]),
+])
+def test_build_plan(tmp_path, exported, target, artifact, flags):
+    out = tmp_path / "plan"
+    r = keyedge("build", exported / artifact, "--target", target, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "did not build an engine here" in r.stdout  # no TensorRT / GPU on this machine
+    files = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "manifest.json", "build_engine.sh", "bench_engine.sh"} <= files
+    build_sh, bench_sh = (out / "build_engine.sh").read_text(), (out / "bench_engine.sh").read_text()
+    for flag in ["--onnx=model.onnx", "--saveEngine=model.engine", "--timingCacheFile=timing.cache",
+                 "--memPoolSize=workspace:", "--builderOptimizationLevel=3", *flags]:
+        assert flag in build_sh, flag
+    if target == "desktop":
+        assert "--fp16" not in build_sh  # TensorRT 11: precision from the ONNX types
+    for flag in ["--loadEngine=model.engine", "--useCudaGraph", "--useSpinWait", "--noDataTransfers",
+                 "--separateProfileRun"]:
+        assert flag in bench_sh
+    # every file the scripts refer to exists (or is what build_engine.sh produces)
+    for ref in ("model.onnx", "manifest.json"):
+        assert ref in build_sh and (out / ref).is_file()
+    assert "model.engine" in bench_sh and "model.engine" in build_sh
+    plan = json.loads((out / "manifest.json").read_text())
+    assert plan["target"]["name"] == target and plan["tensorrt_version"] is None
+    assert plan["key_fingerprint"] == json.loads((exported / artifact / "manifest.json").read_text())["key_fingerprint"]
+    assert subprocess.run(["bash", "-n", str(out / "build_engine.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(out / "bench_engine.sh")]).returncode == 0
+
+
+def test_build_refuses_wrong_precision_for_strongly_typed(tmp_path, exported):
+    r = keyedge("build", exported / "fp32", "--target", "desktop", "-o", tmp_path / "plan")
+    assert r.returncode == 2 and "--precision fp16" in r.stderr and not (tmp_path / "plan").exists()
+
+
+def test_tensorrt_runner_without_tensorrt_gives_install_hint(tmp_path, exported):
+    from keyedge.runners import open_runner
+
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not an engine")
+    (tmp_path / "model.engine.json").write_text((exported / "fp32" / "manifest.json").read_text())
+    from keyedge.tensorrt import tensorrt_available
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(KeyedgeError, match="TensorRT is not installed"):
+        with open_runner(engine):
+            pass
+
+
+def test_mypy_over_the_tensorrt_module():
+    import importlib.metadata as md
+
+    pytest.importorskip("mypy")
+    try:
+        md.version("tensorrt-stubs")
+    except md.PackageNotFoundError:
+        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
+                           "keyedge/tensorrt.py", "keyedge/runners/tensorrt.py"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Success" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or not HAS_NVCC, reason="needs a CUDA GPU and nvcc")
+@pytest.mark.parametrize("m,size", [(1, (32, 32)), (4, (64, 48)), (8, (224, 224)), (16, (224, 224)), (32, (256, 128))])
+def test_kernel_bit_exact_on_gpu(tmp_path_factory, m, size):
+    from keyedge.kernels import PreprocessKernel, build_library
+
+    lib = build_library(tmp_path_factory.mktemp("kbuild"), archs=("80", "90"))
+    kernel = PreprocessKernel(lib)
+    h, w = size
+    key = Key.generate(m, seed=m)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
+    # padded rows: a pitched buffer, as from cudaMallocPitch
+    padded = torch.zeros((3, h, w * 3 + 64), dtype=torch.uint8, device="cuda")
+    padded[:, :, : w * 3] = torch.from_numpy(images.reshape(3, h, w * 3)).cuda()
+    view = padded[:, :, : w * 3].view(3, h, w, 3)
+    got = kernel.torch(view, key, mean, std)
+    want = reference_preprocess(images, key, mean, std)
+    assert np.array_equal(got.cpu().numpy(), want)
+    half = kernel.torch(view, key, mean, std, half=True)
+    assert np.array_equal(half.cpu().numpy(), want.astype(np.float16))
