@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,44 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keyedge import Key, KeyedClassifier, attach_lora, create_vit
-from keyedge.bench import interleaved, ratio
-from keyedge.cli import export_run
-from keyedge.lora import save_adapter
-from keyedge.manifest import library_versions, write_json
+from _runs import make_run
+from keyedge import Key, KeyedClassifier
+from keyedge.bench import interleaved, machine_info, ratio
+from keyedge.pipeline import export_run
 from keyedge.onnx_export import ExportOptions
 from keyedge.runners import OnnxRunner
-from keyedge.runs import ADAPTER, MANIFEST
-from keyedge.models import file_sha256, model_input_spec
-
-
-def make_lora_run(root: Path, model_name: str, key: Key) -> tuple[Path, Path]:
-    """A base checkpoint and a LoRA run over it (random adapter weights), as `keyedge train` writes them."""
-    from safetensors.torch import save_file
-
-    base = create_vit(model_name, num_classes=1000)
-    base_path = root / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_path))
-    peft_model = attach_lora(base, rank=8)
-    with torch.no_grad():  # a trained adapter: non-zero B so the merge changes weights
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
-    run = root / "run"
-    run.mkdir()
-    save_adapter(peft_model, run / ADAPTER)
-    spec = model_input_spec(base)
-    manifest = {"format": "keyedge-run", "version": 1,
-                "model": {"name": model_name, "kwargs": {"num_classes": 1000, "img_size": spec["img_size"][0],
-                                                         "patch_size": spec["patch_size"][0]}},
-                "mode": "lora", "input": {"size": spec["img_size"], "channels": 3, "layout": "NCHW",
-                                          "dtype": "float32", "range": [0.0, 1.0], "mean": spec["mean"],
-                                          "std": spec["std"]},
-                "block_size": key.block_size, "key_fingerprint": key.fingerprint,
-                "base_checkpoint": {"path": str(base_path), "sha256": file_sha256(base_path)},
-                "data": {"spec": "benchmark-random-inputs", "classes": None}}
-    write_json(run / MANIFEST, manifest)
-    return base_path, run
 
 
 def main() -> None:
@@ -75,13 +42,12 @@ def main() -> None:
     torch.manual_seed(0)
     quiet = lambda *a, **k: None  # noqa: E731
     results: dict = {"model": args.model, "block_size": args.block_size, "batch": 1,
-                     "machine": {"cpu": platform.processor() or platform.machine(),
-                                 "cores": torch.get_num_threads()}, "versions": library_versions()}
+                     "machine": machine_info(), "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         key = Key.generate(args.block_size)
         key.save(root / "key.bin")
-        base_path, run = make_lora_run(root, args.model, key)
+        run = make_run(root, args.model, key, mode="lora")
 
         t0 = time.perf_counter()
         export_run(run, root / "key.bin", root / "fused", ExportOptions(mode="fused"), echo=quiet)

@@ -35,7 +35,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KeyedgeError as exc:
-            fail(str(exc))
+            fail(str(exc), exc.exit_code)
 
     return wrapper
 
@@ -156,21 +156,6 @@ def train(
                f"(full model {manifest['full_model_bytes']:,} bytes)")
 
 
-def _surrogate(path: Path, target_manifest: dict):
-    """A plain classifier the attacker could have: a run directory or a checkpoint file."""
-    from .models import KeyedClassifier, create_vit, load_checkpoint
-    from .runs import load_run
-
-    if path.is_dir():
-        return load_run(path, None)
-    spec = target_manifest["model"]
-    model = create_vit(spec["name"], **spec["kwargs"])
-    if any(k.startswith("head") for k in load_checkpoint(model, path)):
-        raise KeyedgeError(f"{path} has no classifier head for {spec['kwargs']['num_classes']} classes; "
-                           "pass --base a model that classifies the same labels")
-    return KeyedClassifier(model.eval(), None, target_manifest["input"]["mean"], target_manifest["input"]["std"])
-
-
 @app.command("eval")
 @handles_errors
 def evaluate_cmd(
@@ -201,6 +186,7 @@ def evaluate_cmd(
     from .evaluate import EvalConfig, evaluate
     from .keys import Key
     from .manifest import check_key
+    from .pipeline import load_surrogate
     from .report import write_eval_report
     from .runs import base_checkpoint_path, load_run, read_run_manifest
 
@@ -216,7 +202,7 @@ def evaluate_cmd(
         raise KeyedgeError(f"{out} is not a directory")
     target = load_run(run, k, device=device)
     base_path = base if base is not None else base_checkpoint_path(manifest)
-    base_model = _surrogate(base_path, manifest).to(device) if base_path is not None else None
+    base_model = load_surrogate(base_path, manifest).to(device) if base_path is not None else None
     plain_model = load_run(plain_ft, None, device=device) if plain_ft is not None else None
     splits = load_data(data, manifest["input"]["size"][0], manifest["input"]["channels"])
     x, y = sample(splits.test, n, seed=seed)
@@ -275,43 +261,6 @@ class Int8Method(str, Enum):
     static = "static"
 
 
-def export_run(run: Path, key_path: Path | None, out: Path, opts, *, force: bool = False,
-               calibration_n: int = 64, echo=typer.echo) -> dict:
-    """Load a run, merge LoRA, export + verify into ``out`` atomically. Exit 1 on failed verification."""
-    from .data import run_images
-    from .io import staged_dir
-    from .keys import Key
-    from .onnx_export import export_onnx
-    from .runs import load_run, read_run_manifest
-
-    manifest = read_run_manifest(run)
-    key = Key.load(key_path) if key_path else None
-    keyed = load_run(run, key)
-    opts.resolved_mode(keyed.block_size, keyed.model.patch_embed.patch_size[0])  # refuse early
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise KeyedgeError(f"{out} exists; pass --force to replace it")
-    real = run_images(manifest, 16)
-    calib = run_images(manifest, calibration_n, train=True) if opts.int8_method == "static" else None
-    with staged_dir(out, overwrite=True) as stage:
-        art_manifest, report = export_onnx(keyed, stage, opts, manifest, source=str(run.resolve()),
-                                           real_images=real[0] if real else None,
-                                           calibration=calib[0] if calib else None)
-        checks = ", ".join(f"{k} rel err {v['rel_error']:.2e}" for k, v in report.items() if isinstance(v, dict))
-        if not report["passed"]:
-            echo(f"keyedge: error: ONNX Runtime verification failed ({checks}; tolerance "
-                 f"{report['tolerance_rel']}); nothing written", err=True)
-            raise typer.Exit(1)
-        from .manifest import write_json
-
-        write_json(stage / "verification.json", report)
-    echo(f"wrote {out / 'model.onnx'} ({art_manifest['fold_mode']}, {art_manifest['precision']}, "
-         f"{art_manifest['input']['dtype']} {art_manifest['input']['layout']}); verified with ONNX Runtime: {checks}"
-         + ("" if real else " (no real images here: random inputs only)"))
-    if art_manifest["contains_key"]:
-        echo(f"WARNING: {art_manifest['secret']}", err=True)
-    return art_manifest
-
-
 @app.command("export")
 @handles_errors
 def export_cmd(
@@ -333,52 +282,12 @@ def export_cmd(
 ) -> None:
     """Merge LoRA, fold the key (or keep a gather), export ONNX and verify it with ONNX Runtime."""
     from .onnx_export import ExportOptions
+    from .pipeline import export_run
 
     opts = ExportOptions(mode=mode.value if mode else None, input=input.value, layout=layout.value,
                          batch=None if dynamic_batch else batch, embed_key=embed_key,
                          precision=precision.value, int8_method=int8_method.value, opset=opset)
     export_run(run, key, out, opts, force=force, calibration_n=calibration_n)
-
-
-def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], out: Path | None, *,
-               data: str | None = None, n: int = 200, base: Path | None = None, cfg=None,
-               echo=typer.echo) -> dict:
-    from .data import run_images
-    from .keys import Key
-    from .parity import ParityConfig, check_artifact, craft, parity_markdown, save_sets
-    from .runners import open_runner
-    from .runs import base_checkpoint_path, load_run, read_run_manifest
-
-    cfg = cfg or ParityConfig(n=n)
-    manifest = read_run_manifest(reference)
-    key = Key.load(key_path) if key_path else None
-    ref = load_run(reference, key)
-    runners = [open_runner(a, key) for a in artifacts]  # refuse bad artifacts before crafting
-    images = run_images(manifest, cfg.n, seed=cfg.seed, data=data)
-    if images is None:
-        raise KeyedgeError(f"the run's data set {manifest['data']['spec']} is not here; pass --data")
-    x, y = images
-    base_path = base if base is not None else base_checkpoint_path(manifest, verify=False)
-    base_model = _surrogate(base_path, manifest) if base_path is not None else None
-    sets = craft(ref, x, y, cfg, base_model)
-    report = {"reference": str(reference), "key_fingerprint": manifest.get("key_fingerprint"),
-              "data": manifest["data"]["spec"] if data is None else data, "n": len(y),
-              "tolerance": cfg.tolerance, "attack": cfg.attack.linf().describe(), "artifacts": {}}
-    for artifact, runner in zip(artifacts, runners):
-        with runner:
-            result = check_artifact(runner, ref, sets, y, cfg.tolerance)
-        result["runner"] = runner.name
-        report["artifacts"][str(artifact)] = result
-    report["passed"] = all(r["passed"] for r in report["artifacts"].values())
-    if out is not None:
-        from .io import atomic_write_text
-        from .manifest import write_json
-
-        out.mkdir(parents=True, exist_ok=True)
-        save_sets(out / "adversarial.npz", sets, y, manifest.get("key_fingerprint"))
-        write_json(out / "parity.json", report)
-        atomic_write_text(out / "parity.md", parity_markdown(report))
-    return report
 
 
 @app.command()
@@ -397,6 +306,7 @@ def parity(
 ) -> None:
     """Prove that artifacts keep the reference's clean and adversarial accuracy (exit 1 if not)."""
     from .parity import ParityConfig
+    from .pipeline import run_parity
 
     cfg = ParityConfig(n=n, tolerance={"fp32": tolerance_fp32 / 100, "fp16": tolerance_fp16 / 100,
                                        "int8": tolerance_int8 / 100})

@@ -152,7 +152,7 @@ ARTIFACTS = {  # name: export options (dynamic batch, so bench can sweep batch s
 
 def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Console) -> dict[str, Any]:
     """Export each keyed model (fused/gather, fp32/int8) and prove parity with its reference."""
-    from .cli import export_run, run_parity
+    from .pipeline import export_run, run_parity
     from .onnx_export import ExportOptions
     from .parity import ParityConfig
 
@@ -168,7 +168,7 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
             paths.append(dest / "model.onnx")
         console.print(f"[bold]parity[/]: {model}, {len(paths)} artifacts on {cfg.parity_n} images")
         pcfg = ParityConfig(n=cfg.parity_n, attack=cfg.eval, seed=cfg.seed)
-        report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg, echo=quiet)
+        report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg)
         section["models"][model] = {
             Path(p).parent.name: {"passed": r["passed"], "precision": r["precision"], "fold_mode": r["fold_mode"],
                                   "max_accuracy_difference": r["max_accuracy_difference"],
@@ -181,7 +181,7 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
 def bench_artifacts(cfg: DemoConfig, out: Path, key: Key, console: Console) -> dict[str, Any]:
     """Keyed (fused, gather, int8) vs the plain model, ONNX Runtime on this CPU, interleaved."""
     from .bench import run_bench
-    from .cli import export_run
+    from .pipeline import export_run
     from .onnx_export import ExportOptions
 
     plain = out / "artifacts" / "plain" / "fused_fp32"

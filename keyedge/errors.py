@@ -5,8 +5,10 @@ class KeyedgeError(Exception):
     """Bad input from the user: a file, a key or an option that cannot be used.
 
     The message is one line that names the problem; the CLI prints it without a
-    traceback and exits with code 2.
+    traceback and exits with ``exit_code`` (2: bad input).
     """
+
+    exit_code = 2
 
 
 class KeyFileError(KeyedgeError):

@@ -94,8 +94,7 @@ def trtexec_bench_args(manifest: dict[str, Any], target: Target, engine_name: st
     if spec["batch"] == "dynamic":
         args.append(f"--shapes={spec['name']}:{_shape(spec, target.batch_opt)}")
     if manifest.get("key_input"):
-        args.append(f"--loadInputs={manifest['key_input']}:${{KEY_PERM_BIN:?set KEY_PERM_BIN to the key's "
-                    "raw int64 permutation (keyedge key export-perm)}}")
+        args.append(f'--loadInputs={manifest["key_input"]}:"$KEY_PERM_BIN"')
     return args
 
 
@@ -132,7 +131,10 @@ def write_build_plan(onnx_path: Path, manifest: dict[str, Any], target: Target, 
         "sed \"s/\\\"tensorrt_version\\\": null/\\\"tensorrt_version\\\": \\\"${version:-unknown}\\\"/\" "
         "manifest.json > " + ENGINE + ".json",
         'echo "wrote ' + ENGINE + ' and ' + ENGINE + '.json (TensorRT ${version:-unknown})"']
-    bench_lines = header + ['[ -f ' + ENGINE + ' ] || { echo "run ./build_engine.sh first" >&2; exit 1; }',
+    key_check = (['# a gather engine takes the key at run time: `keyedge key export-perm key.bin -o perm.bin`',
+                  ': "${KEY_PERM_BIN:?set KEY_PERM_BIN to the raw int64 permutation from keyedge key export-perm}"']
+                 if manifest.get("key_input") else [])
+    bench_lines = header + key_check + ['[ -f ' + ENGINE + ' ] || { echo "run ./build_engine.sh first" >&2; exit 1; }',
                             '"$TRTEXEC" ' + " ".join(a if a.startswith("--loadInputs") else shlex.quote(a)
                                                      for a in bench)]
     for name, lines in (("build_engine.sh", build_lines), ("bench_engine.sh", bench_lines)):
