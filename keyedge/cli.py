@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -149,6 +150,8 @@ def train(
                       lora_patch_embed=lora_patch_embed, amp=amp, seed=seed, workers=workers,
                       resume=resume, force=force)
     manifest = run_train(cfg, console=_console())
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 reports
+        return
     typer.echo(f"wrote {out}: test accuracy {manifest['metrics']['test_acc']:.4f} after "
                f"{manifest['epochs_done']} epochs")
     typer.echo(f"trainable parameters: {manifest['trainable_params']:,} of {manifest['total_params']:,}")

@@ -114,7 +114,7 @@ def _validate(cfg: TrainConfig) -> tuple[Key | None, dict[str, Any] | None]:
             raise KeyedgeError(f"nothing to resume: {out / CHECKPOINT} does not exist")
         previous = read_json(out / MANIFEST, "run manifest")
         check_key(previous, key, f"run {out}")
-    elif out.exists() and any(out.iterdir()) and not cfg.force:
+    elif _dist_env()[1] == 0 and out.exists() and any(out.iterdir()) and not cfg.force:  # rank 0 owns out/
         raise KeyedgeError(f"{out} exists and is not empty; pass --resume to continue or --force to replace it")
     return key, previous
 

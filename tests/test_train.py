@@ -64,3 +64,21 @@ def test_existing_run_dir_needs_resume_or_force(tmp_path):
     with pytest.raises(KeyedgeError, match="--resume"):
         train(tiny_train_config(tmp_path / "run", force=False))
     assert (tmp_path / "run" / "x").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_two_processes(tmp_path):
+    """The same command under torchrun: 2 CPU processes (gloo), each on half the data."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "keyedge.cli", "train",
+           "-o", str(out), "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4",
+           "--depth", "1", "--embed-dim", "24", "--heads", "2", "--num-classes", "10", "--epochs", "1",
+           "--batch-size", "32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["history"][0]["step"] == 1437 // 2 // 32  # each rank saw half the training set
+    assert r.stdout.count("wrote ") == 1  # only rank 0 reports
