@@ -19,7 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-key_app = typer.Typer(help="Inspect key files (never prints the key itself).", no_args_is_help=True)
+key_app = typer.Typer(help="Key files: inspect (never prints the key), export-perm for gather engines.",
+                      no_args_is_help=True)
 app.add_typer(key_app, name="key")
 
 
@@ -39,6 +40,75 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(str(exc), exc.exit_code)
 
     return wrapper
+
+
+class Mode(str, Enum):
+    full = "full"
+    lora = "lora"
+
+
+class Threat(str, Enum):
+    small = "small"
+    imagenet = "imagenet"
+
+
+class AAVersion(str, Enum):
+    quick = "quick"
+    standard = "standard"
+    off = "off"
+
+
+class FoldMode(str, Enum):
+    fused = "fused"
+    gather = "gather"
+
+
+class InputKind(str, Enum):
+    float = "float"
+    uint8 = "uint8"
+
+
+class Layout(str, Enum):
+    nchw = "nchw"
+    nhwc = "nhwc"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Int8Method(str, Enum):
+    dynamic = "dynamic"
+    static = "static"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _model_kwargs(depth: int | None, embed_dim: int | None, heads: int | None) -> dict:
+    return {k: v for k, v in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", heads)) if v is not None}
+
+
+def _artifact_onnx(artifact: Path) -> Path:
+    onnx_path = artifact / "model.onnx" if artifact.is_dir() else artifact
+    if not onnx_path.is_file():
+        raise KeyedgeError(f"{artifact} is not an exported artifact (model.onnx missing); run keyedge export")
+    return onnx_path
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise KeyedgeError(f"--batch takes a comma-separated list of integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise KeyedgeError("--batch sizes must be >= 1")
+    return values
 
 
 @app.command()
@@ -76,32 +146,6 @@ def key_inspect(path: Path = typer.Argument(..., help="Key file.")) -> None:
     typer.echo(f"key space:    10^{key.log10_keyspace:.1f} keys  ((M*M*C)!)")
     typer.echo(f"insecure:     {'yes (seeded, for tests only)' if key.insecure else 'no'}")
     typer.echo(f"fingerprint:  {key.fingerprint}")
-
-
-class Mode(str, Enum):
-    full = "full"
-    lora = "lora"
-
-
-class Threat(str, Enum):
-    small = "small"
-    imagenet = "imagenet"
-
-
-class AAVersion(str, Enum):
-    quick = "quick"
-    standard = "standard"
-    off = "off"
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _model_kwargs(depth: int | None, embed_dim: int | None, heads: int | None) -> dict:
-    return {k: v for k, v in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", heads)) if v is not None}
 
 
 @app.command()
@@ -238,32 +282,6 @@ def demo(
     run_demo(cfg, console=_console())
 
 
-class FoldMode(str, Enum):
-    fused = "fused"
-    gather = "gather"
-
-
-class InputKind(str, Enum):
-    float = "float"
-    uint8 = "uint8"
-
-
-class Layout(str, Enum):
-    nchw = "nchw"
-    nhwc = "nhwc"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class Int8Method(str, Enum):
-    dynamic = "dynamic"
-    static = "static"
-
-
 @app.command("export")
 @handles_errors
 def export_cmd(
@@ -340,13 +358,6 @@ def key_export_perm(
     typer.echo(f"wrote {out} (key {key.fingerprint}); it is the key itself: keep it secret")
 
 
-def _artifact_onnx(artifact: Path) -> Path:
-    onnx_path = artifact / "model.onnx" if artifact.is_dir() else artifact
-    if not onnx_path.is_file():
-        raise KeyedgeError(f"{artifact} is not an exported artifact (model.onnx missing); run keyedge export")
-    return onnx_path
-
-
 @app.command()
 @handles_errors
 def build(
@@ -396,16 +407,6 @@ def build(
         typer.echo(f"note: target {tgt.name} is experimental")
     if manifest.get("contains_key"):
         typer.echo(f"WARNING: {manifest['secret']}", err=True)
-
-
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise KeyedgeError(f"--batch takes a comma-separated list of integers, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise KeyedgeError("--batch sizes must be >= 1")
-    return values
 
 
 @app.command()
