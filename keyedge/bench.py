@@ -8,11 +8,18 @@ reported as ratios of medians.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from .errors import KeyedgeError
 
 
 @dataclass
@@ -59,15 +66,6 @@ def ratio(timings: dict[str, Timing], a: str, b: str) -> float:
 
 
 # ---- keyedge bench: artifacts x backends x batch sizes ------------------------------------
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from .errors import KeyedgeError  # noqa: E402
-
 DEVICES = ("cpu", "cuda", "desktop", "jetson-orin", "jetson-orin-nano")
 
 

@@ -348,8 +348,6 @@ def key_export_perm(
     force: bool = typer.Option(False, help="Overwrite an existing file."),
 ) -> None:
     """Write the permutation as raw int64 (a gather engine's key_perm input for trtexec); secret, 0600."""
-    import numpy as np
-
     from .io import atomic_write_bytes
     from .keys import Key
 

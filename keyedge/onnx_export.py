@@ -16,7 +16,7 @@ import contextlib
 import io
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -300,6 +300,3 @@ def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run_
     report = verify(path, keyed, manifest, keyed.key if module.perm_is_input else None, real_images)
     return manifest, report
 
-
-def export_options_dict(opts: ExportOptions) -> dict[str, Any]:
-    return asdict(opts)

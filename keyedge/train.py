@@ -212,7 +212,6 @@ def train(cfg: TrainConfig, console=None) -> dict[str, Any]:
         "history": previous.get("history", []) if previous else [],
     }
 
-    ce_smoothing = cfg.label_smoothing
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -228,7 +227,7 @@ def train(cfg: TrainConfig, console=None) -> dict[str, Any]:
                     x = random_shift(x, cfg.max_shift)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = net(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=ce_smoothing)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                 scaler.scale(loss / cfg.accum_steps).backward()
                 if (i + 1) % cfg.accum_steps == 0:
                     scaler.step(optimizer)

@@ -4,7 +4,6 @@ package, and its example run on a real photo with logits checked against Python.
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -64,3 +64,16 @@ def test_inspect_refuses_malformed(tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("keyedge: error:"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_key_export_perm(tmp_path):
+    import numpy as np
+
+    key = Key.generate(4, seed=5)
+    key.save(tmp_path / "k.bin")
+    r = keyedge("key", "export-perm", tmp_path / "k.bin", "-o", tmp_path / "perm.bin")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "perm.bin").st_mode) == 0o600
+    assert np.array_equal(np.fromfile(tmp_path / "perm.bin", dtype="<i8"), key.perm)
+    again = keyedge("key", "export-perm", tmp_path / "k.bin", "-o", tmp_path / "perm.bin")
+    assert again.returncode == 2 and "--force" in again.stderr

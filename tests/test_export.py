@@ -16,8 +16,7 @@ def _export(tmp_path, trained, **opts):
     run, _, key, keyed = trained
     out = tmp_path / "art"
     out.mkdir()
-    manifest, report = export_onnx(keyed, out, ExportOptions(**opts), read_run_manifest(run),
-                                   real_images=keyed.mean.new_zeros(0) if False else None)
+    manifest, report = export_onnx(keyed, out, ExportOptions(**opts), read_run_manifest(run))
     return out / "model.onnx", manifest, report, key
 
 

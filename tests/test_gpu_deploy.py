@@ -12,7 +12,7 @@ import torch
 
 from keyedge import Key, block_shuffle
 from keyedge.errors import KeyedgeError
-from keyedge.kernels import KERNELS_DIR, reference_preprocess
+from keyedge.kernels import reference_preprocess
 from keyedge.targets import TARGETS_DIR, available_targets, load_target
 
 from .test_cli_keys import keyedge

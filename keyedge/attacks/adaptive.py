@@ -67,7 +67,6 @@ class KeySearchResult:
     loss: float
     accuracy: float
     trials: int
-    fraction_correct: float | None = None  # filled in by the evaluator, which knows the true key
 
 
 @torch.no_grad()
