@@ -61,6 +61,7 @@ class AAVersion(str, Enum):
 class FoldMode(str, Enum):
     fused = "fused"
     gather = "gather"
+    kernel = "kernel"
 
 
 class InputKind(str, Enum):
@@ -289,7 +290,9 @@ def export_cmd(
     key: Path | None = typer.Option(None, help="The run's key file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (model.onnx, manifest.json)."),
     mode: FoldMode | None = typer.Option(None, help="fused: fold the key into the patch embedding "
-                                                    "(default when M divides the patch size); gather: keep it."),
+                                                    "(default when M divides the patch size); gather: keep it "
+                                                    "as an ONNX Gather; kernel: the runtime's CUDA kernel "
+                                                    "(or its CPU twin) gathers, with --input uint8 --layout nhwc."),
     embed_key: bool = typer.Option(False, help="gather: bake the key in as a constant (default: a graph input)."),
     input: InputKind = typer.Option(InputKind.float, help="float ([0,1]) or uint8 ([0,255]) images."),
     layout: Layout = typer.Option(Layout.nchw),

@@ -5,6 +5,10 @@
 * ``gather``: an ONNX Gather applies the permutation before the patch embedding.
   By default the permutation is a second graph input (``key_perm``), so the file
   holds no key and the runtime supplies it from key.bin; ``embed_key`` bakes it in.
+* ``kernel``: the graph takes already keyed-and-normalised NCHW float pixels
+  (graph input ``pixels``); the runtime does uint8 HWC -> key gather -> normalise
+  first, with keyedge's CUDA kernel (kernels/) on a GPU or its CPU twin, the key
+  read from key.bin. The file holds no key.
 
 Right after export the file is checked with ONNX Runtime against the PyTorch keyed
 model on random and real images; a file beyond tolerance is removed.
@@ -31,10 +35,10 @@ from .manifest import library_versions
 from .models import KeyedClassifier
 from .shuffle import permute_blocks
 
-Mode = Literal["fused", "gather"]
+Mode = Literal["fused", "gather", "kernel"]
 Precision = Literal["fp32", "fp16", "int8"]
 METADATA_KEY = "keyedge_manifest"
-INPUT_NAME, KEY_INPUT_NAME, OUTPUT_NAME = "images", "key_perm", "logits"
+INPUT_NAME, KEY_INPUT_NAME, OUTPUT_NAME, PIXELS_NAME = "images", "key_perm", "logits", "pixels"
 SECRET_WARNING = ("this file encodes the secret key (in its weights or as a constant): "
                   "keep it as secret as key.bin")
 # relative logit error allowed by the post-export check, and minimum top-1 agreement
@@ -75,11 +79,13 @@ class ExportModule(nn.Module):
             self.net = keyed.model
             self.register_buffer("mean", keyed.mean.clone())
             self.register_buffer("std", keyed.std.clone())
-            if keyed.key is not None and opts.embed_key:
+            if mode == "gather" and keyed.key is not None and opts.embed_key:
                 self.register_buffer("perm", keyed.perm.clone())
 
     def forward(self, images: torch.Tensor, key_perm: torch.Tensor | None = None) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2) if self.nhwc else images
+        if self.mode == "kernel":  # x: normalize(shuffle(images)), done by the runtime
+            return self.net(images)
         if self.mode == "fused":
             return self.net(x)
         x = x.to(torch.float32)
@@ -104,6 +110,22 @@ def to_input_spec(images: torch.Tensor, spec: dict[str, Any]) -> np.ndarray:
     if spec["dtype"] == "uint8":
         return (x * 255).round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
     return x.to(torch.float32).contiguous().numpy()
+
+
+def graph_feed(images: np.ndarray, manifest: dict[str, Any], key: Key | None) -> np.ndarray:
+    """What the graph's first input takes: the images, or for ``--mode kernel`` their
+    keyed preprocessing (the CPU twin of the CUDA kernel, bit-exact with it)."""
+    pre = manifest.get("preprocess")
+    if not pre:
+        return images
+    from .kernels import reference_preprocess
+
+    return reference_preprocess(images, key, pre["mean"], pre["std"])
+
+
+def graph_input_name(manifest: dict[str, Any]) -> str:
+    pre = manifest.get("preprocess")
+    return pre["graph_input"]["name"] if pre else manifest["input"]["name"]
 
 
 def from_input_spec(array: np.ndarray, spec: dict[str, Any]) -> torch.Tensor:
@@ -209,6 +231,9 @@ def build_manifest(keyed: KeyedClassifier, mode: Mode, opts: ExportOptions, run_
         "key_fingerprint": keyed.key.fingerprint if keyed.key is not None else None,
         "fold_mode": mode if keyed.key is not None else "plain",
         "key_input": KEY_INPUT_NAME if mode == "gather" and keyed.key is not None and not opts.embed_key else None,
+        "preprocess": None if mode != "kernel" else {
+            "kind": "keyedge-kernel", "block_size": keyed.block_size, "mean": spec["mean"], "std": spec["std"],
+            "graph_input": {"name": PIXELS_NAME, "layout": "NCHW", "dtype": "float32"}},
         "contains_key": contains_key,
         "secret": SECRET_WARNING if contains_key else None,
         "precision": opts.precision,
@@ -273,12 +298,18 @@ def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run_
     patch = keyed.model.patch_embed.patch_size[0]
     mode = opts.resolved_mode(keyed.block_size, patch)
     manifest = build_manifest(keyed, mode, opts, run_manifest, source)
+    if mode == "kernel" and (opts.input != "uint8" or opts.layout != "nhwc" or keyed.key is None):
+        raise KeyedgeError("--mode kernel is for keyed models and takes what the CUDA kernel reads: "
+                           "pass --input uint8 --layout nhwc")
     module = ExportModule(keyed, mode, opts).eval()
     spec = manifest["input"]
     example_batch = opts.batch or 2
     dtype = torch.uint8 if opts.input == "uint8" else torch.float32
     example: tuple[torch.Tensor, ...] = (torch.zeros(input_shape(spec, example_batch), dtype=dtype),)
     names = [INPUT_NAME]
+    if mode == "kernel":
+        h, w = spec["size"]
+        example, names = (torch.zeros(example_batch, spec["channels"], h, w),), [PIXELS_NAME]
     if module.perm_is_input:
         example += (keyed.perm.clone(),)
         names.append(KEY_INPUT_NAME)
@@ -291,12 +322,14 @@ def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run_
         if opts.int8_method == "static":
             if calibration is None:
                 raise KeyedgeError("static int8 needs calibration images from the data set")
-            feeds = [{INPUT_NAME: to_input_spec(calibration[i:i + example_batch], spec), **(
-                {KEY_INPUT_NAME: keyed.key.perm.astype(np.int64)} if module.perm_is_input else {})}
-                for i in range(0, len(calibration) - example_batch + 1, example_batch)]
+            feeds = [{names[0]: graph_feed(to_input_spec(calibration[i:i + example_batch], spec), manifest,
+                                           keyed.key),
+                      **({KEY_INPUT_NAME: keyed.key.perm.astype(np.int64)} if module.perm_is_input else {})}
+                     for i in range(0, len(calibration) - example_batch + 1, example_batch)]
         _int8(path, opts.int8_method, feeds)
     _attach_manifest(path, manifest)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    report = verify(path, keyed, manifest, keyed.key if module.perm_is_input else None, real_images)
+    report = verify(path, keyed, manifest, keyed.key if module.perm_is_input or mode == "kernel" else None,
+                    real_images)
     return manifest, report
 

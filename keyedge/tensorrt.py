@@ -44,6 +44,12 @@ def tensorrt_available() -> bool:
     return True
 
 
+def _graph_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The engine's first input: the images, or a kernel-mode graph's preprocessed pixels."""
+    pre = manifest.get("preprocess")
+    return {**manifest["input"], **pre["graph_input"]} if pre else manifest["input"]
+
+
 def _shape(spec: dict[str, Any], batch: int) -> str:
     h, w = spec["size"]
     dims = (batch, h, w, spec["channels"]) if spec["layout"] == "NHWC" else (batch, spec["channels"], h, w)
@@ -63,7 +69,7 @@ def check_artifact_for_target(manifest: dict[str, Any], target: Target) -> None:
 
 def trtexec_build_args(manifest: dict[str, Any], target: Target, onnx_name: str = "model.onnx",
                        engine_name: str = ENGINE) -> list[str]:
-    spec = manifest["input"]
+    spec = _graph_spec(manifest)
     args = ["--onnx=" + onnx_name, "--saveEngine=" + engine_name]
     if target.strongly_typed:
         args.append("--stronglyTyped")
@@ -88,7 +94,7 @@ def trtexec_build_args(manifest: dict[str, Any], target: Target, onnx_name: str 
 
 
 def trtexec_bench_args(manifest: dict[str, Any], target: Target, engine_name: str = ENGINE) -> list[str]:
-    spec = manifest["input"]
+    spec = _graph_spec(manifest)
     args = ["--loadEngine=" + engine_name, "--useCudaGraph", "--useSpinWait", "--noDataTransfers",
             "--separateProfileRun", "--warmUp=500", "--duration=10"]
     if spec["batch"] == "dynamic":
@@ -185,7 +191,7 @@ def build_engine(onnx_path: Path, plan: dict[str, Any], target: Target, out: Pat
     cache_path = timing_cache or out / target.timing_cache
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    spec = plan["input"]
+    spec = _graph_spec(plan)
     if spec["batch"] == "dynamic":
         profile = builder.create_optimization_profile()
         dims = [tuple(int(d) for d in _shape(spec, b).split("x"))

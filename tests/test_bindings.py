@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from keyedge import Key
 from keyedge.runners import OnnxRunner
@@ -39,12 +40,9 @@ def onnxruntime_dev(tmp_path_factory):
     return include, libdir
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory, trained_keyed, onnxruntime_dev):
-    run, key_path, _, _ = trained_keyed
+def _build_package(root, run, key_path, onnxruntime_dev, *export_args):
     include, libdir = onnxruntime_dev
-    root = tmp_path_factory.mktemp("bindings")
-    assert keyedge("export", run, "--key", key_path, "-o", root / "art", "--mode", "gather").returncode == 0
+    assert keyedge("export", run, "--key", key_path, "-o", root / "art", *export_args).returncode == 0
     r = keyedge("bindings", root / "art", "-o", root / "cpp")
     assert r.returncode == 0, r.stderr
     cmake = ["cmake", "-S", str(root / "cpp"), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
@@ -56,6 +54,13 @@ def package(tmp_path_factory, trained_keyed, onnxruntime_dev):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     env = {**os.environ, "LD_LIBRARY_PATH": str(libdir)}
     return root, key_path, env
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, trained_keyed, onnxruntime_dev):
+    """A gather-mode artifact: the key is a graph input, bound from key.bin by the C++ runtime."""
+    run, key_path, _, _ = trained_keyed
+    return _build_package(tmp_path_factory.mktemp("bindings"), run, key_path, onnxruntime_dev, "--mode", "gather")
 
 
 def _photo(size: int) -> np.ndarray:
@@ -70,8 +75,7 @@ def _classify(root, env, *args):
                           capture_output=True, text=True, env=env)
 
 
-def test_classify_matches_python_runner(package, trained_keyed):
-    root, key_path, env = package
+def _check_logits(root, key_path, env):
     img = _photo(16)
     (root / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + img.tobytes())
     model = root / "prefix" / "share" / "keyedge_model" / "model.onnx"
@@ -81,9 +85,25 @@ def test_classify_matches_python_runner(package, trained_keyed):
     assert lines[0] == "backend: onnxruntime-cpu" and len(lines) == 6  # backend + top-5
     cpp = np.loadtxt(root / "logits.txt")
     with OnnxRunner(model, Key.load(key_path)) as runner:
-        py = runner(img.transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255))[0]
+        from keyedge.onnx_export import to_input_spec
+
+        py = runner(to_input_spec(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255,
+                                  runner.manifest["input"]))[0]
     assert np.abs(cpp - py).max() <= 1e-4
     assert int(lines[1].split("\t")[0]) == int(py.argmax())
+
+
+def test_classify_matches_python_runner(package):
+    _check_logits(*package)
+
+
+def test_kernel_mode_package_matches_python_runner(tmp_path, trained_keyed, onnxruntime_dev):
+    """--mode kernel: the C++ runtime does the key gather + normalisation (the CPU twin of the
+    CUDA kernel) before the graph; logits must match the Python runner."""
+    run, key_path, _, _ = trained_keyed
+    root, key_path, env = _build_package(tmp_path, run, key_path, onnxruntime_dev, "--mode", "kernel",
+                                         "--input", "uint8", "--layout", "nhwc", "--dynamic-batch")
+    _check_logits(root, key_path, env)
 
 
 def test_classify_reads_png(package, tmp_path):
@@ -100,13 +120,14 @@ def test_classify_bad_input(package, tmp_path):
     root, key_path, env = package
     model = root / "prefix" / "share" / "keyedge_model" / "model.onnx"
     (tmp_path / "big.ppm").write_bytes(b"P6\n32 32\n255\n" + _photo(32).tobytes())
+    (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + _photo(16).tobytes())
     Key.generate(4, seed=99).save(tmp_path / "other.bin")
     cases = {
-        "wrong key": ([model, root / "photo.ppm", "--key", tmp_path / "other.bin"], "does not match"),
-        "no key": ([model, root / "photo.ppm"], "pass the key file"),
+        "wrong key": ([model, tmp_path / "photo.ppm", "--key", tmp_path / "other.bin"], "does not match"),
+        "no key": ([model, tmp_path / "photo.ppm"], "pass the key file"),
         "wrong size": ([model, tmp_path / "big.ppm", "--key", key_path], "but the model takes 16x16"),
         "missing image": ([model, tmp_path / "nope.ppm", "--key", key_path], "does not exist"),
-        "missing model": ([tmp_path / "nope.onnx", root / "photo.ppm"], "does not exist"),
+        "missing model": ([tmp_path / "nope.onnx", tmp_path / "photo.ppm"], "does not exist"),
     }
     for name, (args, message) in cases.items():
         r = _classify(root, env, *args)

@@ -152,3 +152,18 @@ def test_export_refuses_unfoldable_key_and_missing_base(tmp_path, trained_plain)
     r = keyedge("export", tmp_path / "lora", "--key", tmp_path / "k4.bin", "-o", out2)
     _refused(r, out2)
     assert "base checkpoint" in r.stderr
+
+
+def test_kernel_mode_export_holds_no_key_and_keeps_parity(tmp_path, trained_keyed):
+    run, key_path, key, _ = trained_keyed
+    path, manifest, report, _ = _export(tmp_path, trained_keyed, mode="kernel", input="uint8", layout="nhwc",
+                                        batch=None)
+    assert report["passed"] and report["random"]["rel_error"] <= 1e-4
+    assert manifest["preprocess"]["graph_input"]["name"] == "pixels" and not manifest["contains_key"]
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["pixels"]
+    assert not _contains(_int_payloads(path), key.perm) and not _contains(_int_payloads(path), key.inverse)
+    r = keyedge("parity", "--reference", run, "--key", key_path, path, "--n", "100")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(Exception, match="--input uint8 --layout nhwc"):
+        (tmp_path / "k2").mkdir()
+        _export(tmp_path / "k2", trained_keyed, mode="kernel")

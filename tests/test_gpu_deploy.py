@@ -96,7 +96,8 @@ def exported(tmp_path_factory, trained_keyed):
     run, key_path, _, _ = trained_keyed
     root = tmp_path_factory.mktemp("exports")
     for name, args in {"fp32": [], "fp16": ["--precision", "fp16", "--dynamic-batch"],
-                       "gather": ["--mode", "gather", "--dynamic-batch"]}.items():
+                       "gather": ["--mode", "gather", "--dynamic-batch"],
+                       "kernel": ["--mode", "kernel", "--input", "uint8", "--layout", "nhwc", "--dynamic-batch"]}.items():
         r = keyedge("export", run, "--key", key_path, "-o", root / name, *args)
         assert r.returncode == 0, r.stderr
     return root
@@ -108,6 +109,7 @@ def exported(tmp_path_factory, trained_keyed):
     ("jetson-orin", "fp32", ["--fp16"]),
     ("jetson-orin-nano", "gather", ["--fp16", "--maxShapes=images:8x3x16x16"]),
     ("jetson-orin-dla", "fp32", ["--fp16", "--useDLACore=0", "--allowGPUFallback"]),
+    ("jetson-orin", "kernel", ["--fp16", "--minShapes=pixels:1x3x16x16", "--maxShapes=pixels:16x3x16x16"]),
 ])
 def test_build_plan(tmp_path, exported, target, artifact, flags):
     out = tmp_path / "plan"

@@ -45,6 +45,11 @@ class Runner(ABC):
         return self.infer(images)
 
     @staticmethod
+    def needs_key(manifest: dict[str, Any]) -> bool:
+        """Gather artifacts with a key input, and kernel-preprocessed ones, take the key at run time."""
+        return bool(manifest.get("key_input") or manifest.get("preprocess"))
+
+    @staticmethod
     def check_key(manifest: dict[str, Any], key: Key | None, where: str, *, needs_key: bool) -> None:
         """An artifact that takes the key at run time needs the right one; others ignore it
         (parity reports a fused artifact made with another key as a failure)."""

@@ -25,7 +25,7 @@ class OnnxRunner(Runner):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.key_input = self.manifest.get("key_input")
-        self.check_key(self.manifest, key, f"artifact {self.path}", needs_key=self.key_input is not None)
+        self.check_key(self.manifest, key, f"artifact {self.path}", needs_key=self.needs_key(self.manifest))
         self.key = key
         if device not in PROVIDERS:
             raise KeyedgeError(f"device must be one of {', '.join(PROVIDERS)}")
@@ -58,5 +58,8 @@ class OnnxRunner(Runner):
     def infer(self, images: np.ndarray) -> np.ndarray:
         if self.session is None:
             self.activate()
-        feed = {self.manifest["input"]["name"]: np.ascontiguousarray(images), **self._feed_extra}
+        from ..onnx_export import graph_feed, graph_input_name
+
+        feed = {graph_input_name(self.manifest): np.ascontiguousarray(graph_feed(images, self.manifest, self.key)),
+                **self._feed_extra}
         return self.session.run([self.manifest["output"]["name"]], feed)[0].astype(np.float32)

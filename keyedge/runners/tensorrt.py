@@ -90,7 +90,7 @@ class TensorRTRunner(Runner):
             raise KeyedgeError(f"engine {self.path} has no manifest {sidecar.name} beside it")
         self.manifest = json.loads(sidecar.read_text())
         self.key_input = self.manifest.get("key_input")
-        self.check_key(self.manifest, key, f"engine {self.path}", needs_key=self.key_input is not None)
+        self.check_key(self.manifest, key, f"engine {self.path}", needs_key=self.needs_key(self.manifest))
         self.key, self.cuda_graph = key, cuda_graph
         self.name = "tensorrt" + ("-graph" if cuda_graph else "")
         self.engine: Any = None
@@ -134,9 +134,11 @@ class TensorRTRunner(Runner):
     def infer(self, images: np.ndarray) -> np.ndarray:
         if self.engine is None:
             self.activate()
+        from ..onnx_export import graph_feed, graph_input_name
+
         trt = self.trt
-        images = np.ascontiguousarray(images)
-        in_name, out_name = self.manifest["input"]["name"], self.manifest["output"]["name"]
+        images = np.ascontiguousarray(graph_feed(images, self.manifest, self.key))
+        in_name, out_name = graph_input_name(self.manifest), self.manifest["output"]["name"]
         if tuple(self.context.get_tensor_shape(in_name)) != images.shape:
             self.context.set_input_shape(in_name, images.shape)
             self.graph_exec = None

@@ -42,6 +42,11 @@ struct Manifest {
   int block_size = 0;
   std::string key_fingerprint;  // empty for a plain model
   std::string key_input;        // graph input that takes the permutation at run time, or empty
+  // --mode kernel: the graph takes keyed, normalised NCHW float pixels (graph input pixels_name);
+  // the runtime does uint8 HWC -> key gather -> normalise (CUDA kernel, or its CPU twin)
+  bool kernel_preprocess = false;
+  std::string pixels_name;
+  std::vector<float> mean, std;
   std::string fold_mode;
   std::string precision;
   std::vector<std::string> classes;
@@ -92,5 +97,8 @@ std::unique_ptr<Model> make_tensorrt_model(const std::string& path, Manifest man
 
 // uint8 HWC -> the float graph input ([0,1], NCHW or NHWC); shared by the CPU backends.
 void to_float_input(const uint8_t* hwc, int batch, const InputSpec& spec, float* out);
+// The CPU twin of the CUDA kernel: uint8 HWC -> key gather -> (v/255 - mean)/std -> NCHW float.
+void keyed_preprocess_cpu(const uint8_t* hwc, int batch, const InputSpec& spec, const std::vector<int64_t>& perm,
+                          int block_size, const std::vector<float>& mean, const std::vector<float>& std, float* out);
 
 }  // namespace keyedge

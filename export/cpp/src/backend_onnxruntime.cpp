@@ -32,7 +32,13 @@ class OrtModel final : public Model {
     auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
     std::vector<Ort::Value> inputs;
     std::vector<const char*> names{manifest_.input_name.c_str()};
-    if (s.uint8 && s.nhwc) {  // the app's layout already: no copy
+    if (manifest_.kernel_preprocess) {  // the CPU twin of the CUDA kernel: gather + normalise
+      std::array<int64_t, 4> pshape{batch, s.channels, s.height, s.width};
+      f32_.resize(count);
+      keyed_preprocess_cpu(hwc, batch, s, key_perm_, manifest_.block_size, manifest_.mean, manifest_.std, f32_.data());
+      inputs.push_back(Ort::Value::CreateTensor<float>(mem, f32_.data(), count, pshape.data(), 4));
+      names[0] = manifest_.pixels_name.c_str();
+    } else if (s.uint8 && s.nhwc) {  // the app's layout already: no copy
       inputs.push_back(Ort::Value::CreateTensor<uint8_t>(mem, const_cast<uint8_t*>(hwc), count, shape.data(), 4));
     } else if (s.uint8) {
       u8_.resize(count);
@@ -68,15 +74,17 @@ class OrtModel final : public Model {
   void check_graph() {
     Ort::AllocatorWithDefaultOptions alloc;
     const InputSpec& s = manifest_.input;
+    const bool pre = manifest_.kernel_preprocess;  // the graph then takes float NCHW pixels
+    const std::string& expected = pre ? manifest_.pixels_name : manifest_.input_name;
     auto in_name = session_->GetInputNameAllocated(0, alloc);
-    if (manifest_.input_name != in_name.get()) throw Error("the ONNX graph's first input is not " + manifest_.input_name);
+    if (expected != in_name.get()) throw Error("the ONNX graph's first input is not " + expected);
     Ort::TypeInfo type_info = session_->GetInputTypeInfo(0);  // keep alive: the view below points into it
     auto info = type_info.GetTensorTypeAndShapeInfo();
-    auto want = s.uint8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    auto want = s.uint8 && !pre ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     if (info.GetElementType() != want) throw Error("the ONNX graph's input type does not match its manifest");
     auto shape = info.GetShape();
-    std::array<int64_t, 3> hwc = s.nhwc ? std::array<int64_t, 3>{s.height, s.width, s.channels}
-                                        : std::array<int64_t, 3>{s.channels, s.height, s.width};
+    std::array<int64_t, 3> hwc = s.nhwc && !pre ? std::array<int64_t, 3>{s.height, s.width, s.channels}
+                                                : std::array<int64_t, 3>{s.channels, s.height, s.width};
     if (shape.size() != 4 || shape[1] != hwc[0] || shape[2] != hwc[1] || shape[3] != hwc[2])
       throw Error("the ONNX graph's input shape does not match its manifest");
     if (session_->GetInputCount() != (manifest_.key_input.empty() ? 1u : 2u))

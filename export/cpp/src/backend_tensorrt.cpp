@@ -1,7 +1,8 @@
 // TensorRT backend: enqueueV3 on a CUDA stream, pinned host memory on desktop GPUs and
 // mapped zero-copy memory on Jetson (integrated GPU), optional CUDA graph, and keyedge's
-// preprocessing kernel (uint8 HWC -> normalised NCHW) on the GPU. The key of a gather-mode
-// engine is read from key.bin at run time and bound to the engine's key input.
+// preprocessing kernel (uint8 HWC -> normalised NCHW) on the GPU. With a kernel-mode engine
+// (keyedge export --mode kernel) the kernel does the key gather, with the key read from key.bin
+// at run time; a gather-mode engine gets the key bound to its key input instead.
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
 
@@ -46,6 +47,7 @@ class TrtModel final : public Model {
   ~TrtModel() override {
     if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
     release();
+    if (dev_perm_) cudaFree(dev_perm_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -58,19 +60,26 @@ class TrtModel final : public Model {
     const size_t image_bytes = size_t(s.height) * s.width * s.channels;
     std::memcpy(host_in_, hwc, image_bytes * batch);  // pinned (desktop) or mapped (Jetson) staging
     if (!integrated_) check(cudaMemcpyAsync(dev_u8_, host_in_, image_bytes * batch, cudaMemcpyHostToDevice, stream_), "H2D");
-    if (!s.uint8) {  // the engine takes float [0,1]: convert on the GPU (no key: it is in the engine)
-      const float mean[KEYEDGE_MAX_CHANNELS] = {0, 0, 0, 0};
-      const float std[KEYEDGE_MAX_CHANNELS] = {1, 1, 1, 1};
+    const bool pre = manifest_.kernel_preprocess;
+    if (pre || !s.uint8) {
+      // kernel mode: key gather + normalisation; otherwise the engine takes float [0,1] (its key,
+      // if any, is folded in or a Gather), so the kernel only converts (mean 0, std 1, no perm)
+      float mean[KEYEDGE_MAX_CHANNELS] = {0, 0, 0, 0};
+      float std[KEYEDGE_MAX_CHANNELS] = {1, 1, 1, 1};
+      for (int c = 0; pre && c < s.channels; ++c) { mean[c] = manifest_.mean[c]; std[c] = manifest_.std[c]; }
       if (keyedge_preprocess(dev_u8_, batch, s.height, s.width, s.channels, size_t(s.width) * s.channels,
-                             image_bytes, nullptr, 0, mean, std, dev_in_, KEYEDGE_OUT_FP32, stream_) != KEYEDGE_OK)
+                             image_bytes, pre ? dev_perm_ : nullptr, pre ? manifest_.block_size : 0, mean, std,
+                             dev_in_, KEYEDGE_OUT_FP32, stream_) != KEYEDGE_OK)
         throw Error(std::string("preprocess kernel: ") + keyedge_last_error());
     }
+    const bool nhwc = s.nhwc && !pre;
     nvinfer1::Dims dims{};
     dims.nbDims = 4;
-    int64_t shape[4] = {batch, s.nhwc ? s.height : s.channels, s.nhwc ? s.width : s.height, s.nhwc ? s.channels : s.width};
+    int64_t shape[4] = {batch, nhwc ? s.height : s.channels, nhwc ? s.width : s.height, nhwc ? s.channels : s.width};
     for (int i = 0; i < 4; ++i) dims.d[i] = shape[i];
-    context_->setInputShape(manifest_.input_name.c_str(), dims);
-    context_->setTensorAddress(manifest_.input_name.c_str(), s.uint8 ? static_cast<void*>(dev_u8_) : dev_in_);
+    const char* input = pre ? manifest_.pixels_name.c_str() : manifest_.input_name.c_str();
+    context_->setInputShape(input, dims);
+    context_->setTensorAddress(input, s.uint8 && !pre ? static_cast<void*>(dev_u8_) : dev_in_);
     context_->setTensorAddress(manifest_.output_name.c_str(), dev_out_);
     if (!manifest_.key_input.empty()) context_->setTensorAddress(manifest_.key_input.c_str(), dev_key_);
     if (use_graph_) {
@@ -117,6 +126,11 @@ class TrtModel final : public Model {
       check(cudaMalloc(&dev_key_, key_perm_.size() * sizeof(int64_t)), "cudaMalloc");
       check(cudaMemcpy(dev_key_, key_perm_.data(), key_perm_.size() * sizeof(int64_t), cudaMemcpyHostToDevice), "key");
     }
+    if (manifest_.kernel_preprocess && dev_perm_ == nullptr) {  // the kernel reads int32 source indices
+      std::vector<int32_t> perm32(key_perm_.begin(), key_perm_.end());
+      check(cudaMalloc(reinterpret_cast<void**>(&dev_perm_), perm32.size() * sizeof(int32_t)), "cudaMalloc");
+      check(cudaMemcpy(dev_perm_, perm32.data(), perm32.size() * sizeof(int32_t), cudaMemcpyHostToDevice), "key");
+    }
     capacity_ = batch;
   }
   void release() {
@@ -145,6 +159,7 @@ class TrtModel final : public Model {
   void* dev_in_ = nullptr;
   void* dev_out_ = nullptr;
   void* dev_key_ = nullptr;
+  int32_t* dev_perm_ = nullptr;
 };
 
 }  // namespace

@@ -276,6 +276,16 @@ Manifest Manifest::from_file(const std::string& path) {
   m.key_input = as_string(root.get("key_input"));
   m.fold_mode = as_string(root.get("fold_mode"));
   m.precision = as_string(root.get("precision"));
+  if (const Json* pre = root.get("preprocess"); pre != nullptr && pre->kind == Json::Object) {
+    m.kernel_preprocess = true;
+    m.pixels_name = as_string(pre->get("graph_input") ? pre->get("graph_input")->get("name") : nullptr);
+    for (const char* field : {"mean", "std"}) {
+      const Json* v = pre->get(field);
+      if (v == nullptr || v->kind != Json::Array || static_cast<int>(v->arr.size()) != m.input.channels)
+        throw Error(std::string("manifest: preprocess.") + field + " needs one value per channel");
+      for (const Json& x : v->arr) (field[0] == 'm' ? m.mean : m.std).push_back(static_cast<float>(x.num));
+    }
+  }
   if (const Json* classes = root.get("classes"); classes != nullptr && classes->kind == Json::Array)
     for (const Json& c : classes->arr) m.classes.push_back(c.str);
   return m;
@@ -283,15 +293,16 @@ Manifest Manifest::from_file(const std::string& path) {
 
 void attach_key(Model& model, const std::string& key_path) {
   const Manifest& m = model.manifest_;
+  const bool needs_key = !m.key_input.empty() || m.kernel_preprocess;
   if (key_path.empty()) {
-    if (!m.key_input.empty()) throw Error("this artifact takes the key at run time: pass the key file");
+    if (needs_key) throw Error("this artifact takes the key at run time: pass the key file");
     return;
   }
   KeyFile key = KeyFile::load(key_path);
   if (key.fingerprint != m.key_fingerprint)
     throw Error("key fingerprint " + key.fingerprint + " does not match the artifact's (" +
                 (m.key_fingerprint.empty() ? std::string("plain model") : m.key_fingerprint) + ")");
-  if (!m.key_input.empty()) model.key_perm_ = key.perm;
+  if (needs_key) model.key_perm_ = key.perm;
 }
 
 std::unique_ptr<Model> Model::load(const std::string& model_path, const std::string& key_path) {
@@ -360,6 +371,22 @@ void to_float_input(const uint8_t* hwc, int batch, const InputSpec& s, float* ou
         if (s.nhwc) out[(n * plane + px) * s.channels + c] = v;
         else out[(size_t(n) * s.channels + c) * plane + px] = v;
       }
+}
+
+void keyed_preprocess_cpu(const uint8_t* hwc, int batch, const InputSpec& s, const std::vector<int64_t>& perm,
+                          int block, const std::vector<float>& mean, const std::vector<float>& std, float* out) {
+  const int area = block * block;
+  const size_t plane = size_t(s.height) * s.width;
+  for (int n = 0; n < batch; ++n)
+    for (int c = 0; c < s.channels; ++c)
+      for (int h = 0; h < s.height; ++h)
+        for (int w = 0; w < s.width; ++w) {
+          // same index map and float operations as kernels/preprocess.cu
+          const int j = static_cast<int>(perm[c * area + (h % block) * block + (w % block)]);
+          const int sc = j / area, sh = (h / block) * block + (j / block) % block, sw = (w / block) * block + j % block;
+          const float v = static_cast<float>(hwc[((size_t(n) * s.height + sh) * s.width + sw) * s.channels + sc]);
+          out[(size_t(n) * s.channels + c) * plane + size_t(h) * s.width + w] = (v / 255.0f - mean[c]) / std[c];
+        }
 }
 
 #ifndef KEYEDGE_WITH_ONNXRUNTIME
