@@ -150,22 +150,27 @@ class KeyedClassifier(nn.Module):
     def block_size(self) -> int | None:
         return None if self.key is None else self.key.block_size
 
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        if self.key is not None:
-            x = permute_blocks(x, self.perm, self.key.block_size)
-        return (x - self.mean) / self.std
+    def classify_shuffled(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits for images that are already block-shuffled (normalisation still to do)."""
+        return self.model((z - self.mean) / self.std)
+
+    def forward_with_perm(self, x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """These weights behind any permutation tensor (a guessed or random key), no new module."""
+        return self.classify_shuffled(permute_blocks(x, perm, self.key.block_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(x))
+        return self.classify_shuffled(x) if self.key is None else self.forward_with_perm(x, self.perm)
+
+    def _rewrap(self, model: nn.Module, key: Key | None) -> "KeyedClassifier":
+        return KeyedClassifier(model, key, self.mean.flatten().tolist(),
+                               self.std.flatten().tolist()).to(self.mean.device)
 
     def with_key(self, key: Key | None) -> "KeyedClassifier":
         """The same weights behind another key (a guessed key, or none)."""
-        return KeyedClassifier(self.model, key, self.mean.flatten().tolist(),
-                               self.std.flatten().tolist()).to(self.mean.device)
+        return self._rewrap(self.model, key)
 
     def with_model(self, model: nn.Module) -> "KeyedClassifier":
-        return KeyedClassifier(model, self.key, self.mean.flatten().tolist(),
-                               self.std.flatten().tolist()).to(self.mean.device)
+        return self._rewrap(model, self.key)
 
     def copy(self) -> "KeyedClassifier":
         return self.with_model(copy.deepcopy(self.model))

@@ -31,15 +31,14 @@ def _random_perm(n: int, generator: torch.Generator, device: torch.device) -> to
 
 def eot_loss(keyed: KeyedClassifier, samples: int, *, seed: int = 0) -> LossFn:
     """Cross entropy averaged over ``samples`` fresh random keys at every call."""
-    m = keyed.key.block_size
     n = keyed.key.size
     gen = torch.Generator().manual_seed(seed)
 
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         total = 0.0
         for _ in range(samples):
-            z = permute_blocks(x, _random_perm(n, gen, x.device), m)
-            total = total + F.cross_entropy(keyed.model((z - keyed.mean) / keyed.std), y, reduction="sum")
+            logits = keyed.forward_with_perm(x, _random_perm(n, gen, x.device))
+            total = total + F.cross_entropy(logits, y, reduction="sum")
         return total / samples
 
     return loss
@@ -56,7 +55,7 @@ def bpda_loss(keyed: KeyedClassifier, guess: Key) -> LossFn:
         with torch.no_grad():
             z_true = permute_blocks(x, true_perm.to(x.device), m)
         z = z_guess + (z_true - z_guess).detach()  # value of the truth, gradient of the guess
-        return F.cross_entropy(keyed.model((z - keyed.mean) / keyed.std), y, reduction="sum")
+        return F.cross_entropy(keyed.classify_shuffled(z), y, reduction="sum")
 
     return loss
 
@@ -71,8 +70,7 @@ class KeySearchResult:
 
 @torch.no_grad()
 def _batch_loss(keyed: KeyedClassifier, perm: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    z = permute_blocks(x, torch.as_tensor(perm, device=x.device), keyed.key.block_size)
-    logits = keyed.model((z - keyed.mean) / keyed.std)
+    logits = keyed.forward_with_perm(x, torch.as_tensor(perm, device=x.device))
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
