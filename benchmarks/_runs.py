@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from keyedge import Key, attach_lora, create_vit
-from keyedge.lora import save_adapter
-from keyedge.manifest import write_json
+from keyedge.artifacts import BaseCheckpoint, DataInfo, LoraSpec, ModelSpec, RunInput, RunManifest, library_versions
+from keyedge.lora import DEFAULT_TARGETS, count_parameters, save_adapter
 from keyedge.models import file_sha256, model_input_spec
 from keyedge.runs import ADAPTER, MANIFEST, WEIGHTS
 
@@ -23,24 +23,27 @@ def make_run(root: Path, model_name: str, key: Key | None, mode: str = "full", n
         save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_path))
     run = root / f"{model_name}-{mode}-{'keyed' if key else 'plain'}"
     run.mkdir(parents=True)
+    model = base
     if mode == "lora":
-        peft_model = attach_lora(base, rank=8)
+        model = attach_lora(base, rank=8)
         with torch.no_grad():
-            for name, p in peft_model.named_parameters():
+            for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.01)
-        save_adapter(peft_model, run / ADAPTER)
+        save_adapter(model, run / ADAPTER)
     else:
         save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(run / WEIGHTS))
     spec = model_input_spec(base)
-    write_json(run / MANIFEST, {
-        "format": "keyedge-run", "version": 1,
-        "model": {"name": model_name, "kwargs": {"num_classes": num_classes, "img_size": spec["img_size"][0],
-                                                 "patch_size": spec["patch_size"][0]}},
-        "mode": mode,
-        "input": {"size": spec["img_size"], "channels": 3, "layout": "NCHW", "dtype": "float32",
-                  "range": [0.0, 1.0], "mean": spec["mean"], "std": spec["std"]},
-        "block_size": key.block_size if key else None, "key_fingerprint": key.fingerprint if key else None,
-        "base_checkpoint": {"path": str(base_path), "sha256": file_sha256(base_path)} if mode == "lora" else None,
-        "data": {"spec": "benchmark-random-inputs", "classes": None}})
+    trainable, total = count_parameters(model)
+    RunManifest(
+        model=ModelSpec(model_name, {"num_classes": num_classes, "img_size": spec["img_size"][0],
+                                     "patch_size": spec["patch_size"][0]}),
+        mode=mode, lora=LoraSpec(8, 16.0, 0.0, DEFAULT_TARGETS, False) if mode == "lora" else None,
+        input=RunInput(size=tuple(spec["img_size"]), channels=3, mean=tuple(spec["mean"]), std=tuple(spec["std"])),
+        block_size=key.block_size if key else None, key_fingerprint=key.fingerprint if key else None,
+        base_checkpoint=BaseCheckpoint(str(base_path), file_sha256(base_path)) if mode == "lora" else None,
+        data=DataInfo("benchmark-random-inputs", "random inputs (benchmark run, untrained)"),
+        train={}, trainable_params=trainable, total_params=total,
+        full_model_bytes=sum(t.numel() * t.element_size() for t in base.state_dict().values()),
+        versions=library_versions()).write(run / MANIFEST)
     return run

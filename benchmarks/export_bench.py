@@ -58,12 +58,12 @@ def main() -> None:
 
         # the plain (un-keyed) model: same weights, no key, normalisation folded alike
         from keyedge.onnx_export import export_onnx
-        from keyedge.runs import load_run, read_run_manifest
+        from keyedge.runs import load_run, read_run
 
         keyed = load_run(run, key)
         plain = KeyedClassifier(keyed.model, None, keyed.mean.flatten().tolist(), keyed.std.flatten().tolist())
         (root / "plain").mkdir()
-        plain_manifest = {**read_run_manifest(run), "block_size": None, "key_fingerprint": None}
+        plain_manifest = read_run(run).replace(block_size=None, key_fingerprint=None)
         export_onnx(plain.eval(), root / "plain", ExportOptions(), plain_manifest)
 
         runners = {name: OnnxRunner(root / name / "model.onnx", key).__enter__()

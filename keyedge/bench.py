@@ -90,7 +90,7 @@ def is_jetson_orin() -> bool:
 
 
 def machine_info() -> dict[str, Any]:
-    from .manifest import library_versions
+    from .artifacts import library_versions
 
     cpu = None
     for line in (_read("/proc/cpuinfo") or "").splitlines():
@@ -127,92 +127,86 @@ def check_device(device: str) -> str:
     return "cpu"
 
 
-def _runners_for(artifact: Path, key, device: str) -> list:
-    """Every backend that can run ``artifact`` here."""
-    from .runners import OnnxRunner, TorchRunner, open_runner
-
-    if artifact.is_dir() and (artifact / "model.onnx").is_file():
-        artifact = artifact / "model.onnx"
-    if artifact.suffix == ".onnx":
-        return [OnnxRunner(artifact, key, device=device)]
-    if artifact.is_dir():
-        return [TorchRunner(artifact, key, device=device)]
-    return [open_runner(artifact, key)]
-
-
-def _images(spec: dict[str, Any], batch: int) -> np.ndarray:
-    h, w = spec["size"]
-    shape = (batch, h, w, spec["channels"]) if spec["layout"] == "NHWC" else (batch, spec["channels"], h, w)
+def _images(spec, batch: int) -> np.ndarray:
     rng = np.random.default_rng(0)
-    if spec["dtype"] == "uint8":
+    shape = spec.shape(batch)
+    if spec.dtype == "uint8":
         return rng.integers(0, 256, shape, dtype=np.uint8)
     return rng.random(shape, dtype=np.float32)
 
 
 def label(runner) -> str:
-    m = runner.manifest
-    mode = m.get("fold_mode", "reference")
-    return f"{mode}-{m.get('precision', 'fp32')}"
+    return f"{runner.fold_mode}-{runner.precision}"
+
+
+def _measure_batch(runners: list, batch: int, *, warmup: int, rounds: int, iters: int,
+                   status) -> list[dict[str, Any]]:
+    """The runners that take ``batch``, measured interleaved; ratios to the plain model of the same backend."""
+    fns, meta = {}, {}
+    for artifact, r in runners:
+        fixed = r.input_spec.fixed_batch
+        if fixed is not None and fixed != batch:
+            continue
+        x = _images(r.input_spec, batch)
+        name = f"{r.name}:{label(r)}:{Path(artifact).name if Path(artifact).suffix else artifact}"
+        fns[name] = (lambda r=r, x=x: r(x))
+        meta[name] = {"artifact": artifact, "backend": r.name, "kind": label(r), "fold_mode": r.fold_mode,
+                      "precision": r.precision}
+    if not fns:
+        return []
+    status(f"batch {batch}: {len(fns)} models interleaved")
+    timings = interleaved(fns, warmup=warmup, rounds=rounds, iters=iters, status=status)
+    plain = {m["backend"] + m["precision"]: n for n, m in meta.items() if m["fold_mode"] == "plain"}
+    rows = []
+    for name, t in timings.items():
+        entry = {**meta[name], "batch": batch, **t.summary(batch)}
+        ref = plain.get(meta[name]["backend"] + meta[name]["precision"])
+        if ref is not None:
+            entry["ratio_vs_plain"] = ratio(timings, name, ref)
+        rows.append(entry)
+    return rows
 
 
 def run_bench(artifacts: list[Path], *, key=None, device: str = "cpu", batches: tuple[int, ...] = (1, 8),
               rounds: int = 5, iters: int = 10, warmup: int = 3, status=lambda s: None) -> dict[str, Any]:
+    from contextlib import ExitStack
+
+    from .artifacts import open_artifact
+    from .runners import runner_for
+
     runner_device = check_device(device)
-    runners = []
-    for a in artifacts:
-        for r in _runners_for(Path(a), key, runner_device):
-            runners.append((str(a), r))
+    runners = [(str(a), runner_for(open_artifact(a, prefer_engine=runner_device != "cpu"), key,
+                                   device=runner_device)) for a in artifacts]
     results: dict[str, Any] = {"device": device, "machine": machine_info(), "batches": list(batches),
                                "rounds": rounds, "iters": iters, "measurements": []}
-    for batch in batches:
-        fns, meta = {}, {}
+    with ExitStack() as stack:  # every runner is deactivated, whatever happens
         for artifact, r in runners:
-            fixed = r.manifest["input"].get("batch")
-            if isinstance(fixed, int) and fixed != batch:
-                continue
             try:
-                r.activate()
+                stack.enter_context(r)
             except KeyedgeError as exc:
                 raise KeyedgeError(f"{artifact}: {exc}") from None
-            x = _images(r.manifest["input"], batch)
-            name = f"{r.name}:{label(r)}:{Path(artifact).name if Path(artifact).suffix else artifact}"
-            fns[name] = (lambda r=r, x=x: r(x))
-            meta[name] = {"artifact": artifact, "backend": r.name, "kind": label(r),
-                          "fold_mode": r.manifest.get("fold_mode", "reference"),
-                          "precision": r.manifest.get("precision", "fp32")}
-        if not fns:
-            continue
-        status(f"batch {batch}: {len(fns)} models interleaved")
-        timings = interleaved(fns, warmup=warmup, rounds=rounds, iters=iters, status=status)
-        plain = {m["backend"] + m["precision"]: n for n, m in meta.items() if m["fold_mode"] == "plain"}
-        for name, t in timings.items():
-            entry = {**meta[name], "batch": batch, **t.summary(batch)}
-            ref = plain.get(meta[name]["backend"] + meta[name]["precision"])
-            if ref is not None:
-                entry["ratio_vs_plain"] = ratio(timings, name, ref)
-            results["measurements"].append(entry)
+        for batch in batches:
+            results["measurements"] += _measure_batch(runners, batch, warmup=warmup, rounds=rounds, iters=iters,
+                                                      status=status)
     if not results["measurements"]:
         raise KeyedgeError("none of the artifacts can run at the requested batch sizes here")
-    for _, r in runners:
-        r.deactivate()
     return results
 
 
 def bench_markdown(results: dict[str, Any]) -> str:
+    from .report import markdown_table
+
     m = results["machine"]
+    rows = [[e["backend"], f"{e['kind']} ({Path(e['artifact']).parent.name or e['artifact']})", e["batch"],
+             f"{e['p50_ms']:.2f}", f"{e['p90_ms']:.2f}", f"{e['p99_ms']:.2f}", f"{e['throughput_ips']:.1f}",
+             f"{e['ratio_vs_plain']:.3f}" if "ratio_vs_plain" in e else "—"] for e in results["measurements"]]
     lines = ["# keyedge bench", "",
              f"Device `{results['device']}` — CPU {m['cpu']} ({m['cores']} cores)"
              + (f"; GPU {m['gpu']['name']} (driver {m['gpu']['driver']}, SM clock {m['gpu']['sm_clock']})"
                 if "gpu" in m else "") + ".",
              f"Interleaved: {results['rounds']} rounds x {results['iters']} iterations per model; "
              "the median is the figure quoted.", "",
-             "| backend | model | batch | p50 ms | p90 ms | p99 ms | images/s | vs plain |",
-             "|---|---|---|---|---|---|---|---|"]
-    for e in results["measurements"]:
-        vs = f"{e['ratio_vs_plain']:.3f}" if "ratio_vs_plain" in e else "—"
-        lines.append(f"| {e['backend']} | {e['kind']} ({Path(e['artifact']).parent.name or e['artifact']}) | "
-                     f"{e['batch']} | {e['p50_ms']:.2f} | {e['p90_ms']:.2f} | {e['p99_ms']:.2f} | "
-                     f"{e['throughput_ips']:.1f} | {vs} |")
+             markdown_table(["backend", "model", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", "vs plain"], rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -241,31 +235,30 @@ def bench_plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def model_cost(manifest: dict[str, Any]) -> dict[str, float]:
+def model_cost(manifest) -> dict[str, float]:
     """FLOPs (per image) and weight bytes (fp32) of the artifact's model, from its recipe."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from .models import create_vit
 
-    spec = manifest["model"]
-    model = create_vit(spec["name"], **spec["kwargs"]).eval()
-    h, w = manifest["input"]["size"]
+    model = create_vit(manifest.model.name, **manifest.model.kwargs).eval()
+    h, w = manifest.input.size
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.zeros(1, manifest["input"]["channels"], h, w))
+        model(torch.zeros(1, manifest.input.channels, h, w))
     params = sum(p.numel() for p in model.parameters())
     return {"flops_per_image": float(counter.get_total_flops()), "params": float(params)}
 
 
-def roofline(manifest: dict[str, Any], target, batches: tuple[int, ...]) -> dict[str, Any]:
+def roofline(manifest, target, batches: tuple[int, ...]) -> dict[str, Any]:
     """The latency floor on a target: max(compute time, weight + I/O traffic time) per batch."""
     cost = model_cost(manifest)
-    precision = target.precision if manifest.get("precision", "fp32") == "fp32" and target.strongly_typed is False \
-        else manifest.get("precision", "fp32")
+    precision = target.precision if manifest.precision == "fp32" and not target.strongly_typed \
+        else manifest.precision
     bytes_per_weight = {"fp32": 4, "fp16": 2, "int8": 1}[precision]
-    h, w = manifest["input"]["size"]
-    io_bytes = h * w * manifest["input"]["channels"] * (1 if manifest["input"]["dtype"] == "uint8" else 4)
+    h, w = manifest.input.size
+    io_bytes = h * w * manifest.input.channels * (1 if manifest.input.dtype == "uint8" else 4)
     peak = target.peak.compute_tflops(precision) * 1e12
     rows = []
     for b in batches:

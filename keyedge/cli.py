@@ -95,11 +95,14 @@ def _model_kwargs(depth: int | None, embed_dim: int | None, heads: int | None) -
     return {k: v for k, v in (("depth", depth), ("embed_dim", embed_dim), ("num_heads", heads)) if v is not None}
 
 
-def _artifact_onnx(artifact: Path) -> Path:
-    onnx_path = artifact / "model.onnx" if artifact.is_dir() else artifact
-    if not onnx_path.is_file():
-        raise KeyedgeError(f"{artifact} is not an exported artifact (model.onnx missing); run keyedge export")
-    return onnx_path
+def _exported(artifact: Path):
+    """An exported ONNX artifact (an export or build directory, or the .onnx file)."""
+    from .artifacts import open_artifact
+
+    art = open_artifact(artifact, prefer_engine=False)
+    if art.kind != "onnx":
+        raise KeyedgeError(f"{artifact} is not an exported artifact (no model.onnx); run keyedge export")
+    return art
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -180,7 +183,8 @@ def train(
     seed: int = typer.Option(0),
     workers: int = typer.Option(4, help="Data loader workers (ImageFolder)."),
     resume: bool = typer.Option(False, help="Continue from the run's last epoch checkpoint."),
-    force: bool = typer.Option(False, help="Replace a non-empty run directory."),
+    force: bool = typer.Option(False, help="Write into a non-empty run directory (its earlier run files are "
+                                            "replaced, other files kept)."),
 ) -> None:
     """Fine-tune a keyed (or plain) ViT from a base checkpoint; torchrun for multi-GPU."""
     from .train import TrainConfig, train as run_train
@@ -197,11 +201,11 @@ def train(
     manifest = run_train(cfg, console=_console())
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun: rank 0 reports
         return
-    typer.echo(f"wrote {out}: test accuracy {manifest['metrics']['test_acc']:.4f} after "
-               f"{manifest['epochs_done']} epochs")
-    typer.echo(f"trainable parameters: {manifest['trainable_params']:,} of {manifest['total_params']:,}")
-    typer.echo(f"per-key storage: {manifest['per_key_bytes']:,} bytes "
-               f"(full model {manifest['full_model_bytes']:,} bytes)")
+    typer.echo(f"wrote {out}: test accuracy {manifest.metrics['test_acc']:.4f} after "
+               f"{manifest.epochs_done} epochs")
+    typer.echo(f"trainable parameters: {manifest.trainable_params:,} of {manifest.total_params:,}")
+    typer.echo(f"per-key storage: {manifest.per_key_bytes:,} bytes "
+               f"(full model {manifest.full_model_bytes:,} bytes)")
 
 
 @app.command("eval")
@@ -228,41 +232,40 @@ def evaluate_cmd(
     key_search_swaps: int = typer.Option(300, min=0, help="Greedy pair swaps after the random search."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    force: bool = typer.Option(False, help="Write into a non-empty report directory (other files are kept)."),
 ) -> None:
     """Clean accuracy and robustness under transfer, adaptive and white-box attacks."""
+    from .artifacts import check_key, read_run
     from .data import load_data, sample
     from .evaluate import EvalConfig, evaluate
+    from .io import check_output_dir, staged_dir
     from .keys import Key
-    from .manifest import check_key
     from .pipeline import load_surrogate
     from .report import write_eval_report
-    from .runs import base_checkpoint_path, load_run, read_run_manifest
+    from .runs import base_checkpoint_path, load_run
 
-    manifest = read_run_manifest(run)
+    manifest = read_run(run)
     k = Key.load(key) if key else None
-    check_key(manifest, k, f"run {run}")
+    check_key(manifest, k, f"run {run}", strict=True)
+    check_output_dir(out, force)  # refuse before the (long) evaluation
     overrides = {name: v for name, v in (("linf_eps", eps), ("l2_eps", l2_eps), ("steps", steps),
                                          ("step_size", step_size)) if v is not None}
     overrides.update(n=n, random_start=random_start, autoattack=autoattack.value, eot_samples=eot_samples,
                      key_search_random=key_search_random, key_search_swaps=key_search_swaps, seed=seed)
     cfg = EvalConfig.imagenet(**overrides) if threat is Threat.imagenet else EvalConfig(**overrides)
-    if out.exists() and not out.is_dir():
-        raise KeyedgeError(f"{out} is not a directory")
     target = load_run(run, k, device=device)
     base_path = base if base is not None else base_checkpoint_path(manifest)
     base_model = load_surrogate(base_path, manifest).to(device) if base_path is not None else None
     plain_model = load_run(plain_ft, None, device=device) if plain_ft is not None else None
-    splits = load_data(data, manifest["input"]["size"][0], manifest["input"]["channels"])
+    splits = load_data(data, manifest.input.size[0], manifest.input.channels)
     x, y = sample(splits.test, n, seed=seed)
     console = _console()
     results = evaluate({run.name: target}, x.to(device), y.to(device), cfg, base=base_model,
                        plain_ft=plain_model,
                        base_patch_weight=base_model.model.patch_embed.proj.weight if base_model else None,
                        status=lambda s: console.print(f"[bold]eval[/]: {s}"))
-    results["key_fingerprint"] = manifest.get("key_fingerprint")
-    from .io import staged_dir
-
-    with staged_dir(out, overwrite=True) as stage:
+    results["key_fingerprint"] = manifest.key_fingerprint
+    with staged_dir(out, force=force) as stage:
         write_eval_report(results, stage)
     typer.echo(f"wrote {out / 'report.md'} and {out / 'results.json'}")
 
@@ -273,7 +276,7 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output directory."),
     seed: int = typer.Option(0, help="Training seed (the key itself always comes from the CSPRNG)."),
     quick: bool = typer.Option(False, help="A one-minute smoke version with tiny budgets."),
-    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    force: bool = typer.Option(False, help="Write into a non-empty output directory (other files are kept)."),
 ) -> None:
     """The main job: the whole keyed-ViT defense on the built-in digits data."""
     from .demo import DemoConfig, run_demo
@@ -302,7 +305,7 @@ def export_cmd(
     int8_method: Int8Method = typer.Option(Int8Method.dynamic, help="int8: dynamic, or static with calibration."),
     calibration_n: int = typer.Option(64, min=1, help="Calibration images for static int8."),
     opset: int = typer.Option(18, min=17),
-    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    force: bool = typer.Option(False, help="Write into a non-empty output directory (other files are kept)."),
 ) -> None:
     """Merge LoRA, fold the key (or keep a gather), export ONNX and verify it with ONNX Runtime."""
     from .onnx_export import ExportOptions
@@ -327,14 +330,18 @@ def parity(
     tolerance_fp32: float = typer.Option(0.1, help="Allowed accuracy difference, points."),
     tolerance_fp16: float = typer.Option(1.0),
     tolerance_int8: float = typer.Option(1.0),
+    force: bool = typer.Option(False, help="Write into a non-empty --out directory (other files are kept)."),
 ) -> None:
     """Prove that artifacts keep the reference's clean and adversarial accuracy (exit 1 if not)."""
+    from .io import check_output_dir
     from .parity import ParityConfig
     from .pipeline import run_parity
 
+    if out is not None:
+        check_output_dir(out, force)
     cfg = ParityConfig(n=n, tolerance={"fp32": tolerance_fp32 / 100, "fp16": tolerance_fp16 / 100,
                                        "int8": tolerance_int8 / 100})
-    report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg)
+    report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg, force=force)
     for name, r in report["artifacts"].items():
         sets = ", ".join(f"{k} {100 * v['accuracy']:.1f}% ({100 * v['difference']:+.1f})" for k, v in r["sets"].items())
         typer.echo(f"{'PASS' if r['passed'] else 'FAIL'} {name} [{r['runner']}, {r['precision']}]: {sets}"
@@ -367,19 +374,17 @@ def build(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     timing_cache: Path | None = typer.Option(None, help="A timing cache to reuse (and update)."),
     plan_only: bool = typer.Option(False, help="Write the on-device build plan only."),
-    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    force: bool = typer.Option(False, help="Write into a non-empty output directory (other files are kept)."),
 ) -> None:
     """Build a TensorRT engine for a target, and always its on-device build plan."""
-    from .io import staged_dir
-    from .onnx_export import read_manifest
+    from .io import check_output_dir, staged_dir
     from .targets import load_target
     from .tensorrt import build_engine, local_gpu_capability, tensorrt_available, write_build_plan
 
     tgt = load_target(target)
-    onnx_path = _artifact_onnx(artifact)
-    manifest = read_manifest(onnx_path)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise KeyedgeError(f"{out} exists; pass --force to replace it")
+    art = _exported(artifact)
+    manifest = art.manifest
+    check_output_dir(out, force)
     gpu = local_gpu_capability()
     reasons = []
     if plan_only:
@@ -392,22 +397,22 @@ def build(
         reasons.append("no CUDA GPU here")
     elif gpu not in tgt.compute_capabilities:
         reasons.append(f"the local GPU (compute capability {gpu}) is not a {tgt.name} GPU")
-    with staged_dir(out, overwrite=True) as stage:
-        plan = write_build_plan(onnx_path, manifest, tgt, stage)
+    with staged_dir(out, force=force) as stage:
+        plan = write_build_plan(art.path, manifest, tgt, stage)
         engine = None
         if not reasons:
             engine = build_engine(stage / "model.onnx", plan, tgt, stage, timing_cache)
     typer.echo(f"wrote the build plan for {tgt.name} in {out}: model.onnx, manifest.json, "
                "build_engine.sh, bench_engine.sh")
-    typer.echo("  build on the device: " + " ".join(plan["trtexec_build"]))
+    typer.echo("  build on the device: " + " ".join(plan.trtexec_build))
     if engine is not None:
         typer.echo(f"built {out / engine.name} with TensorRT (manifest {engine.name}.json)")
     else:
         typer.echo("did not build an engine here: " + "; ".join(dict.fromkeys(reasons)))
     if tgt.experimental:
         typer.echo(f"note: target {tgt.name} is experimental")
-    if manifest.get("contains_key"):
-        typer.echo(f"WARNING: {manifest['secret']}", err=True)
+    if manifest.contains_key:
+        typer.echo(f"WARNING: {manifest.secret}", err=True)
 
 
 @app.command()
@@ -422,20 +427,20 @@ def bench(
     iters: int = typer.Option(10, min=1, help="Timed iterations per model per round."),
     estimate: bool = typer.Option(False, help="Roofline floor for --target instead of measuring."),
     target: str = typer.Option("desktop", help="Target profile for --estimate."),
+    force: bool = typer.Option(False, help="Write into a non-empty --out directory (other files are kept)."),
 ) -> None:
     """Latency (p50/p90/p99) and throughput per backend, models interleaved, ratios vs plain."""
+    from .artifacts import write_json
     from .bench import bench_markdown, bench_plot, roofline, run_bench
-    from .io import atomic_write_text
-    from .manifest import write_json
+    from .io import atomic_write_text, check_output_dir, staged_dir
 
     batches = _batches(batch)
     if estimate:
-        from .onnx_export import read_manifest
         from .targets import load_target
 
         tgt = load_target(target)
         for a in artifacts:
-            est = roofline(read_manifest(_artifact_onnx(a)), tgt, batches)
+            est = roofline(_exported(a).manifest, tgt, batches)
             typer.echo(f"{a} on {tgt.name} ({est['device']}, {est['precision']}): "
                        f"{est['flops_per_image'] / 1e9:.2f} GFLOP/image, {est['params'] / 1e6:.1f} M params")
             for row in est["batches"]:
@@ -445,13 +450,14 @@ def bench(
     from .keys import Key
 
     k = Key.load(key) if key else None
+    check_output_dir(out, force)
     console = _console()
     results = run_bench(artifacts, key=k, device=device, batches=batches, rounds=rounds, iters=iters,
                         status=lambda s: console.print(f"[bold]bench[/]: {s}"))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench.json", results)
-    atomic_write_text(out / "bench.md", bench_markdown(results))
-    bench_plot(results, out / "latency.png")
+    with staged_dir(out, force=force) as stage:
+        write_json(stage / "bench.json", results)
+        atomic_write_text(stage / "bench.md", bench_markdown(results))
+        bench_plot(results, stage / "latency.png")
     typer.echo(bench_markdown(results))
 
 
@@ -460,22 +466,22 @@ def bench(
 def bindings(
     artifact_dir: Path = typer.Argument(..., help="An export (model.onnx) or build (model.engine) directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the C++ package."),
-    force: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    name: str | None = typer.Option(None, help="Package name: the library, CMake package and install folders "
+                                               "(default keyedge_<mode>_<fingerprint prefix>, unique per key)."),
+    force: bool = typer.Option(False, help="Write into a non-empty output directory (other files are kept)."),
 ) -> None:
     """Generate a C++17 package (keyedge::Model, CMake package, classify example) for an artifact."""
     from .bindings import render
     from .io import staged_dir
 
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise KeyedgeError(f"{out} exists; pass --force to replace it")
-    with staged_dir(out, overwrite=True) as stage:
-        manifest = render(artifact_dir, stage)
-    typer.echo(f"wrote the C++ package for {manifest.get('fold_mode')} {manifest.get('precision')} artifact "
-               f"(key {manifest.get('key_fingerprint') or 'none'}) to {out}")
+    with staged_dir(out, force=force) as stage:
+        manifest, package = render(artifact_dir, stage, name)
+    typer.echo(f"wrote the C++ package {package} for the {manifest.fold_mode} {manifest.precision} artifact "
+               f"(key {manifest.key_fingerprint or 'none'}) to {out}")
     typer.echo(f"  cmake -S {out} -B {out}/build -DONNXRUNTIME_INCLUDE_DIR=... -DONNXRUNTIME_LIBRARY=... && "
-               f"cmake --build {out}/build")
-    if manifest.get("contains_key"):
-        typer.echo(f"WARNING: {manifest['secret']} (the package holds a copy)", err=True)
+               f"cmake --build {out}/build; then find_package({package}) and link keyedge::{package}")
+    if manifest.contains_key:
+        typer.echo(f"WARNING: {manifest.secret} (the package holds a copy)", err=True)
 
 
 def main() -> None:

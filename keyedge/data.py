@@ -128,11 +128,12 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
 
 
-def run_images(run_manifest: dict, n: int, *, seed: int = 0, data: str | None = None,
+def run_images(run_manifest, n: int, *, seed: int = 0, data: str | None = None,
                train: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``n`` real images for a run: its own data set (or ``data``), None where it is not here."""
-    spec = data or run_manifest.get("data", {}).get("spec")
+    """``n`` real images for a run (a :class:`~keyedge.artifacts.RunManifest`): its own data set
+    (or ``data``), None where it is not here."""
+    spec = data or run_manifest.data.spec
     if spec is None or (spec != DIGITS and not Path(spec).is_dir()):
         return None
-    splits = load_data(spec, run_manifest["input"]["size"][0], run_manifest["input"]["channels"])
+    splits = load_data(spec, run_manifest.input.size[0], run_manifest.input.channels)
     return sample(splits.train if train else splits.test, n, seed=seed)

@@ -20,12 +20,12 @@ from typing import Any
 
 from rich.console import Console
 
+from .artifacts import RunManifest, library_versions, write_json
 from .data import load_data, sample
 from .evaluate import EvalConfig, evaluate
-from .io import atomic_write_text
+from .io import atomic_write_text, check_output_dir
 from .keys import Key
-from .manifest import library_versions, write_json
-from .report import eval_markdown, eps_plot
+from .report import eval_markdown, eps_plot, markdown_table
 from .runs import WEIGHTS, load_run
 from .train import TrainConfig, train
 
@@ -68,23 +68,10 @@ class DemoConfig:
         return replace(cfg, **overrides)
 
 
-def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console(stderr=True)
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.force:
-        from .errors import KeyedgeError
-
-        raise KeyedgeError(f"{out} exists and is not empty; pass --force to replace its contents")
-    out.mkdir(parents=True, exist_ok=True)
+def _train_models(cfg: DemoConfig, out: Path, key_path: Path, console: Console,
+                  timings: dict[str, float]) -> dict[str, RunManifest]:
+    """The base, then three fine-tunes of it: plain, keyed full, keyed LoRA."""
     runs = out / "runs"
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    key_path = out / "key.bin"
-    key = Key.generate(cfg.block_size)
-    key.save(key_path, overwrite=True)
-    console.print(f"[bold]key[/]: block {cfg.block_size}, fingerprint {key.fingerprint} -> {key_path} (0600)")
-
     common = dict(model=cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=10,
                   model_kwargs=cfg.model_kwargs, data="digits", seed=cfg.seed, force=True, batch_size=64)
     base_ckpt = str(runs / "base" / WEIGHTS)
@@ -104,38 +91,56 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     manifests = {}
     for name, what, tcfg in plan:
         console.print(f"[bold]{name}[/]: {what} ({tcfg.epochs} epochs)")
-        t0 = time.perf_counter()
-        manifests[name] = train(tcfg, console=console)
-        timings[f"train_{name}"] = time.perf_counter() - t0
+        manifests[name] = _timed(timings, f"train_{name}", lambda tcfg=tcfg: train(tcfg, console=console))
+    return manifests
 
+
+def _timed(timings: dict[str, float], name: str, step):
+    t0 = time.perf_counter()
+    value = step()
+    timings[name] = time.perf_counter() - t0
+    return value
+
+
+def _evaluate(cfg: DemoConfig, out: Path, key: Key, manifests: dict[str, RunManifest],
+              console: Console) -> dict[str, Any]:
+    """Every attack on the three fine-tunes, on the same test images."""
+    runs = out / "runs"
     base = load_run(runs / "base", None)
     plain = load_run(runs / "plain", None)
     targets = {"plain": plain, "keyed_full": load_run(runs / "keyed_full", key),
                "keyed_lora": load_run(runs / "keyed_lora", key)}
     data = load_data("digits", cfg.img_size)
     x, y = sample(data.test, cfg.eval.n, seed=cfg.seed)
-    t0 = time.perf_counter()
     results = evaluate(targets, x, y, cfg.eval, base=base, plain_ft=plain,
                        base_patch_weight=base.model.patch_embed.proj.weight,
                        status=lambda s: console.print(f"[bold]eval[/]: {s}"))
-    timings["evaluate"] = time.perf_counter() - t0
-    results["models"]["base"] = {"clean": manifests["base"]["metrics"]["test_acc"]}
+    results["data"] = data.description
+    results["models"]["base"] = {"clean": manifests["base"].metrics["test_acc"]}
     for name in targets:
         m = manifests[name]
         results["models"][name]["train"] = {
-            "epochs": m["epochs_done"], "test_acc": m["metrics"]["test_acc"],
-            "trainable_params": m["trainable_params"], "per_key_bytes": m["per_key_bytes"],
-            "full_model_bytes": m["full_model_bytes"]}
-    t0 = time.perf_counter()
-    results["parity"] = export_and_check(cfg, out, key_path, console)
-    timings["export_parity"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results["bench"] = bench_artifacts(cfg, out, key, console)
-    timings["bench"] = time.perf_counter() - t0
-    results["key_fingerprint"] = key.fingerprint
-    results["data"] = data.description
-    results["seed"] = cfg.seed
-    results["versions"] = library_versions()
+            "epochs": m.epochs_done, "test_acc": m.metrics["test_acc"], "trainable_params": m.trainable_params,
+            "per_key_bytes": m.per_key_bytes, "full_model_bytes": m.full_model_bytes}
+    return results
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console(stderr=True)
+    out = check_output_dir(cfg.out, cfg.force)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    key_path = out / "key.bin"
+    key = Key.generate(cfg.block_size)
+    key.save(key_path, overwrite=True)
+    console.print(f"[bold]key[/]: block {cfg.block_size}, fingerprint {key.fingerprint} -> {key_path} (0600)")
+    manifests = _train_models(cfg, out, key_path, console, timings)
+    results = _timed(timings, "evaluate", lambda: _evaluate(cfg, out, key, manifests, console))
+    results["parity"] = _timed(timings, "export_parity", lambda: export_and_check(cfg, out, key_path, console))
+    results["bench"] = _timed(timings, "bench", lambda: bench_artifacts(cfg, out, key, console))
+    results.update(key_fingerprint=key.fingerprint, seed=cfg.seed, versions=library_versions())
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = timings
     write_demo_report(results, out)
@@ -168,7 +173,7 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
             paths.append(dest / "model.onnx")
         console.print(f"[bold]parity[/]: {model}, {len(paths)} artifacts on {cfg.parity_n} images")
         pcfg = ParityConfig(n=cfg.parity_n, attack=cfg.eval, seed=cfg.seed)
-        report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg)
+        report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg, force=True)
         section["models"][model] = {
             Path(p).parent.name: {"passed": r["passed"], "precision": r["precision"], "fold_mode": r["fold_mode"],
                                   "max_accuracy_difference": r["max_accuracy_difference"],
@@ -204,32 +209,28 @@ def write_demo_report(results: dict[str, Any], out: Path) -> None:
              "## Training", "",
              f"Data: {results['data']}. Base (plain, stand-in for the public pre-trained model): "
              f"{100 * results['models']['base']['clean']:.1f}% test accuracy.", "",
-             "| model | epochs | test acc | trainable params | per-key storage | full model |",
-             "|---|---|---|---|---|---|"]
-    for name, res in eval_results["models"].items():
-        t = res["train"]
-        lines.append(f"| {name} | {t['epochs']} | {100 * t['test_acc']:.1f}% | {t['trainable_params']:,} | "
-                     f"{t['per_key_bytes'] / 1024:.0f} KiB | {t['full_model_bytes'] / 1024:.0f} KiB |")
+             markdown_table(["model", "epochs", "test acc", "trainable params", "per-key storage", "full model"],
+                            [[name, t["epochs"], f"{100 * t['test_acc']:.1f}%", f"{t['trainable_params']:,}",
+                              f"{t['per_key_bytes'] / 1024:.0f} KiB", f"{t['full_model_bytes'] / 1024:.0f} KiB"]
+                             for name, t in ((n, r["train"]) for n, r in eval_results["models"].items())])]
     parity = results.get("parity")
     if parity:
-        lines += ["", f"## Export and parity ({parity['n']} images; accuracy of the ONNX artifact, "
-                      "difference to the PyTorch reference in points)", ""]
         sets = list(next(iter(next(iter(parity["models"].values())).values()))["sets"])
-        lines += ["| model | artifact | " + " | ".join(sets) + " | verdict |",
-                  "|---|---|" + "---|" * len(sets) + "---|"]
-        for model, arts in parity["models"].items():
-            for name, a in arts.items():
-                cells = [f"{100 * s['accuracy']:.1f}% ({100 * s['difference']:+.1f})" for s in a["sets"].values()]
-                lines.append(f"| {model} | {name} | " + " | ".join(cells) + f" | {'pass' if a['passed'] else 'FAIL'} |")
+        lines += ["", f"## Export and parity ({parity['n']} images; accuracy of the ONNX artifact, "
+                      "difference to the PyTorch reference in points)", "",
+                  markdown_table(["model", "artifact", *sets, "verdict"],
+                                 [[model, name, *(f"{100 * s['accuracy']:.1f}% ({100 * s['difference']:+.1f})"
+                                                  for s in a["sets"].values()), "pass" if a["passed"] else "FAIL"]
+                                  for model, arts in parity["models"].items() for name, a in arts.items()])]
     bench = results.get("bench")
     if bench:
         lines += ["", f"## Latency on this machine ({bench['machine']['cpu']}, ONNX Runtime, interleaved; "
                       "median ms, ratio to the plain model)", "",
-                  "| model | batch | p50 ms | p90 ms | images/s | vs plain |", "|---|---|---|---|---|---|"]
-        for m in bench["measurements"]:
-            vs = f"{m['ratio_vs_plain']:.3f}" if "ratio_vs_plain" in m else "—"
-            lines.append(f"| {m['kind']} | {m['batch']} | {m['p50_ms']:.2f} | {m['p90_ms']:.2f} | "
-                         f"{m['throughput_ips']:.0f} | {vs} |")
+                  markdown_table(["model", "batch", "p50 ms", "p90 ms", "images/s", "vs plain"],
+                                 [[m["kind"], m["batch"], f"{m['p50_ms']:.2f}", f"{m['p90_ms']:.2f}",
+                                   f"{m['throughput_ips']:.0f}",
+                                   f"{m['ratio_vs_plain']:.3f}" if "ratio_vs_plain" in m else "—"]
+                                  for m in bench["measurements"]])]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items()), ""]
     if plot is not None:
         lines.append(f"![robust accuracy against eps]({plot.name})\n")

@@ -94,6 +94,83 @@ class Target:
         self.result["asr"][attack] = out.asr
 
 
+def _random_keys(key: Key, n: int, gen: torch.Generator) -> list[Key]:
+    return [Key(torch.randperm(key.size, generator=gen).numpy(), key.block_size, key.channels) for _ in range(n)]
+
+
+def _clean(t: Target, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, gen: torch.Generator) -> torch.Tensor:
+    """Clean accuracy with the right key, with wrong keys and on un-shuffled input; returns who was right."""
+    pred_ok = predict(t.keyed, x) == y
+    t.result["clean"] = float(pred_ok.float().mean())
+    t.result["plain_input"] = accuracy(t.keyed.with_key(None), x, y)
+    if t.keyed.key is not None:
+        wrong = _random_keys(t.keyed.key, cfg.wrong_keys, gen)
+        t.result["wrong_key"] = sum(accuracy(t.keyed.with_key(w), x, y) for w in wrong) / len(wrong)
+    return pred_ok
+
+
+def _transfer_from_base(tgts: list[Target], base: KeyedClassifier, x: torch.Tensor, y: torch.Tensor,
+                        cfg: EvalConfig, correct: dict[str, torch.Tensor]) -> None:
+    """Non-adaptive transfer from the public base: PGD l_inf / l_2, AutoAttack, the eps sweep."""
+    x_base = pgd(ce_loss(base), x, y, cfg.linf(), cfg.batch_size)
+    x_l2 = pgd(ce_loss(base), x, y, cfg.l2(), cfg.batch_size)
+    for t in tgts:
+        t.record("pgd_linf_transfer_base", outcome(t.keyed, x_base, y, correct[t.name]))
+        t.record("pgd_l2_transfer_base", outcome(t.keyed, x_l2, y, correct[t.name]))
+    if cfg.autoattack != "off":
+        na = min(cfg.autoattack_n, len(x))
+        x_aa = autoattack(base, x[:na], y[:na], norm="linf", eps=cfg.linf_eps,
+                          attacks=QUICK if cfg.autoattack == "quick" else None, seed=cfg.seed)
+        for t in tgts:
+            t.record("autoattack_linf_transfer_base", outcome(t.keyed, x_aa, y[:na], correct[t.name][:na]))
+    for eps in cfg.eps_sweep:
+        x_adv = x_base if eps == cfg.linf_eps else pgd(ce_loss(base), x, y, cfg.linf(eps), cfg.batch_size)
+        for t in tgts:
+            t.result.setdefault("eps_sweep", {}).setdefault("transfer_base", {})[f"{eps:.6f}"] = \
+                outcome(t.keyed, x_adv, y, correct[t.name]).robust
+
+
+def _adaptive(t: Target, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, correct: torch.Tensor,
+              gen: torch.Generator, base_patch_weight: torch.Tensor | None, status: Status) -> None:
+    """Attacks that know the method but not the key: a guessed key, EOT, BPDA, key search, key recovery."""
+    keyed, k = t.keyed, t.keyed.key
+    assert k is not None
+    guess = _random_keys(k, 1, gen)[0]
+    status(f"{t.name}: transfer from its own weights with a guessed key")
+    t.record("pgd_linf_transfer_guessed_key",
+             outcome(keyed, pgd(ce_loss(keyed.with_key(guess)), x, y, cfg.linf(), cfg.batch_size), y, correct))
+    na = min(cfg.adaptive_n, len(x))
+    xa, ya, ca = x[:na], y[:na], correct[:na]
+    status(f"{t.name}: adaptive EOT over {cfg.eot_samples} random keys per step")
+    t.record("adaptive_eot_linf", outcome(keyed, pgd(eot_loss(keyed, cfg.eot_samples, seed=cfg.seed),
+                                                    xa, ya, cfg.linf(), cfg.batch_size), ya, ca))
+    status(f"{t.name}: adaptive BPDA through a guessed key")
+    t.record("adaptive_bpda_linf", outcome(keyed, pgd(bpda_loss(keyed, guess), xa, ya, cfg.linf(),
+                                                     cfg.batch_size), ya, ca))
+    status(f"{t.name}: adaptive key search")
+    nb = min(cfg.key_search_batch, len(x))
+    found = key_search(keyed, x[:nb], y[:nb], random_trials=cfg.key_search_random,
+                       swap_trials=cfg.key_search_swaps, seed=cfg.seed)
+    t.result["key_search"] = {"trials": found.trials, "batch_loss": found.loss, "batch_accuracy": found.accuracy,
+                              "fraction_correct": float((found.key.perm == k.perm).mean())}
+    t.record("adaptive_key_search_linf",
+             outcome(keyed, pgd(ce_loss(keyed.with_key(found.key)), xa, ya, cfg.linf(), cfg.batch_size), ya, ca))
+    if base_patch_weight is not None:
+        t.result["key_recovery"] = audit_key(keyed.model.patch_embed.proj.weight, base_patch_weight, k).as_dict()
+
+
+def _whitebox(t: Target, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, correct: torch.Tensor) -> None:
+    """The lower bound: PGD with the right key (l_inf, l_2, and the eps sweep)."""
+    keyed = t.keyed
+    x_white = pgd(ce_loss(keyed), x, y, cfg.linf(), cfg.batch_size)
+    t.record("whitebox_linf", outcome(keyed, x_white, y, correct))
+    t.record("whitebox_l2", outcome(keyed, pgd(ce_loss(keyed), x, y, cfg.l2(), cfg.batch_size), y, correct))
+    for eps in cfg.eps_sweep:
+        x_adv = x_white if eps == cfg.linf_eps else pgd(ce_loss(keyed), x, y, cfg.linf(eps), cfg.batch_size)
+        t.result.setdefault("eps_sweep", {}).setdefault("whitebox", {})[f"{eps:.6f}"] = outcome(
+            keyed, x_adv, y, correct).robust
+
+
 def evaluate(targets: dict[str, KeyedClassifier], x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, *,
              base: KeyedClassifier | None = None, plain_ft: KeyedClassifier | None = None,
              base_patch_weight: torch.Tensor | None = None, status: Status = lambda s: None) -> dict[str, Any]:
@@ -105,81 +182,20 @@ def evaluate(targets: dict[str, KeyedClassifier], x: torch.Tensor, y: torch.Tens
     correct: dict[str, torch.Tensor] = {}
     for t in tgts:
         status(f"clean accuracy: {t.name}")
-        pred_ok = predict(t.keyed, x) == y
-        correct[t.name] = pred_ok
-        t.result["clean"] = float(pred_ok.float().mean())
-        t.result["plain_input"] = accuracy(t.keyed.with_key(None), x, y)
-        if t.keyed.key is not None:
-            k = t.keyed.key
-            wrong = [Key(torch.randperm(k.size, generator=gen).numpy(), k.block_size, k.channels)
-                     for _ in range(cfg.wrong_keys)]
-            t.result["wrong_key"] = sum(accuracy(t.keyed.with_key(w), x, y) for w in wrong) / len(wrong)
-
-    def replay(attack: str, x_adv: torch.Tensor, only: list[Target] | None = None) -> None:
-        for t in only or tgts:
-            t.record(attack, outcome(t.keyed, x_adv, y, correct[t.name]))
-
-    # non-adaptive transfer attacks, crafted once per surrogate
+        correct[t.name] = _clean(t, x, y, cfg, gen)
     if base is not None:
         status("transfer attacks crafted on the public base")
-        x_base = pgd(ce_loss(base), x, y, cfg.linf(), cfg.batch_size)
-        replay("pgd_linf_transfer_base", x_base)
-        replay("pgd_l2_transfer_base", pgd(ce_loss(base), x, y, cfg.l2(), cfg.batch_size))
-        if cfg.autoattack != "off":
-            na = min(cfg.autoattack_n, len(x))
-            x_aa = autoattack(base, x[:na], y[:na], norm="linf", eps=cfg.linf_eps,
-                              attacks=QUICK if cfg.autoattack == "quick" else None, seed=cfg.seed)
-            for t in tgts:
-                t.record("autoattack_linf_transfer_base", outcome(t.keyed, x_aa, y[:na], correct[t.name][:na]))
-        for eps in cfg.eps_sweep:
-            x_adv = x_base if eps == cfg.linf_eps else pgd(ce_loss(base), x, y, cfg.linf(eps), cfg.batch_size)
-            for t in tgts:
-                t.result.setdefault("eps_sweep", {}).setdefault("transfer_base", {})[f"{eps:.6f}"] = \
-                    outcome(t.keyed, x_adv, y, correct[t.name]).robust
+        _transfer_from_base(tgts, base, x, y, cfg, correct)
     if plain_ft is not None:
         status("transfer attack crafted on a plain fine-tune of the base")
-        replay("pgd_linf_transfer_plain_ft", pgd(ce_loss(plain_ft), x, y, cfg.linf(), cfg.batch_size))
-
+        x_adv = pgd(ce_loss(plain_ft), x, y, cfg.linf(), cfg.batch_size)
+        for t in tgts:
+            t.record("pgd_linf_transfer_plain_ft", outcome(t.keyed, x_adv, y, correct[t.name]))
     for t in tgts:
-        keyed = t.keyed
-        if keyed.key is not None:
-            k = keyed.key
-            guess = Key(torch.randperm(k.size, generator=gen).numpy(), k.block_size, k.channels)
-            status(f"{t.name}: transfer from its own weights with a guessed key")
-            t.record("pgd_linf_transfer_guessed_key",
-                     outcome(keyed, pgd(ce_loss(keyed.with_key(guess)), x, y, cfg.linf(), cfg.batch_size),
-                             y, correct[t.name]))
-            na = min(cfg.adaptive_n, len(x))
-            xa, ya, ca = x[:na], y[:na], correct[t.name][:na]
-            status(f"{t.name}: adaptive EOT over {cfg.eot_samples} random keys per step")
-            t.record("adaptive_eot_linf", outcome(keyed, pgd(eot_loss(keyed, cfg.eot_samples, seed=cfg.seed),
-                                                            xa, ya, cfg.linf(), cfg.batch_size), ya, ca))
-            status(f"{t.name}: adaptive BPDA through a guessed key")
-            t.record("adaptive_bpda_linf", outcome(keyed, pgd(bpda_loss(keyed, guess), xa, ya, cfg.linf(),
-                                                             cfg.batch_size), ya, ca))
-            status(f"{t.name}: adaptive key search")
-            nb = min(cfg.key_search_batch, len(x))
-            found = key_search(keyed, x[:nb], y[:nb], random_trials=cfg.key_search_random,
-                               swap_trials=cfg.key_search_swaps, seed=cfg.seed)
-            t.result["key_search"] = {"trials": found.trials, "batch_loss": found.loss,
-                                      "batch_accuracy": found.accuracy,
-                                      "fraction_correct": float((found.key.perm == k.perm).mean())}
-            t.record("adaptive_key_search_linf",
-                     outcome(keyed, pgd(ce_loss(keyed.with_key(found.key)), xa, ya, cfg.linf(), cfg.batch_size),
-                             ya, ca))
-            if base_patch_weight is not None:
-                t.result["key_recovery"] = audit_key(keyed.model.patch_embed.proj.weight, base_patch_weight,
-                                                     k).as_dict()
+        if t.keyed.key is not None:
+            _adaptive(t, x, y, cfg, correct[t.name], gen, base_patch_weight, status)
         status(f"{t.name}: white-box with the right key")
-        x_white = pgd(ce_loss(keyed), x, y, cfg.linf(), cfg.batch_size)
-        t.record("whitebox_linf", outcome(keyed, x_white, y, correct[t.name]))
-        t.record("whitebox_l2", outcome(keyed, pgd(ce_loss(keyed), x, y, cfg.l2(), cfg.batch_size),
-                                        y, correct[t.name]))
-        for eps in cfg.eps_sweep:
-            x_adv = x_white if eps == cfg.linf_eps else pgd(ce_loss(keyed), x, y, cfg.linf(eps), cfg.batch_size)
-            t.result.setdefault("eps_sweep", {}).setdefault("whitebox", {})[f"{eps:.6f}"] = outcome(
-                keyed, x_adv, y, correct[t.name]).robust
-
+        _whitebox(t, x, y, cfg, correct[t.name])
     settings = asdict(cfg)
     settings.update({"linf_budget": cfg.linf().describe(), "l2_budget": cfg.l2().describe(), "n_images": len(x)})
     return {"settings": settings, "models": {t.name: t.result for t in tgts}}

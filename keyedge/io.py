@@ -48,14 +48,42 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o644) 
     return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
-@contextlib.contextmanager
-def staged_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place on success.
+def check_output_dir(path: str | os.PathLike, force: bool, *, alternative: str = "") -> Path:
+    """The one rule for an output directory: a missing or empty one is used; a non-empty one
+    only with ``force`` (and even then only the files the command writes are replaced); a
+    path that is a file is refused."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise KeyedgeError(f"{path} exists and is not a directory")
+        if not force and any(path.iterdir()):
+            raise KeyedgeError(f"{path} exists and is not empty; pass {alternative}--force to write into it "
+                               "(files keyedge does not write there are kept)")
+    return path
 
-    On any exception the staging directory is removed, so ``final`` is either the
-    complete result or untouched.
+
+def _merge_into(src: Path, dest: Path) -> None:
+    """Move ``src``'s entries into ``dest``, replacing only the entries of the same name."""
+    for entry in src.iterdir():
+        target = dest / entry.name
+        if entry.is_dir() and target.is_dir() and not target.is_symlink():
+            _merge_into(entry, target)
+            entry.rmdir()
+            continue
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Build an output directory under a temporary name; move it into place on success.
+
+    The output rule is :func:`check_output_dir`'s. On any exception the staging
+    directory is removed and ``final`` is untouched; on success ``final`` holds the
+    new files beside whatever else was there (``force``), never fewer.
     """
-    final = Path(final)
+    final = check_output_dir(final, force)
     parent = final.parent if str(final.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -64,11 +92,13 @@ def staged_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         raise KeyedgeError(f"cannot create output directory {final}: {exc.strerror}") from None
     try:
         yield stage
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
         if final.exists():
-            if not overwrite and any(final.iterdir()):
-                raise KeyedgeError(f"{final} exists and is not empty; pass --force to replace it")
-            shutil.rmtree(final)
-        os.replace(stage, final)
+            _merge_into(stage, final)
+            stage.rmdir()
+        else:
+            os.replace(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -1,8 +1,8 @@
-"""Python side of the CUDA preprocessing kernel (kernels/preprocess.cu).
+"""Python side of the CUDA preprocessing kernel (``keyedge/resources/kernels/preprocess.cu``).
 
 * :func:`reference_preprocess` -- the numpy reference: uint8 NHWC -> NCHW float32,
   equal (bit for bit) to keyedge's ``normalize(block_shuffle(x / 255))``.
-* :func:`build_library` -- compiles ``kernels/`` with CMake + nvcc.
+* :func:`build_library` -- compiles the packaged kernel sources with CMake + nvcc.
 * :class:`PreprocessKernel` -- ctypes binding of ``keyedge_preprocess``; it takes raw
   device pointers (ints), so torch CUDA tensors, pycuda allocations and
   cuda-python buffers all work. Nothing here imports CUDA until it is used.
@@ -20,8 +20,8 @@ import numpy as np
 
 from .errors import KeyedgeError
 from .keys import Key
+from .resources import as_path
 
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 LIB_NAME = "libkeyedge_preprocess.so"
 OUT_FP32, OUT_FP16 = 0, 1
 DEFAULT_ARCHS = ("86", "87", "89", "90")
@@ -42,19 +42,19 @@ def reference_preprocess(images: np.ndarray, key: Key | None, mean, std) -> np.n
     return ((x.astype(np.float32) / np.float32(255.0)) - mean32) / std32
 
 
-def build_library(build_dir: str | Path, *, archs: tuple[str, ...] = DEFAULT_ARCHS,
-                  source_dir: Path = KERNELS_DIR) -> Path:
-    """Configure and build kernels/ with CMake (warnings are errors). Returns the .so path."""
+def build_library(build_dir: str | Path, *, archs: tuple[str, ...] = DEFAULT_ARCHS) -> Path:
+    """Configure and build the packaged kernel sources with CMake (warnings are errors). Returns the .so path."""
     if shutil.which("nvcc") is None or shutil.which("cmake") is None:
         raise KeyedgeError("building the CUDA kernels needs nvcc and cmake on PATH")
     build_dir = Path(build_dir)
     env = {**os.environ, "CUDACXX": os.environ.get("CUDACXX", shutil.which("nvcc") or "nvcc")}
-    for cmd in (["cmake", "-S", str(source_dir), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"],
-                ["cmake", "--build", str(build_dir), "-j", "2"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise KeyedgeError(f"{' '.join(cmd[:2])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    with as_path("kernels") as source_dir:
+        for cmd in (["cmake", "-S", str(source_dir), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"],
+                    ["cmake", "--build", str(build_dir), "-j", "2"]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise KeyedgeError(f"{' '.join(cmd[:2])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     lib = build_dir / LIB_NAME
     if not lib.is_file():
         raise KeyedgeError(f"the build did not produce {lib}")
@@ -62,13 +62,12 @@ def build_library(build_dir: str | Path, *, archs: tuple[str, ...] = DEFAULT_ARC
 
 
 def find_library() -> Path:
-    candidates = [os.environ.get("KEYEDGE_KERNEL_LIB"), KERNELS_DIR / "build" / LIB_NAME]
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    raise KeyedgeError("the CUDA preprocessing library is not built: run "
-                       "`cmake -S kernels -B kernels/build && cmake --build kernels/build` "
-                       "or set KEYEDGE_KERNEL_LIB")
+    lib = os.environ.get("KEYEDGE_KERNEL_LIB")
+    if lib and Path(lib).is_file():
+        return Path(lib)
+    raise KeyedgeError("the CUDA preprocessing library is not built: build it with "
+                       "`python -m keyedge.kernels BUILD_DIR` (or keyedge.kernels.build_library) "
+                       "and set KEYEDGE_KERNEL_LIB to BUILD_DIR/" + LIB_NAME)
 
 
 class PreprocessKernel:
@@ -112,3 +111,9 @@ class PreprocessKernel:
              block_size=key.block_size if key is not None else 0, mean=mean, std=std,
              out_dtype=OUT_FP16 if half else OUT_FP32, stream=torch.cuda.current_stream().cuda_stream)
         return out
+
+
+if __name__ == "__main__":  # python -m keyedge.kernels BUILD_DIR
+    import sys
+
+    print(build_library(sys.argv[1] if len(sys.argv) > 1 else "keyedge-kernels-build"))

@@ -10,34 +10,33 @@
   first, with keyedge's CUDA kernel (kernels/) on a GPU or its CPU twin, the key
   read from key.bin. The file holds no key.
 
-Right after export the file is checked with ONNX Runtime against the PyTorch keyed
-model on random and real images; a file beyond tolerance is removed.
+The manifest (:class:`~keyedge.artifacts.ArtifactManifest`) goes into the ONNX
+``metadata_props`` and beside the file. Verification against the PyTorch model runs
+through a runner, in :mod:`keyedge.pipeline`: exporters never import runners.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from .artifacts import (METADATA_KEY, ArtifactInput, ArtifactManifest, GraphInput, OutputSpec, Preprocess,
+                        RunManifest, library_versions)
 from .errors import KeyedgeError
 from .fold import can_fold, fold_key
-from .keys import Key
-from .manifest import library_versions
 from .models import KeyedClassifier
 from .shuffle import permute_blocks
 
 Mode = Literal["fused", "gather", "kernel"]
 Precision = Literal["fp32", "fp16", "int8"]
-METADATA_KEY = "keyedge_manifest"
 INPUT_NAME, KEY_INPUT_NAME, OUTPUT_NAME, PIXELS_NAME = "images", "key_perm", "logits", "pixels"
 SECRET_WARNING = ("this file encodes the secret key (in its weights or as a constant): "
                   "keep it as secret as key.bin")
@@ -94,60 +93,6 @@ class ExportModule(nn.Module):
         if self.block_size is not None:
             x = permute_blocks(x, key_perm if self.perm_is_input else self.perm, self.block_size)
         return self.net((x - self.mean) / self.std)
-
-
-def input_shape(spec: dict[str, Any], batch: int) -> tuple[int, ...]:
-    h, w = spec["size"]
-    c = spec["channels"]
-    return (batch, h, w, c) if spec["layout"] == "NHWC" else (batch, c, h, w)
-
-
-def to_input_spec(images: torch.Tensor, spec: dict[str, Any]) -> np.ndarray:
-    """Canonical images (float [0,1], NCHW) -> the array an artifact takes."""
-    x = images.detach().cpu()
-    if spec["layout"] == "NHWC":
-        x = x.permute(0, 2, 3, 1)
-    if spec["dtype"] == "uint8":
-        return (x * 255).round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
-    return x.to(torch.float32).contiguous().numpy()
-
-
-def graph_feed(images: np.ndarray, manifest: dict[str, Any], key: Key | None) -> np.ndarray:
-    """What the graph's first input takes: the images, or for ``--mode kernel`` their
-    keyed preprocessing (the CPU twin of the CUDA kernel, bit-exact with it)."""
-    pre = manifest.get("preprocess")
-    if not pre:
-        return images
-    from .kernels import reference_preprocess
-
-    return reference_preprocess(images, key, pre["mean"], pre["std"])
-
-
-def graph_input_name(manifest: dict[str, Any]) -> str:
-    pre = manifest.get("preprocess")
-    return pre["graph_input"]["name"] if pre else manifest["input"]["name"]
-
-
-def from_input_spec(array: np.ndarray, spec: dict[str, Any]) -> torch.Tensor:
-    """The canonical float [0,1] NCHW images that an artifact's input stands for."""
-    x = torch.as_tensor(np.asarray(array))
-    x = x.to(torch.float32) / 255.0 if spec["dtype"] == "uint8" else x.to(torch.float32)
-    return x.permute(0, 3, 1, 2).contiguous() if spec["layout"] == "NHWC" else x
-
-
-def read_manifest(onnx_path: str | Path) -> dict[str, Any]:
-    import onnx
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except FileNotFoundError:
-        raise KeyedgeError(f"artifact {onnx_path} does not exist") from None
-    except Exception as exc:
-        raise KeyedgeError(f"{onnx_path} is not a readable ONNX file: {exc}") from None
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
-    raise KeyedgeError(f"{onnx_path} carries no keyedge manifest")
 
 
 def _torch_export(module: ExportModule, example: tuple[torch.Tensor, ...], path: Path, opts: ExportOptions,
@@ -211,105 +156,63 @@ def _int8(path: Path, method: str, calibration: list[dict[str, np.ndarray]] | No
         out.unlink(missing_ok=True)
 
 
-def build_manifest(keyed: KeyedClassifier, mode: Mode, opts: ExportOptions, run_manifest: dict[str, Any],
-                   source: str) -> dict[str, Any]:
-    spec = run_manifest["input"]
-    contains_key = keyed.key is not None and (mode == "fused" or opts.embed_key)
-    return {
-        "format": "keyedge-artifact", "version": 1,
-        "model": run_manifest["model"],
-        "classes": run_manifest.get("data", {}).get("classes"),
-        "input": {
-            "name": INPUT_NAME, "size": list(spec["size"]), "channels": spec["channels"],
-            "layout": opts.layout.upper(), "dtype": "uint8" if opts.input == "uint8" else "float32",
-            "range": [0, 255] if opts.input == "uint8" else [0.0, 1.0],
-            "batch": opts.batch if opts.batch is not None else "dynamic",
-        },
-        "output": {"name": OUTPUT_NAME, "num_classes": run_manifest["model"]["kwargs"]["num_classes"]},
-        "mean": spec["mean"], "std": spec["std"],
-        "block_size": keyed.block_size,
-        "key_fingerprint": keyed.key.fingerprint if keyed.key is not None else None,
-        "fold_mode": mode if keyed.key is not None else "plain",
-        "key_input": KEY_INPUT_NAME if mode == "gather" and keyed.key is not None and not opts.embed_key else None,
-        "preprocess": None if mode != "kernel" else {
-            "kind": "keyedge-kernel", "block_size": keyed.block_size, "mean": spec["mean"], "std": spec["std"],
-            "graph_input": {"name": PIXELS_NAME, "layout": "NCHW", "dtype": "float32"}},
-        "contains_key": contains_key,
-        "secret": SECRET_WARNING if contains_key else None,
-        "precision": opts.precision,
-        "int8_method": opts.int8_method if opts.precision == "int8" else None,
-        "opset": opts.opset,
-        "source_run": source,
-        "versions": library_versions(),
-    }
+def build_manifest(keyed: KeyedClassifier, mode: Mode, opts: ExportOptions, run: RunManifest,
+                   source: str) -> ArtifactManifest:
+    spec = run.input
+    keyed_model = keyed.key is not None
+    contains_key = keyed_model and (mode == "fused" or opts.embed_key)
+    return ArtifactManifest(
+        model=run.model, classes=run.data.classes,
+        input=ArtifactInput(name=INPUT_NAME, size=spec.size, channels=spec.channels, layout=opts.layout.upper(),
+                            dtype="uint8" if opts.input == "uint8" else "float32",
+                            range=(0, 255) if opts.input == "uint8" else (0.0, 1.0),
+                            batch=opts.batch if opts.batch is not None else "dynamic"),
+        output=OutputSpec(OUTPUT_NAME, run.model.num_classes),
+        mean=spec.mean, std=spec.std, block_size=keyed.block_size,
+        key_fingerprint=keyed.key.fingerprint if keyed_model else None,
+        fold_mode=mode if keyed_model else "plain",
+        key_input=KEY_INPUT_NAME if mode == "gather" and keyed_model and not opts.embed_key else None,
+        preprocess=None if mode != "kernel" else Preprocess(
+            "keyedge-kernel", keyed.block_size, spec.mean, spec.std, GraphInput(PIXELS_NAME, "NCHW", "float32")),
+        contains_key=contains_key, secret=SECRET_WARNING if contains_key else None,
+        precision=opts.precision, int8_method=opts.int8_method if opts.precision == "int8" else None,
+        opset=opts.opset, source_run=source, versions=library_versions())
 
 
-def _attach_manifest(path: Path, manifest: dict[str, Any]) -> None:
+def _attach_manifest(path: Path, manifest: ArtifactManifest) -> None:
     import onnx
 
     model = onnx.load(str(path))
     del model.metadata_props[:]
     prop = model.metadata_props.add()
-    prop.key, prop.value = METADATA_KEY, json.dumps(manifest, sort_keys=True)
+    prop.key, prop.value = METADATA_KEY, manifest.to_json()
     model.producer_name = "keyedge"
     onnx.save(model, str(path), save_as_external_data=False)
 
 
-def verify(path: Path, keyed: KeyedClassifier, manifest: dict[str, Any], key: Key | None,
-           real_images: torch.Tensor | None, *, seed: int = 0) -> dict[str, Any]:
-    """ONNX Runtime vs the PyTorch keyed model on random and real images."""
-    from .runners import OnnxRunner
+def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run: RunManifest, *,
+                source: str = "", calibration: torch.Tensor | None = None) -> ArtifactManifest:
+    """Export into ``out_dir`` (model.onnx + manifest.json); returns the artifact's manifest.
 
-    gen = torch.Generator().manual_seed(seed)
-    spec = manifest["input"]
-    n = spec["batch"] if isinstance(spec["batch"], int) else 3
-    h, w = spec["size"]
-    sets = {"random": torch.rand(n, spec["channels"], h, w, generator=gen)}
-    if real_images is not None:
-        sets["real"] = real_images[:n] if len(real_images) >= n else real_images.repeat(n, 1, 1, 1)[:n]
-    tol, min_agree = TOLERANCE[manifest["precision"]]
-    report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree}
-    with OnnxRunner(path, key=key) as runner:
-        for name, images in sets.items():
-            feed = to_input_spec(images, spec)
-            got = torch.as_tensor(runner(feed))
-            with torch.no_grad():
-                want = keyed(from_input_spec(feed, spec))
-            rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
-            agree = float((got.argmax(1) == want.argmax(1)).float().mean())
-            report[name] = {"rel_error": rel, "top1_agreement": agree}
-    report["passed"] = all(report[s]["rel_error"] <= tol and
-                           (s == "random" or report[s]["top1_agreement"] >= min_agree) for s in sets)
-    return report
-
-
-def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run_manifest: dict[str, Any], *,
-                source: str = "", real_images: torch.Tensor | None = None,
-                calibration: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Export into ``out_dir`` (model.onnx + manifest.json); returns (manifest, verification).
-
-    ``out_dir`` should be a fresh staging directory: on failure the caller discards it.
+    ``out_dir`` should be a fresh staging directory: the caller verifies the file and
+    discards the directory on failure.
     """
     if opts.precision not in TOLERANCE:
         raise KeyedgeError(f"precision must be fp32, fp16 or int8, not {opts.precision!r}")
     if opts.batch is not None and opts.batch < 1:
         raise KeyedgeError("--batch must be >= 1")
     keyed = keyed.eval()
-    patch = keyed.model.patch_embed.patch_size[0]
-    mode = opts.resolved_mode(keyed.block_size, patch)
-    manifest = build_manifest(keyed, mode, opts, run_manifest, source)
+    mode = opts.resolved_mode(keyed.block_size, keyed.model.patch_embed.patch_size[0])
     if mode == "kernel" and (opts.input != "uint8" or opts.layout != "nhwc" or keyed.key is None):
         raise KeyedgeError("--mode kernel is for keyed models and takes what the CUDA kernel reads: "
                            "pass --input uint8 --layout nhwc")
+    manifest = build_manifest(keyed, mode, opts, run, source)
     module = ExportModule(keyed, mode, opts).eval()
-    spec = manifest["input"]
+    graph = manifest.graph_input
     example_batch = opts.batch or 2
-    dtype = torch.uint8 if opts.input == "uint8" else torch.float32
-    example: tuple[torch.Tensor, ...] = (torch.zeros(input_shape(spec, example_batch), dtype=dtype),)
-    names = [INPUT_NAME]
-    if mode == "kernel":
-        h, w = spec["size"]
-        example, names = (torch.zeros(example_batch, spec["channels"], h, w),), [PIXELS_NAME]
+    dtype = torch.uint8 if graph.dtype == "uint8" else torch.float32
+    example: tuple[torch.Tensor, ...] = (torch.zeros(graph.shape(example_batch), dtype=dtype),)
+    names = [graph.name]
     if module.perm_is_input:
         example += (keyed.perm.clone(),)
         names.append(KEY_INPUT_NAME)
@@ -322,14 +225,21 @@ def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run_
         if opts.int8_method == "static":
             if calibration is None:
                 raise KeyedgeError("static int8 needs calibration images from the data set")
-            feeds = [{names[0]: graph_feed(to_input_spec(calibration[i:i + example_batch], spec), manifest,
-                                           keyed.key),
-                      **({KEY_INPUT_NAME: keyed.key.perm.astype(np.int64)} if module.perm_is_input else {})}
+            feeds = [_calibration_feed(manifest, calibration[i:i + example_batch], keyed, module.perm_is_input)
                      for i in range(0, len(calibration) - example_batch + 1, example_batch)]
         _int8(path, opts.int8_method, feeds)
     _attach_manifest(path, manifest)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    report = verify(path, keyed, manifest, keyed.key if module.perm_is_input or mode == "kernel" else None,
-                    real_images)
-    return manifest, report
+    manifest.write(out_dir / "manifest.json")
+    return manifest
 
+
+def _calibration_feed(manifest: ArtifactManifest, images: torch.Tensor, keyed: KeyedClassifier,
+                      perm_is_input: bool) -> dict[str, np.ndarray]:
+    """One calibration batch as the graph takes it (kernel mode: the kernel's output)."""
+    feed = manifest.input.from_canonical(images)
+    if manifest.preprocess is not None:
+        from .kernels import reference_preprocess
+
+        feed = reference_preprocess(feed, keyed.key, manifest.mean, manifest.std)
+    extra = {KEY_INPUT_NAME: keyed.key.perm.astype(np.int64)} if perm_is_input else {}
+    return {manifest.graph_input.name: feed, **extra}

@@ -21,7 +21,6 @@ from .attacks.pgd import ce_loss, pgd
 from .evaluate import EvalConfig
 from .io import atomic_write_bytes
 from .models import KeyedClassifier
-from .onnx_export import from_input_spec, to_input_spec
 from .runners import Runner
 
 # allowed accuracy difference (fraction) by precision: 0.1 point fp32, 1 point fp16/int8
@@ -70,19 +69,19 @@ def _reference_logits(reference: KeyedClassifier, x: torch.Tensor) -> np.ndarray
 
 def check_artifact(runner: Runner, reference: KeyedClassifier, sets: dict[str, torch.Tensor], y: torch.Tensor,
                    tolerance: dict[str, float]) -> dict[str, Any]:
-    spec = runner.manifest["input"]
-    precision = runner.manifest.get("precision", "fp32")
+    spec = runner.input_spec
+    precision = runner.precision
     tol = tolerance.get(precision, tolerance["fp32"])
     expected = reference.key.fingerprint if reference.key is not None else None
-    got_fp = runner.manifest.get("key_fingerprint")
-    result: dict[str, Any] = {"precision": precision, "fold_mode": runner.manifest.get("fold_mode"),
-                              "input": f"{spec['dtype']} {spec['layout']}", "tolerance": tol,
+    got_fp = runner.manifest.key_fingerprint
+    result: dict[str, Any] = {"precision": precision, "fold_mode": runner.fold_mode,
+                              "input": f"{spec.dtype} {spec.layout}", "tolerance": tol,
                               "key_fingerprint_match": got_fp == expected, "sets": {}}
     labels = y.numpy()
     for name, x in sets.items():
-        feed = to_input_spec(x, spec)
+        feed = spec.from_canonical(x)
         logits = runner(feed)
-        ref = _reference_logits(reference, from_input_spec(feed, spec))
+        ref = _reference_logits(reference, torch.as_tensor(spec.to_canonical(feed)))
         acc, ref_acc = float((logits.argmax(1) == labels).mean()), float((ref.argmax(1) == labels).mean())
         err = np.abs(logits - ref)
         result["sets"][name] = {
@@ -96,20 +95,21 @@ def check_artifact(runner: Runner, reference: KeyedClassifier, sets: dict[str, t
 
 
 def parity_markdown(report: dict[str, Any]) -> str:
+    from .report import markdown_table
+
     lines = ["# keyedge parity", "",
              f"Reference: {report['reference']} (key {report['key_fingerprint']}); {report['n']} images of "
              f"{report['data']}; adversarial sets crafted on the reference and replayed unchanged.", ""]
     sets = list(next(iter(report["artifacts"].values()))["sets"]) if report["artifacts"] else []
-    lines += ["| artifact | runner | precision | input | " + " | ".join(sets) +
-              " | agreement (min) | max abs logit err | verdict |",
-              "|---|---|---|---|" + "---|" * len(sets) + "---|---|---|"]
+    rows = []
     for name, r in report["artifacts"].items():
-        cells = [f"{100 * s['accuracy']:.1f}% ({100 * s['difference']:+.1f})" for s in r["sets"].values()]
-        agree = min(s["top1_agreement"] for s in r["sets"].values())
-        err = max(s["max_abs_logit_error"] for s in r["sets"].values())
         verdict = "pass" if r["passed"] else ("FAIL: other key" if not r["key_fingerprint_match"] else "FAIL")
-        lines.append(f"| {name} | {r['runner']} | {r['precision']} | {r['input']} | " + " | ".join(cells) +
-                     f" | {100 * agree:.1f}% | {err:.2e} | {verdict} |")
-    lines += ["", "Cells: accuracy of the artifact (difference to the reference on the same input, in points). "
+        rows.append([name, r["runner"], r["precision"], r["input"],
+                     *(f"{100 * s['accuracy']:.1f}% ({100 * s['difference']:+.1f})" for s in r["sets"].values()),
+                     f"{100 * min(s['top1_agreement'] for s in r['sets'].values()):.1f}%",
+                     f"{max(s['max_abs_logit_error'] for s in r['sets'].values()):.2e}", verdict])
+    lines += [markdown_table(["artifact", "runner", "precision", "input", *sets, "agreement (min)",
+                              "max abs logit err", "verdict"], rows),
+              "", "Cells: accuracy of the artifact (difference to the reference on the same input, in points). "
               "Tolerance: " + ", ".join(f"{k} {100 * v:.1f} point" for k, v in report["tolerance"].items()) + ".", ""]
     return "\n".join(lines)

@@ -11,21 +11,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 
+from .artifacts import ArtifactManifest, RunManifest, read_run, write_json
 from .data import run_images
 from .errors import KeyedgeError
-from .io import atomic_write_text, staged_dir
+from .io import atomic_write_text, check_output_dir, staged_dir
 from .keys import Key
-from .manifest import write_json
 from .models import KeyedClassifier, create_vit, load_checkpoint
-from .onnx_export import ExportOptions, export_onnx
+from .onnx_export import TOLERANCE, ExportOptions, export_onnx
 from .parity import ParityConfig, check_artifact, craft, parity_markdown, save_sets
-from .runners import open_runner
-from .runs import base_checkpoint_path, load_run, read_run_manifest
+from .runners import OnnxRunner, open_runner
+from .runs import base_checkpoint_path, load_run
 
 Echo = Callable[..., None]
 _echo: Echo = typer.echo
+VERIFY_IMAGES = 16  # real images checked after every export (at least)
 
 
 class VerificationFailed(KeyedgeError):
@@ -34,64 +36,88 @@ class VerificationFailed(KeyedgeError):
     exit_code = 1
 
 
-def load_surrogate(path: Path, target_manifest: dict[str, Any]) -> KeyedClassifier:
+def load_surrogate(path: Path, target: RunManifest) -> KeyedClassifier:
     """A plain classifier the attacker could have: a run directory or a checkpoint file."""
     if path.is_dir():
         return load_run(path, None)
-    spec = target_manifest["model"]
-    model = create_vit(spec["name"], **spec["kwargs"])
+    spec = target.model
+    model = create_vit(spec.name, **spec.kwargs)
     if any(k.startswith("head") for k in load_checkpoint(model, path)):
-        raise KeyedgeError(f"{path} has no classifier head for {spec['kwargs']['num_classes']} classes; "
+        raise KeyedgeError(f"{path} has no classifier head for {spec.num_classes} classes; "
                            "pass --base a model that classifies the same labels")
-    return KeyedClassifier(model.eval(), None, target_manifest["input"]["mean"], target_manifest["input"]["std"])
+    return KeyedClassifier(model.eval(), None, target.input.mean, target.input.std)
+
+
+def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None, *,
+           n: int = VERIFY_IMAGES, seed: int = 0) -> dict[str, Any]:
+    """ONNX Runtime vs the PyTorch keyed model on ``n`` random and ``n`` real images, through the
+    runner's own batching (a fixed-batch artifact gets them in chunks)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = manifest.input.size
+    sets = {"random": torch.rand(n, manifest.input.channels, h, w, generator=gen)}
+    if real is not None:
+        sets["real"] = real[:n] if len(real) >= n else real.repeat(-(-n // len(real)), 1, 1, 1)[:n]
+    tol, min_agree = TOLERANCE[manifest.precision]
+    report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree, "images": n}
+    with OnnxRunner(path, keyed.key, manifest=manifest) as runner:
+        for name, images in sets.items():
+            feed = manifest.input.from_canonical(images)
+            got = torch.as_tensor(runner(feed))
+            with torch.no_grad():
+                want = keyed(torch.as_tensor(manifest.input.to_canonical(feed)))
+            rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
+            agree = float((got.argmax(1) == want.argmax(1)).float().mean())
+            report[name] = {"rel_error": rel, "top1_agreement": agree}
+    report["passed"] = all(report[s]["rel_error"] <= tol and
+                           (s == "random" or report[s]["top1_agreement"] >= min_agree) for s in sets)
+    return report
 
 
 def export_run(run: Path, key_path: Path | None, out: Path, opts: ExportOptions, *, force: bool = False,
-               calibration_n: int = 64, echo: Echo = _echo) -> dict[str, Any]:
+               calibration_n: int = 64, echo: Echo = _echo) -> ArtifactManifest:
     """Load a run, merge LoRA, export + verify into ``out`` atomically. Exit 1 on failed verification."""
-    manifest = read_run_manifest(run)
+    check_output_dir(out, force)
+    manifest = read_run(run)
     key = Key.load(key_path) if key_path else None
     keyed = load_run(run, key)
     opts.resolved_mode(keyed.block_size, keyed.model.patch_embed.patch_size[0])  # refuse early
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise KeyedgeError(f"{out} exists; pass --force to replace it")
-    real = run_images(manifest, 16)
+    real = run_images(manifest, VERIFY_IMAGES)
     calib = run_images(manifest, calibration_n, train=True) if opts.int8_method == "static" else None
-    with staged_dir(out, overwrite=True) as stage:
-        art_manifest, report = export_onnx(keyed, stage, opts, manifest, source=str(run.resolve()),
-                                           real_images=real[0] if real else None,
-                                           calibration=calib[0] if calib else None)
+    with staged_dir(out, force=force) as stage:
+        art = export_onnx(keyed, stage, opts, manifest, source=str(run.resolve()),
+                          calibration=calib[0] if calib else None)
+        report = verify(stage / "model.onnx", keyed, art, real[0] if real else None)
         checks = ", ".join(f"{k} rel err {v['rel_error']:.2e}" for k, v in report.items() if isinstance(v, dict))
         if not report["passed"]:
             raise VerificationFailed(f"ONNX Runtime verification failed ({checks}; tolerance "
                                      f"{report['tolerance_rel']}); nothing written")
         write_json(stage / "verification.json", report)
-    echo(f"wrote {out / 'model.onnx'} ({art_manifest['fold_mode']}, {art_manifest['precision']}, "
-         f"{art_manifest['input']['dtype']} {art_manifest['input']['layout']}); verified with ONNX Runtime: {checks}"
+    echo(f"wrote {out / 'model.onnx'} ({art.fold_mode}, {art.precision}, "
+         f"{art.input.dtype} {art.input.layout}); verified with ONNX Runtime on {report['images']} images: {checks}"
          + ("" if real else " (no real images here: random inputs only)"))
-    if art_manifest["contains_key"]:
-        echo(f"WARNING: {art_manifest['secret']}", err=True)
-    return art_manifest
+    if art.contains_key:
+        echo(f"WARNING: {art.secret}", err=True)
+    return art
 
 
 def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], out: Path | None, *,
-               data: str | None = None, base: Path | None = None,
-               cfg: ParityConfig | None = None) -> dict[str, Any]:
+               data: str | None = None, base: Path | None = None, cfg: ParityConfig | None = None,
+               force: bool = False) -> dict[str, Any]:
     """Craft on the reference, replay through every artifact, write the reports into ``out``."""
     cfg = cfg or ParityConfig()
-    manifest = read_run_manifest(reference)
+    manifest = read_run(reference)
     key = Key.load(key_path) if key_path else None
     ref = load_run(reference, key)
     runners = [open_runner(a, key) for a in artifacts]  # refuse bad artifacts before crafting
     images = run_images(manifest, cfg.n, seed=cfg.seed, data=data)
     if images is None:
-        raise KeyedgeError(f"the run's data set {manifest['data']['spec']} is not here; pass --data")
+        raise KeyedgeError(f"the run's data set {manifest.data.spec} is not here; pass --data")
     x, y = images
     base_path = base if base is not None else base_checkpoint_path(manifest, verify=False)
     base_model = load_surrogate(base_path, manifest) if base_path is not None else None
     sets = craft(ref, x, y, cfg, base_model)
-    report = {"reference": str(reference), "key_fingerprint": manifest.get("key_fingerprint"),
-              "data": manifest["data"]["spec"] if data is None else data, "n": len(y),
+    report = {"reference": str(reference), "key_fingerprint": manifest.key_fingerprint,
+              "data": manifest.data.spec if data is None else data, "n": len(y),
               "tolerance": cfg.tolerance, "attack": cfg.attack.linf().describe(), "artifacts": {}}
     for artifact, runner in zip(artifacts, runners):
         with runner:
@@ -100,8 +126,8 @@ def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], ou
         report["artifacts"][str(artifact)] = result
     report["passed"] = all(r["passed"] for r in report["artifacts"].values())
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_sets(out / "adversarial.npz", sets, y, manifest.get("key_fingerprint"))
-        write_json(out / "parity.json", report)
-        atomic_write_text(out / "parity.md", parity_markdown(report))
+        with staged_dir(out, force=force) as stage:
+            save_sets(stage / "adversarial.npz", sets, y, manifest.key_fingerprint)
+            write_json(stage / "parity.json", report)
+            atomic_write_text(stage / "parity.md", parity_markdown(report))
     return report

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .artifacts import write_json
 from .io import atomic_write_text
-from .manifest import write_json
 
 ATTACK_LABELS = {
     "pgd_linf_transfer_base": "PGD l_inf, transfer from the public base",
@@ -26,6 +26,13 @@ def pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
 
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured markdown table (every report uses this one)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def eval_markdown(results: dict[str, Any], title: str = "keyedge robustness evaluation") -> str:
     models = results["models"]
     names = list(models)
@@ -33,17 +40,15 @@ def eval_markdown(results: dict[str, Any], title: str = "keyedge robustness eval
     lines = [f"# {title}", "",
              f"{s['n_images']} test images. Robust accuracy is over all images; ASR (attack success "
              "rate, in brackets) is over the images the model classified correctly before the attack.", "",
-             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for row, label in (("clean", "clean, right key"), ("wrong_key", "clean, wrong key (mean)"),
-                       ("plain_input", "clean, un-shuffled input")):
-        lines.append(f"| {label} | " + " | ".join(pct(models[n].get(row)) for n in names) + " |")
-    attacks = [a for a in ATTACK_LABELS if any(a in models[n]["attacks"] for n in names)]
-    for a in attacks:
-        cells = []
-        for n in names:
-            r = models[n]["attacks"].get(a)
-            cells.append("—" if r is None else f"{pct(r)} ({pct(models[n]['asr'][a])})")
-        lines.append(f"| {ATTACK_LABELS[a]} | " + " | ".join(cells) + " |")
+    ]
+    rows = [[label, *(pct(models[n].get(row)) for n in names)]
+            for row, label in (("clean", "clean, right key"), ("wrong_key", "clean, wrong key (mean)"),
+                               ("plain_input", "clean, un-shuffled input"))]
+    for a in (a for a in ATTACK_LABELS if any(a in models[n]["attacks"] for n in names)):
+        rows.append([ATTACK_LABELS[a], *("—" if models[n]["attacks"].get(a) is None else
+                                         f"{pct(models[n]['attacks'][a])} ({pct(models[n]['asr'][a])})"
+                                         for n in names)])
+    lines.append(markdown_table(["", *names], rows))
     rec = [(n, models[n]["key_recovery"]) for n in names if "key_recovery" in models[n]]
     if rec:
         lines += ["", "## Key recovery from leaked un-fused weights", "",

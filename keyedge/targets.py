@@ -1,4 +1,4 @@
-"""TensorRT target profiles (export/targets/*.toml), validated on load."""
+"""TensorRT target profiles (``keyedge/resources/targets/*.toml``, shipped in the wheel), validated on load."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KeyedgeError
+from .resources import resource
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "export" / "targets"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -51,8 +51,8 @@ class Target:
         return "8.7" in self.compute_capabilities
 
 
-def available_targets(directory: Path = TARGETS_DIR) -> list[str]:
-    return sorted(p.stem for p in directory.glob("*.toml"))
+def available_targets() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resource("targets").iterdir() if p.name.endswith(".toml"))
 
 
 def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -115,15 +115,20 @@ def parse_target(data: dict[str, Any], path: Path) -> Target:
                   dla_gpu_fallback=bool(dla.get("gpu_fallback", True)), peak=peak_obj, path=path)
 
 
-def load_target(name_or_path: str | Path, directory: Path = TARGETS_DIR) -> Target:
-    """A target by name (``desktop``, ``jetson-orin``, ...) or a path to a TOML profile."""
+def load_target(name_or_path: str | Path) -> Target:
+    """A packaged target by name (``desktop``, ``jetson-orin``, ...) or a path to a TOML profile."""
     path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = directory / f"{name_or_path}.toml"
-    if not path.is_file():
-        raise KeyedgeError(f"unknown target {name_or_path!r} (available: {', '.join(available_targets(directory))})")
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise KeyedgeError(f"target profile {path} does not exist")
+        text = path.read_text()
+    else:
+        packaged = resource("targets", f"{name_or_path}.toml")
+        if not packaged.is_file():
+            raise KeyedgeError(f"unknown target {name_or_path!r} (available: {', '.join(available_targets())})")
+        text, path = packaged.read_text(), Path(f"{name_or_path}.toml")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise KeyedgeError(f"{path}: not valid TOML: {exc}") from None
     return parse_target(data, path)

@@ -5,25 +5,26 @@ The build plan is the primary path (Jetson engines must be built on the Jetson):
 command for the target, and ``bench_engine.sh``. Where TensorRT is importable and
 the local GPU matches the target, :func:`build_engine` builds the engine with the
 Python API (ONNX parser, optimisation profile, a timing cache saved and reused).
-An engine's manifest lives beside it as ``<engine>.json`` (so ``trtexec
---loadEngine`` still reads the engine), with the TensorRT version and the key
-fingerprint. ``tensorrt`` is imported lazily: nothing here needs it at import time.
+An engine's manifest (:class:`~keyedge.artifacts.EngineManifest`) lives beside it as
+``<engine>.json`` (so ``trtexec --loadEngine`` still reads the engine), with the
+TensorRT version, the GPU it was built on and the key fingerprint. ``tensorrt`` is
+imported lazily: nothing here needs it at import time.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
+from .artifacts import ENGINE_FILE, ArtifactInput, ArtifactManifest, BuildPlan, EngineManifest, TargetInfo
 from .errors import KeyedgeError
 from .targets import Target
 
 INSTALL_HINT = ("TensorRT is not installed: pip install 'keyedge[gpu]' with NVIDIA's package index, "
                 "or use the JetPack TensorRT on a Jetson")
-ENGINE = "model.engine"
+ENGINE = ENGINE_FILE
 
 
 def import_tensorrt() -> Any:
@@ -44,21 +45,13 @@ def tensorrt_available() -> bool:
     return True
 
 
-def _graph_spec(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The engine's first input: the images, or a kernel-mode graph's preprocessed pixels."""
-    pre = manifest.get("preprocess")
-    return {**manifest["input"], **pre["graph_input"]} if pre else manifest["input"]
+def _shape(spec: ArtifactInput, batch: int) -> str:
+    return "x".join(str(d) for d in spec.shape(batch))
 
 
-def _shape(spec: dict[str, Any], batch: int) -> str:
-    h, w = spec["size"]
-    dims = (batch, h, w, spec["channels"]) if spec["layout"] == "NHWC" else (batch, spec["channels"], h, w)
-    return "x".join(str(d) for d in dims)
-
-
-def check_artifact_for_target(manifest: dict[str, Any], target: Target) -> None:
-    precision = manifest["precision"]
-    if precision == "int8" and manifest.get("int8_method") != "static":
+def check_artifact_for_target(manifest: ArtifactManifest, target: Target) -> None:
+    precision = manifest.precision
+    if precision == "int8" and manifest.int8_method != "static":
         raise KeyedgeError("dynamically quantized int8 ONNX is for CPUs; TensorRT takes Q/DQ int8: "
                            "export with --precision int8 --int8-method static, or fp16")
     if target.strongly_typed and precision != target.precision:
@@ -67,22 +60,21 @@ def check_artifact_for_target(manifest: dict[str, Any], target: Target) -> None:
                            f"export with --precision {target.precision}")
 
 
-def trtexec_build_args(manifest: dict[str, Any], target: Target, onnx_name: str = "model.onnx",
+def trtexec_build_args(manifest: ArtifactManifest, target: Target, onnx_name: str = "model.onnx",
                        engine_name: str = ENGINE) -> list[str]:
-    spec = _graph_spec(manifest)
+    spec = manifest.graph_input
     args = ["--onnx=" + onnx_name, "--saveEngine=" + engine_name]
     if target.strongly_typed:
         args.append("--stronglyTyped")
     else:
         if target.precision in ("fp16", "int8"):
             args.append("--fp16")
-        if target.precision == "int8" or manifest["precision"] == "int8":
+        if target.precision == "int8" or manifest.precision == "int8":
             args.append("--int8")
-    if spec["batch"] == "dynamic":
-        name = spec["name"]
-        args += [f"--minShapes={name}:{_shape(spec, target.batch_min)}",
-                 f"--optShapes={name}:{_shape(spec, target.batch_opt)}",
-                 f"--maxShapes={name}:{_shape(spec, target.batch_max)}"]
+    if spec.fixed_batch is None:
+        args += [f"--minShapes={spec.name}:{_shape(spec, target.batch_min)}",
+                 f"--optShapes={spec.name}:{_shape(spec, target.batch_opt)}",
+                 f"--maxShapes={spec.name}:{_shape(spec, target.batch_max)}"]
     args += [f"--memPoolSize=workspace:{target.workspace_mib}M",
              f"--builderOptimizationLevel={target.builder_optimization_level}",
              f"--timingCacheFile={target.timing_cache}"]
@@ -93,53 +85,72 @@ def trtexec_build_args(manifest: dict[str, Any], target: Target, onnx_name: str 
     return args
 
 
-def trtexec_bench_args(manifest: dict[str, Any], target: Target, engine_name: str = ENGINE) -> list[str]:
-    spec = _graph_spec(manifest)
+def trtexec_bench_args(manifest: ArtifactManifest, target: Target, engine_name: str = ENGINE) -> list[str]:
+    spec = manifest.graph_input
     args = ["--loadEngine=" + engine_name, "--useCudaGraph", "--useSpinWait", "--noDataTransfers",
             "--separateProfileRun", "--warmUp=500", "--duration=10"]
-    if spec["batch"] == "dynamic":
-        args.append(f"--shapes={spec['name']}:{_shape(spec, target.batch_opt)}")
-    if manifest.get("key_input"):
-        args.append(f'--loadInputs={manifest["key_input"]}:"$KEY_PERM_BIN"')
+    if spec.fixed_batch is None:
+        args.append(f"--shapes={spec.name}:{_shape(spec, target.batch_opt)}")
+    if manifest.key_input:
+        args.append(f'--loadInputs={manifest.key_input}:"$KEY_PERM_BIN"')
     return args
+
+
+# Writes the engine's manifest after trtexec has built it: the build plan, re-labelled as an
+# engine manifest, with the TensorRT version and the GPU that built it. Python's standard
+# library only (JetPack has python3), written to a temporary file and renamed into place.
+_ENGINE_MANIFEST_PY = """\
+import json, os, sys
+plan = json.load(open("manifest.json"))
+plan.update(format="keyedge-engine", version=1, tensorrt_version=sys.argv[1] or "unknown",
+            compute_capability=sys.argv[2] or None)
+with open("{engine}.json.tmp", "w") as fh:
+    json.dump(plan, fh, indent=2)
+os.replace("{engine}.json.tmp", "{engine}.json")
+"""
 
 
 def _script(lines: list[str]) -> str:
     return "#!/usr/bin/env bash\n" + "\n".join(lines) + "\n"
 
 
-def write_build_plan(onnx_path: Path, manifest: dict[str, Any], target: Target, out: Path) -> dict[str, Any]:
+def target_info(target: Target) -> TargetInfo:
+    return TargetInfo(name=target.name, description=target.description, tensorrt_major=target.tensorrt,
+                      strongly_typed=target.strongly_typed, precision=target.precision,
+                      experimental=target.experimental, batch=(target.batch_min, target.batch_opt, target.batch_max),
+                      dla=target.dla_enabled)
+
+
+def write_build_plan(onnx_path: Path, manifest: ArtifactManifest, target: Target, out: Path) -> BuildPlan:
     """Write model.onnx, manifest.json, build_engine.sh and bench_engine.sh into ``out``."""
     check_artifact_for_target(manifest, target)
     shutil.copyfile(onnx_path, out / "model.onnx")
     build = trtexec_build_args(manifest, target)
     bench = trtexec_bench_args(manifest, target)
-    plan = {**manifest, "target": {"name": target.name, "description": target.description,
-                                   "tensorrt_major": target.tensorrt, "strongly_typed": target.strongly_typed,
-                                   "precision": target.precision, "experimental": target.experimental,
-                                   "batch": [target.batch_min, target.batch_opt, target.batch_max],
-                                   "dla": target.dla_enabled},
-            "tensorrt_version": None,
-            "trtexec_build": ["trtexec", *build], "trtexec_bench": ["trtexec", *bench]}
-    (out / "manifest.json").write_text(json.dumps(plan, indent=2) + "\n")
+    plan = BuildPlan(**manifest.fields_of(ArtifactManifest), target=target_info(target),
+                     trtexec_build=("trtexec", *build), trtexec_bench=("trtexec", *bench))
+    plan.write(out / "manifest.json")
     header = [f"# keyedge on-device build plan: target {target.name} ({target.description})",
               "# Run on the target device. Engines are specific to the GPU and TensorRT version that built them.",
               "set -euo pipefail", 'cd "$(dirname "$0")"',
               'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"']
     if target.experimental:
         header.append(f'echo "note: target {target.name} is experimental" >&2')
-    if plan.get("contains_key"):
+    if plan.contains_key:
         header.append('echo "note: model.onnx and the engine encode the secret key: keep them as secret as key.bin" >&2')
     build_lines = header + [
         '"$TRTEXEC" ' + " ".join(shlex.quote(a) for a in build) + " 2>&1 | tee build.log",
-        "version=$(grep -o 'TensorRT v[0-9]*' build.log | head -n 1 | cut -d v -f 2)",
-        '# the engine\'s manifest, beside it: the artifact manifest plus the TensorRT version',
-        "sed \"s/\\\"tensorrt_version\\\": null/\\\"tensorrt_version\\\": \\\"${version:-unknown}\\\"/\" "
-        "manifest.json > " + ENGINE + ".json",
+        "version=$(grep -o 'TensorRT v[0-9]*' build.log | head -n 1 | cut -d v -f 2 || true)",
+        "cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 || true)",
+        '[ -n "$cc" ] || { [ -e /etc/nv_tegra_release ] && cc=8.7; } || true',
+        "# the engine's manifest, beside it: the build plan plus the TensorRT version and the GPU",
+        'python3 - "${version:-}" "${cc:-}" <<\'EOF\'',
+        _ENGINE_MANIFEST_PY.format(engine=ENGINE).rstrip("\n"),
+        "EOF",
         'echo "wrote ' + ENGINE + ' and ' + ENGINE + '.json (TensorRT ${version:-unknown})"']
     key_check = (['# a gather engine takes the key at run time: `keyedge key export-perm key.bin -o perm.bin`',
                   ': "${KEY_PERM_BIN:?set KEY_PERM_BIN to the raw int64 permutation from keyedge key export-perm}"']
-                 if manifest.get("key_input") else [])
+                 if manifest.key_input else [])
     bench_lines = header + key_check + ['[ -f ' + ENGINE + ' ] || { echo "run ./build_engine.sh first" >&2; exit 1; }',
                             '"$TRTEXEC" ' + " ".join(a if a.startswith("--loadInputs") else shlex.quote(a)
                                                      for a in bench)]
@@ -161,7 +172,7 @@ def local_gpu_capability() -> str | None:
     return None
 
 
-def build_engine(onnx_path: Path, plan: dict[str, Any], target: Target, out: Path,
+def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
                  timing_cache: Path | None = None) -> Path:
     """Build ``out/model.engine`` with the TensorRT Python API; writes ``model.engine.json``."""
     trt = import_tensorrt()
@@ -181,7 +192,7 @@ def build_engine(onnx_path: Path, plan: dict[str, Any], target: Target, out: Pat
     if not target.strongly_typed:
         if target.precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)
-        if target.precision == "int8" or plan["precision"] == "int8":
+        if target.precision == "int8" or plan.precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
     if target.dla_enabled:
         config.default_device_type = trt.DeviceType.DLA
@@ -191,12 +202,11 @@ def build_engine(onnx_path: Path, plan: dict[str, Any], target: Target, out: Pat
     cache_path = timing_cache or out / target.timing_cache
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    spec = _graph_spec(plan)
-    if spec["batch"] == "dynamic":
+    spec = plan.graph_input
+    if spec.fixed_batch is None:
         profile = builder.create_optimization_profile()
-        dims = [tuple(int(d) for d in _shape(spec, b).split("x"))
-                for b in (target.batch_min, target.batch_opt, target.batch_max)]
-        profile.set_shape(spec["name"], dims[0], dims[1], dims[2])
+        dims = [spec.shape(b) for b in (target.batch_min, target.batch_opt, target.batch_max)]
+        profile.set_shape(spec.name, dims[0], dims[1], dims[2])
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -204,6 +214,6 @@ def build_engine(onnx_path: Path, plan: dict[str, Any], target: Target, out: Pat
     engine_path = out / ENGINE
     engine_path.write_bytes(bytes(serialized))
     (out / target.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-    sidecar = {**plan, "tensorrt_version": trt.__version__}
-    (out / (ENGINE + ".json")).write_text(json.dumps(sidecar, indent=2) + "\n")
+    EngineManifest(**plan.fields_of(BuildPlan), tensorrt_version=trt.__version__,
+                   compute_capability=local_gpu_capability()).write(out / (ENGINE + ".json"))
     return engine_path

@@ -22,13 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .data import load_data, random_shift
 from .errors import KeyedgeError
-from .io import atomic_write_bytes
+from .artifacts import (BaseCheckpoint, DataInfo, LoraSpec, ModelSpec, RunInput, RunManifest, check_key,
+                        library_versions, read_run)
+from .io import atomic_write_bytes, check_output_dir
 from .keys import Key
 from .lora import DEFAULT_TARGETS, attach_lora, count_parameters, save_adapter
-from .manifest import check_key, library_versions, read_json, write_json
 from .models import KeyedClassifier, create_vit, file_sha256, model_input_spec
-from .runs import ADAPTER, CHECKPOINT, MANIFEST, WEIGHTS
 from .progress import progress_bar
+from .runs import ADAPTER, CHECKPOINT, MANIFEST, WEIGHTS
 
 Mode = Literal["full", "lora"]
 
@@ -96,7 +97,7 @@ def evaluate_accuracy(model: torch.nn.Module, dataset, batch_size: int = 256,
     return correct / max(1, total)
 
 
-def _validate(cfg: TrainConfig) -> tuple[Key | None, dict[str, Any] | None]:
+def _validate(cfg: TrainConfig) -> tuple[Key | None, RunManifest | None]:
     """Check every input before anything is written."""
     if cfg.mode not in ("full", "lora"):
         raise KeyedgeError(f"--mode must be full or lora, not {cfg.mode!r}")
@@ -112,148 +113,177 @@ def _validate(cfg: TrainConfig) -> tuple[Key | None, dict[str, Any] | None]:
     if cfg.resume:
         if not (out / CHECKPOINT).is_file():
             raise KeyedgeError(f"nothing to resume: {out / CHECKPOINT} does not exist")
-        previous = read_json(out / MANIFEST, "run manifest")
-        check_key(previous, key, f"run {out}")
-    elif _dist_env()[1] == 0 and out.exists() and any(out.iterdir()) and not cfg.force:  # rank 0 owns out/
-        raise KeyedgeError(f"{out} exists and is not empty; pass --resume to continue or --force to replace it")
+        previous = read_run(out)
+        check_key(previous, key, f"run {out}", strict=True)
+    elif _dist_env()[1] == 0:  # rank 0 owns out/
+        check_output_dir(out, cfg.force, alternative="--resume to continue it, or ")
     return key, previous
 
 
-def train(cfg: TrainConfig, console=None) -> dict[str, Any]:
+@dataclass
+class _Setup:
+    """Everything one training run builds before its first step."""
+    keyed: KeyedClassifier
+    data: Any
+    loader: DataLoader
+    sampler: DistributedSampler | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    autocast: dict[str, Any]
+    device: torch.device
+    manifest: RunManifest
+
+
+def _build_model(cfg: TrainConfig, key: Key | None):
+    model = create_vit(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size,
+                       patch_size=cfg.patch_size, checkpoint=cfg.checkpoint,
+                       pretrained=cfg.pretrained, **cfg.model_kwargs)
+    spec = model_input_spec(model)
+    data = load_data(cfg.data, spec["img_size"][0], spec["channels"])
+    if model.num_classes != data.num_classes:
+        raise KeyedgeError(f"the model has {model.num_classes} classes but {cfg.data} has {data.num_classes}; "
+                           "pass --num-classes")
+    if key is not None and (spec["img_size"][0] % key.block_size or key.channels != spec["channels"]):
+        raise KeyedgeError(f"a {key.block_size}x{key.block_size}x{key.channels} key does not fit a "
+                           f"{spec['channels']}x{spec['img_size'][0]}x{spec['img_size'][1]} input")
+    return model, spec, data
+
+
+def _first_manifest(cfg: TrainConfig, key: Key | None, spec: dict[str, Any], num_classes: int, data,
+                    params: tuple[int, int], model_bytes: int, previous: RunManifest | None) -> RunManifest:
+    base_info = None
+    if cfg.checkpoint is not None:
+        base_info = previous.base_checkpoint if previous else BaseCheckpoint(
+            path=str(Path(cfg.checkpoint).resolve()), sha256=file_sha256(cfg.checkpoint))
+    return RunManifest(
+        model=ModelSpec(cfg.model, {"num_classes": num_classes, "img_size": spec["img_size"][0],
+                                    "patch_size": spec["patch_size"][0], **cfg.model_kwargs}),
+        mode=cfg.mode,
+        lora=LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets),
+                      cfg.lora_patch_embed) if cfg.mode == "lora" else None,
+        input=RunInput(size=tuple(spec["img_size"]), channels=spec["channels"], mean=tuple(spec["mean"]),
+                       std=tuple(spec["std"])),
+        block_size=key.block_size if key else None,
+        key_fingerprint=key.fingerprint if key else None,
+        base_checkpoint=base_info,
+        data=DataInfo(cfg.data, data.description, tuple(data.classes) if data.classes else None),
+        train={k: v for k, v in asdict(cfg).items()
+               if k not in ("key", "out", "resume", "force", "progress", "model_kwargs")},
+        trainable_params=params[0], total_params=params[1], full_model_bytes=model_bytes,
+        versions=library_versions(), history=previous.history if previous else ())
+
+
+def _setup(cfg: TrainConfig, key: Key | None, previous: RunManifest | None, world: int,
+           local_rank: int) -> _Setup:
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    model, spec, data = _build_model(cfg, key)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    num_classes = model.num_classes
+    if cfg.mode == "lora":
+        model = attach_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                            targets=cfg.lora_targets, train_patch_embed=cfg.lora_patch_embed)
+    keyed = KeyedClassifier(model, key, spec["mean"], spec["std"]).to(device)
+    sampler = DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
+    tensors = isinstance(data.train, TensorDataset)
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, num_workers=0 if tensors else cfg.workers,
+                        pin_memory=device.type == "cuda")
+    steps_per_epoch = max(1, len(loader) // cfg.accum_steps)
+    optimizer = torch.optim.AdamW([p for p in keyed.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(
+        steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio))
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    manifest = _first_manifest(cfg, key, spec, num_classes, data, count_parameters(keyed), model_bytes, previous)
+    return _Setup(keyed, data, loader, sampler, optimizer, scheduler, scaler,
+                  {"device_type": device.type, "dtype": amp_dtype, "enabled": use_amp}, device, manifest)
+
+
+def _resume(s: _Setup, out: Path) -> tuple[int, int]:
+    """Restore the last epoch's training state; returns (next epoch, optimiser step)."""
+    state = torch.load(out / CHECKPOINT, map_location=s.device, weights_only=False)
+    missing = s.keyed.load_state_dict(state["trainable"], strict=False)
+    if missing.unexpected_keys:
+        raise KeyedgeError(f"{out / CHECKPOINT} does not fit this model")
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    s.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["step"]
+
+
+def _train_epoch(cfg: TrainConfig, s: _Setup, net: torch.nn.Module, step: int, title: str, world: int,
+                 show: bool, console) -> tuple[torch.Tensor, int, float]:
+    """One pass over the loader; returns ([loss sum, correct, seen], step, seconds)."""
+    net.train()
+    seen = correct = 0
+    loss_sum = 0.0
+    t0 = time.perf_counter()
+    shift = isinstance(s.data.train, TensorDataset)
+    with progress_bar(title, total=len(s.loader), enabled=show, console=console) as bar:
+        for i, (x, y) in enumerate(s.loader):
+            x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+            if shift:
+                x = random_shift(x, cfg.max_shift)
+            with torch.autocast(**s.autocast):
+                logits = net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            s.scaler.scale(loss / cfg.accum_steps).backward()
+            if (i + 1) % cfg.accum_steps == 0:
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
+                s.optimizer.zero_grad(set_to_none=True)
+                s.scheduler.step()
+                step += 1
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.update(loss=loss_sum / seen, acc=correct / seen, ips=seen * world / (time.perf_counter() - t0))
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+    stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=s.device)
+    return stats, step, time.perf_counter() - t0
+
+
+def train(cfg: TrainConfig, console=None) -> RunManifest:
     """Fine-tune; returns the final manifest. Writes ``cfg.out`` after each epoch."""
     key, previous = _validate(cfg)
     world, rank, local_rank = _dist_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     main_process = rank == 0
     torch.manual_seed(cfg.seed + rank)
-
-    model = create_vit(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size,
-                       patch_size=cfg.patch_size, checkpoint=cfg.checkpoint,
-                       pretrained=cfg.pretrained, **cfg.model_kwargs)
-    spec = model_input_spec(model)
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    data = load_data(cfg.data, spec["img_size"][0], spec["channels"])
-    num_classes = model.num_classes
-    if num_classes != data.num_classes:
-        raise KeyedgeError(f"the model has {num_classes} classes but {cfg.data} has {data.num_classes}; "
-                           "pass --num-classes")
-    if key is not None and (spec["img_size"][0] % key.block_size or key.channels != spec["channels"]):
-        raise KeyedgeError(f"a {key.block_size}x{key.block_size}x{key.channels} key does not fit a "
-                           f"{spec['channels']}x{spec['img_size'][0]}x{spec['img_size'][1]} input")
-    if cfg.mode == "lora":
-        model = attach_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                            targets=cfg.lora_targets, train_patch_embed=cfg.lora_patch_embed)
-    keyed = KeyedClassifier(model, key, spec["mean"], spec["std"]).to(device)
-    trainable_params, total_params = count_parameters(keyed)
-
-    sampler = DistributedSampler(data.train, seed=cfg.seed) if world > 1 else None
-    is_tensor_data = isinstance(data.train, TensorDataset)
-    loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=True, num_workers=0 if is_tensor_data else cfg.workers,
-                        pin_memory=device.type == "cuda")
-    steps_per_epoch = max(1, len(loader) // cfg.accum_steps)
-    total_steps = steps_per_epoch * cfg.epochs
-    params = [p for p in keyed.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(
-        total_steps, int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio))
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    start_epoch, step = 0, 0
+    s = _setup(cfg, key, previous, world, local_rank)
     out = Path(cfg.out)
+    start_epoch, step = 0, 0
     if cfg.resume:
-        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
-        missing = keyed.load_state_dict(state["trainable"], strict=False)
-        if missing.unexpected_keys:
-            raise KeyedgeError(f"{out / CHECKPOINT} does not fit this model")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        torch.set_rng_state(state["rng"])
+        start_epoch, step = _resume(s, out)
     elif main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in (CHECKPOINT, MANIFEST, WEIGHTS):
+        for stale in (CHECKPOINT, MANIFEST, WEIGHTS):  # files a previous run of ours wrote
             (out / stale).unlink(missing_ok=True)
-
-    net = keyed
+    net: torch.nn.Module = s.keyed
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            keyed, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    base_info = None
-    if cfg.checkpoint is not None:
-        base_info = previous["base_checkpoint"] if previous else {
-            "path": str(Path(cfg.checkpoint).resolve()), "sha256": file_sha256(cfg.checkpoint)}
-    manifest: dict[str, Any] = {
-        "format": "keyedge-run", "version": 1,
-        "model": {"name": cfg.model, "kwargs": {
-            "num_classes": num_classes, "img_size": spec["img_size"][0],
-            "patch_size": spec["patch_size"][0], **cfg.model_kwargs}},
-        "mode": cfg.mode,
-        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                 "targets": list(cfg.lora_targets), "train_patch_embed": cfg.lora_patch_embed}
-        if cfg.mode == "lora" else None,
-        "input": {"size": spec["img_size"], "channels": spec["channels"], "layout": "NCHW",
-                  "dtype": "float32", "range": [0.0, 1.0], "mean": spec["mean"], "std": spec["std"]},
-        "block_size": key.block_size if key else None,
-        "key_fingerprint": key.fingerprint if key else None,
-        "base_checkpoint": base_info,
-        "data": {"spec": cfg.data, "description": data.description, "classes": data.classes},
-        "train": {k: v for k, v in asdict(cfg).items()
-                  if k not in ("key", "out", "resume", "force", "progress", "model_kwargs")},
-        "trainable_params": trainable_params, "total_params": total_params,
-        "full_model_bytes": model_bytes,
-        "versions": library_versions(),
-        "history": previous.get("history", []) if previous else [],
-    }
-
+            s.keyed, device_ids=[local_rank] if s.device.type == "cuda" else None)
+    manifest = s.manifest
     for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        net.train()
-        seen = correct = 0
-        loss_sum = 0.0
-        t0 = time.perf_counter()
-        with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader),
-                          enabled=cfg.progress and main_process, console=console) as bar:
-            for i, (x, y) in enumerate(loader):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if is_tensor_data:
-                    x = random_shift(x, cfg.max_shift)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                scaler.scale(loss / cfg.accum_steps).backward()
-                if (i + 1) % cfg.accum_steps == 0:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    step += 1
-                seen += len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                loss_sum += loss.item() * len(y)
-                bar.update(loss=loss_sum / seen, acc=correct / seen,
-                           ips=seen * world / (time.perf_counter() - t0))
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    break
-        stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        if s.sampler is not None:
+            s.sampler.set_epoch(epoch)
+        stats, step, seconds = _train_epoch(cfg, s, net, step, f"epoch {epoch + 1}/{cfg.epochs}", world,
+                                            cfg.progress and main_process, console)
         if world > 1:
             dist.all_reduce(stats)
-        test_acc = evaluate_accuracy(keyed, data.test, device=device)
+        test_acc = evaluate_accuracy(s.keyed, s.data.test, device=s.device)
         record = {"epoch": epoch + 1, "step": step, "train_loss": float(stats[0] / stats[2]),
                   "train_acc": float(stats[1] / stats[2]), "test_acc": test_acc,
-                  "images_per_s": float(stats[2]) / (time.perf_counter() - t0)}
-        manifest["history"].append(record)
-        manifest["epochs_done"] = epoch + 1
-        manifest["metrics"] = record
+                  "images_per_s": float(stats[2]) / seconds}
+        manifest = manifest.replace(history=(*manifest.history, record), epochs_done=epoch + 1, metrics=record)
         if main_process:
-            _save_epoch(out, keyed, cfg, manifest, optimizer, scheduler, scaler, epoch, step)
+            manifest = _save_epoch(out, s, cfg, manifest, epoch, step)
             if console is not None and cfg.progress:
                 console.print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f} "
                               f"train acc {record['train_acc']:.3f} test acc {test_acc:.3f}")
@@ -264,26 +294,27 @@ def train(cfg: TrainConfig, console=None) -> dict[str, Any]:
     return manifest
 
 
-def _save_epoch(out: Path, keyed: KeyedClassifier, cfg: TrainConfig, manifest: dict[str, Any],
-                optimizer, scheduler, scaler, epoch: int, step: int) -> None:
+def _save_epoch(out: Path, s: _Setup, cfg: TrainConfig, manifest: RunManifest, epoch: int,
+                step: int) -> RunManifest:
     import io
 
     from safetensors.torch import save_file
 
     if cfg.mode == "lora":
-        save_adapter(keyed.model, out / ADAPTER)
+        save_adapter(s.keyed.model, out / ADAPTER)
         unique = out / ADAPTER / "adapter_model.safetensors"
     else:
-        state = {k: v.detach().contiguous().cpu() for k, v in keyed.model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in s.keyed.model.state_dict().items()}
         tmp = out / f".{WEIGHTS}.tmp"
         save_file(state, str(tmp))
         os.replace(tmp, out / WEIGHTS)
         unique = out / WEIGHTS
-    manifest["per_key_bytes"] = unique.stat().st_size
+    manifest = manifest.replace(per_key_bytes=unique.stat().st_size)
     buf = io.BytesIO()
-    torch.save({"trainable": {n: p.detach().cpu() for n, p in keyed.named_parameters() if p.requires_grad},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                "rng": torch.get_rng_state(), "key_fingerprint": manifest["key_fingerprint"]}, buf)
+    torch.save({"trainable": {n: p.detach().cpu() for n, p in s.keyed.named_parameters() if p.requires_grad},
+                "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+                "scaler": s.scaler.state_dict(), "epoch": epoch, "step": step,
+                "rng": torch.get_rng_state(), "key_fingerprint": manifest.key_fingerprint}, buf)
     atomic_write_bytes(out / CHECKPOINT, buf.getvalue())
-    write_json(out / MANIFEST, manifest)
+    manifest.write(out / MANIFEST)
+    return manifest

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from keyedge import Key, create_vit
+from keyedge import Key
+
+from .helpers import tiny_train_config
 
 
 @pytest.fixture(autouse=True)
@@ -11,32 +13,9 @@ def _seed():
     np.random.seed(0)
 
 
-def tiny_vit(**overrides):
-    """A small random-init ViT (no network): 32x32 input, patch 8, depth 2."""
-    kwargs = dict(num_classes=10, img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
-    kwargs.update(overrides)
-    return create_vit("vit_tiny_patch16_224", **kwargs).eval()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.fixture
 def key4():
     return Key.generate(4, seed=1)
-
-
-TINY = dict(model="vit_tiny_patch16_224", img_size=16, patch_size=4, num_classes=10,
-            model_kwargs=dict(depth=2, embed_dim=48, num_heads=3), data="digits", progress=False)
-
-
-def tiny_train_config(out, **overrides):
-    from keyedge.train import TrainConfig
-
-    kwargs = dict(TINY, out=str(out), epochs=2, lr=3e-3, batch_size=64, force=True)
-    kwargs.update(overrides)
-    return TrainConfig(**kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""The generated C++ package: ONNX Runtime backend built with CMake, installed as a CMake
-package, and its example run on a real photo with logits checked against Python."""
+"""The generated C++ package: ONNX Runtime backend built with CMake against the shared headers,
+installed as a CMake package (two devices' packages side by side in one prefix), and its example
+run on a real photo with logits checked against Python."""
 
 import os
 import shutil
@@ -11,56 +12,58 @@ import pytest
 import torch
 
 from keyedge import Key
+from keyedge.artifacts import open_artifact
 from keyedge.runners import OnnxRunner
 
-from .test_cli_keys import keyedge
+from .helpers import THIRD_PARTY, keyedge
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("g++") is None,
                                 reason="cmake and g++ are needed to build the C++ package")
+ORT_HEADERS = THIRD_PARTY / "onnxruntime-headers" / "1.21.0" / "include"
 
 
 @pytest.fixture(scope="module")
 def onnxruntime_dev(tmp_path_factory):
-    """(include dir, lib dir with libonnxruntime.so.1) for the pip wheel's ONNX Runtime."""
+    """(include dir, lib dir with libonnxruntime.so.1): the shared headers and the pip wheel's library."""
     import onnxruntime
 
-    include = os.environ.get("KEYEDGE_ORT_INCLUDE")
-    if not include:
-        dest = tmp_path_factory.mktemp("ortdev")
-        proc = subprocess.run(["bash", str(ROOT / "export" / "fetch_onnxruntime_dev.sh"), str(dest)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"ONNX Runtime headers unavailable (Debian's libonnxruntime-dev): {proc.stderr[-300:]}")
-        include = proc.stdout.strip().splitlines()[-1]
+    if not (ORT_HEADERS / "onnxruntime_cxx_api.h").is_file():
+        pytest.skip(f"ONNX Runtime's C++ headers are not at {ORT_HEADERS} (set KEYEDGE_THIRD_PARTY)")
     capi = Path(onnxruntime.__file__).parent / "capi"
     lib = next(capi.glob("libonnxruntime.so.1.*"))
     libdir = tmp_path_factory.mktemp("ortlib")
     (libdir / "libonnxruntime.so.1").symlink_to(lib)  # the wheel ships only the versioned file
-    return include, libdir
+    return ORT_HEADERS, libdir
 
 
-def _build_package(root, run, key_path, onnxruntime_dev, *export_args):
+def _build_package(root: Path, prefix: Path, run, key_path, onnxruntime_dev, *export_args):
+    """Export, generate, build and install into ``prefix``; returns (package name, env)."""
     include, libdir = onnxruntime_dev
     assert keyedge("export", run, "--key", key_path, "-o", root / "art", *export_args).returncode == 0
     r = keyedge("bindings", root / "art", "-o", root / "cpp")
     assert r.returncode == 0, r.stderr
+    package = r.stdout.split("C++ package ", 1)[1].split()[0]
     cmake = ["cmake", "-S", str(root / "cpp"), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
              f"-DONNXRUNTIME_INCLUDE_DIR={include}", f"-DONNXRUNTIME_LIBRARY={libdir / 'libonnxruntime.so.1'}",
              "-DCMAKE_CXX_FLAGS=-Werror"]
     for cmd in (cmake, ["cmake", "--build", str(root / "build"), "-j", "2"],
-                ["cmake", "--install", str(root / "build"), "--prefix", str(root / "prefix")]):
+                ["cmake", "--install", str(root / "build"), "--prefix", str(prefix)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    env = {**os.environ, "LD_LIBRARY_PATH": str(libdir)}
-    return root, key_path, env
+    return package, {**os.environ, "LD_LIBRARY_PATH": str(libdir)}
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory, trained_keyed, onnxruntime_dev):
-    """A gather-mode artifact: the key is a graph input, bound from key.bin by the C++ runtime."""
+def installed(tmp_path_factory, trained_keyed, onnxruntime_dev):
+    """Two packages in one prefix: a gather artifact (the key bound from key.bin to the graph's key
+    input) and a kernel-mode one (the runtime's CPU twin of the CUDA kernel gathers)."""
     run, key_path, _, _ = trained_keyed
-    return _build_package(tmp_path_factory.mktemp("bindings"), run, key_path, onnxruntime_dev, "--mode", "gather")
+    root = tmp_path_factory.mktemp("bindings")
+    prefix = root / "prefix"
+    gather, env = _build_package(root / "gather", prefix, run, key_path, onnxruntime_dev, "--mode", "gather")
+    kernel, _ = _build_package(root / "kernel", prefix, run, key_path, onnxruntime_dev, "--mode", "kernel",
+                               "--input", "uint8", "--layout", "nhwc", "--dynamic-batch")
+    return prefix, key_path, env, {"gather": gather, "kernel": kernel}
 
 
 def _photo(size: int) -> np.ndarray:
@@ -70,81 +73,93 @@ def _photo(size: int) -> np.ndarray:
                             preserve_range=True).round().astype(np.uint8)
 
 
-def _classify(root, env, *args):
-    return subprocess.run([str(root / "prefix" / "bin" / "classify"), *map(str, args)],
+def _classify(prefix, package, env, *args):
+    return subprocess.run([str(prefix / "bin" / f"{package}_classify"), *map(str, args)],
                           capture_output=True, text=True, env=env)
 
 
-def _check_logits(root, key_path, env):
+def _model(prefix, package):
+    return prefix / "share" / package / "model.onnx"
+
+
+@pytest.mark.parametrize("mode", ["gather", "kernel"])
+def test_classify_matches_python_runner(installed, tmp_path, mode):
+    prefix, key_path, env, packages = installed
     img = _photo(16)
-    (root / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + img.tobytes())
-    model = root / "prefix" / "share" / "keyedge_model" / "model.onnx"
-    r = _classify(root, env, model, root / "photo.ppm", "--key", key_path, "--dump-logits", root / "logits.txt")
+    (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + img.tobytes())
+    model = _model(prefix, packages[mode])
+    r = _classify(prefix, packages[mode], env, model, tmp_path / "photo.ppm", "--key", key_path,
+                  "--dump-logits", tmp_path / "logits.txt")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "backend: onnxruntime-cpu" and len(lines) == 6  # backend + top-5
-    cpp = np.loadtxt(root / "logits.txt")
+    cpp = np.loadtxt(tmp_path / "logits.txt")
     with OnnxRunner(model, Key.load(key_path)) as runner:
-        from keyedge.onnx_export import to_input_spec
-
-        py = runner(to_input_spec(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255,
-                                  runner.manifest["input"]))[0]
+        py = runner(runner.input_spec.from_canonical(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255))[0]
     assert np.abs(cpp - py).max() <= 1e-4
     assert int(lines[1].split("\t")[0]) == int(py.argmax())
 
 
-def test_classify_matches_python_runner(package):
-    _check_logits(*package)
+def test_two_devices_packages_coexist_in_one_prefix(installed):
+    prefix, _, _, packages = installed
+    assert packages["gather"] != packages["kernel"]
+    for package in packages.values():
+        assert (prefix / "lib" / "cmake" / package / f"{package}Config.cmake").is_file()
+        assert (prefix / "include" / package / "keyedge_model.hpp").is_file()
+        assert not (prefix / "include" / package / "keyedge_model_config.hpp").exists()  # private
+        assert open_artifact(prefix / "share" / package).manifest.fold_mode in packages
+        targets = "".join(p.read_text() for p in (prefix / "lib" / "cmake" / package).glob("*Targets*.cmake"))
+        assert "onnxruntime" not in targets and "/tmp" not in targets  # relocatable: no absolute paths
 
 
-def test_kernel_mode_package_matches_python_runner(tmp_path, trained_keyed, onnxruntime_dev):
-    """--mode kernel: the C++ runtime does the key gather + normalisation (the CPU twin of the
-    CUDA kernel) before the graph; logits must match the Python runner."""
-    run, key_path, _, _ = trained_keyed
-    root, key_path, env = _build_package(tmp_path, run, key_path, onnxruntime_dev, "--mode", "kernel",
-                                         "--input", "uint8", "--layout", "nhwc", "--dynamic-batch")
-    _check_logits(root, key_path, env)
-
-
-def test_classify_reads_png(package, tmp_path):
+def test_classify_reads_png(installed, tmp_path):
     import matplotlib.image
 
-    root, key_path, env = package
+    prefix, key_path, env, packages = installed
     matplotlib.image.imsave(tmp_path / "photo.png", _photo(16))
-    model = root / "prefix" / "share" / "keyedge_model" / "model.onnx"
-    r = _classify(root, env, model, tmp_path / "photo.png", "--key", key_path)
+    r = _classify(prefix, packages["gather"], env, _model(prefix, packages["gather"]), tmp_path / "photo.png",
+                  "--key", key_path)
     assert r.returncode == 0, r.stderr
 
 
-def test_classify_bad_input(package, tmp_path):
-    root, key_path, env = package
-    model = root / "prefix" / "share" / "keyedge_model" / "model.onnx"
+def test_classify_bad_input(installed, tmp_path):
+    prefix, key_path, env, packages = installed
+    package = packages["gather"]
+    model = _model(prefix, package)
     (tmp_path / "big.ppm").write_bytes(b"P6\n32 32\n255\n" + _photo(32).tobytes())
     (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + _photo(16).tobytes())
     Key.generate(4, seed=99).save(tmp_path / "other.bin")
+    manifest = (model.parent / "manifest.json").read_text()
+    (tmp_path / "newer").mkdir()
+    shutil.copyfile(model, tmp_path / "newer" / "model.onnx")
+    (tmp_path / "newer" / "manifest.json").write_text(manifest.replace('"version": 1', '"version": 2', 1))
     cases = {
         "wrong key": ([model, tmp_path / "photo.ppm", "--key", tmp_path / "other.bin"], "does not match"),
         "no key": ([model, tmp_path / "photo.ppm"], "pass the key file"),
         "wrong size": ([model, tmp_path / "big.ppm", "--key", key_path], "but the model takes 16x16"),
         "missing image": ([model, tmp_path / "nope.ppm", "--key", key_path], "does not exist"),
         "missing model": ([tmp_path / "nope.onnx", tmp_path / "photo.ppm"], "does not exist"),
+        "newer manifest": ([tmp_path / "newer" / "model.onnx", tmp_path / "photo.ppm", "--key", key_path],
+                           "newer than this runtime reads"),
     }
     for name, (args, message) in cases.items():
-        r = _classify(root, env, *args)
+        r = _classify(prefix, package, env, *args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and message in lines[0], (name, r.stderr)
 
 
-def test_installed_cmake_package_is_findable(package, tmp_path, onnxruntime_dev):
-    root, _, _ = package
+def test_installed_cmake_packages_are_findable_together(installed, tmp_path):
+    prefix, _, _, packages = installed
     app = tmp_path / "app"
     app.mkdir()
+    finds = "".join(f"find_package({p} REQUIRED)\n" for p in packages.values())
     (app / "CMakeLists.txt").write_text(
-        "cmake_minimum_required(VERSION 3.20)\nproject(app CXX)\nset(CMAKE_CXX_STANDARD 17)\n"
-        "find_package(keyedge_model REQUIRED)\nadd_executable(app main.cpp)\n"
-        "target_link_libraries(app PRIVATE keyedge::keyedge_model)\n")
-    (app / "main.cpp").write_text('#include "keyedge_model.hpp"\nint main() { return 0; }\n')
-    for cmd in (["cmake", "-S", str(app), "-B", str(app / "build"), f"-DCMAKE_PREFIX_PATH={root / 'prefix'}"],
+        "cmake_minimum_required(VERSION 3.20)\nproject(app CXX)\nset(CMAKE_CXX_STANDARD 17)\n" + finds +
+        "add_executable(app main.cpp)\n"
+        f"target_link_libraries(app PRIVATE keyedge::{packages['gather']})\n")
+    (app / "main.cpp").write_text('#include "keyedge_model.hpp"\n'
+                                  "int main() { keyedge::Options o; return o.device; }\n")
+    for cmd in (["cmake", "-S", str(app), "-B", str(app / "build"), f"-DCMAKE_PREFIX_PATH={prefix}"],
                 ["cmake", "--build", str(app / "build")]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -152,4 +167,6 @@ def test_installed_cmake_package_is_findable(package, tmp_path, onnxruntime_dev)
 
 def test_bindings_refuses_a_non_artifact(tmp_path):
     r = keyedge("bindings", tmp_path, "-o", tmp_path / "cpp")
-    assert r.returncode == 2 and "no exported artifact" in r.stderr and not (tmp_path / "cpp").exists()
+    assert r.returncode == 2 and "holds no keyedge artifact" in r.stderr and not (tmp_path / "cpp").exists()
+    r = keyedge("bindings", tmp_path, "-o", tmp_path / "cpp2", "--name", "bad name")
+    assert r.returncode == 2 and not (tmp_path / "cpp2").exists()

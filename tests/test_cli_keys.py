@@ -1,24 +1,19 @@
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 
 from keyedge import Key
 
-from .test_keys import malformed_key_files
+from .helpers import keyedge, keyedge_process, malformed_key_files
 
 
-def keyedge(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "keyedge.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
-
-
-def test_help_lists_commands():
-    out = keyedge("--help").stdout
-    for cmd in ("keygen", "key"):
-        assert cmd in out
+def test_help_lists_commands_as_its_own_process():
+    """Smoke test of the real entry point: `python -m keyedge.cli --help` lists every command."""
+    r = keyedge_process("--help")
+    assert r.returncode == 0, r.stderr
+    for cmd in ("keygen", "key", "train", "eval", "demo", "export", "parity", "build", "bench", "bindings"):
+        assert cmd in r.stdout
 
 
 def test_keygen_and_inspect(tmp_path):

@@ -1,10 +1,10 @@
 """Bad input to train / eval: one line on stderr, exit 2, nothing half-written."""
 
-import pytest
+import json
 
 from keyedge import Key
 
-from .test_cli_keys import keyedge
+from .helpers import keyedge
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "1",
              "--embed-dim", "24", "--heads", "2", "--num-classes", "10"]
@@ -52,10 +52,19 @@ def test_eval_refuses_mismatched_key_and_missing_run(tmp_path, trained_plain):
     _assert_refused(keyedge("eval", tmp_path / "nope", "-o", out), out, "does not exist")
 
 
-@pytest.mark.slow
-def test_eval_end_to_end_on_a_plain_run(tmp_path, trained_plain):
+def test_eval_end_to_end_and_the_output_rule(tmp_path, trained_plain):
+    """eval writes its report; a non-empty -o needs --force, and --force keeps the user's files."""
     run, _, _ = trained_plain
     out = tmp_path / "report"
-    r = keyedge("eval", run, "-o", out, "--base", run, "--n", "32", "--steps", "2", "--autoattack", "off")
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["eval", run, "-o", out, "--base", run, "--n", "16", "--steps", "1", "--autoattack", "off"]
+    r = keyedge(*args)
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert {p.name for p in out.iterdir()} == {"notes.txt"}
+    r = keyedge(*args, "--force")
     assert r.returncode == 0, r.stderr
-    assert {"report.md", "results.json", "robust_vs_eps.png"} <= {p.name for p in out.iterdir()}
+    assert {"report.md", "results.json", "robust_vs_eps.png", "notes.txt"} <= {p.name for p in out.iterdir()}
+    assert (out / "notes.txt").read_text() == "mine"
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"][run.name]["clean"] > 0.5

@@ -6,17 +6,23 @@ import pytest
 from onnx import numpy_helper
 
 from keyedge import Key
-from keyedge.onnx_export import ExportOptions, METADATA_KEY, export_onnx, read_manifest
-from keyedge.runs import read_run_manifest
+from keyedge.artifacts import METADATA_KEY, ArtifactManifest, read_onnx_manifest, read_run
+from keyedge.data import run_images
+from keyedge.onnx_export import ExportOptions, export_onnx
+from keyedge.pipeline import verify
 
-from .test_cli_keys import keyedge
+from .helpers import keyedge
 
 
 def _export(tmp_path, trained, **opts):
+    """Export, then verify against PyTorch on 16 real images through the runner's batching."""
     run, _, key, keyed = trained
     out = tmp_path / "art"
     out.mkdir()
-    manifest, report = export_onnx(keyed, out, ExportOptions(**opts), read_run_manifest(run))
+    run_manifest = read_run(run)
+    manifest = export_onnx(keyed, out, ExportOptions(**opts), run_manifest)
+    report = verify(out / "model.onnx", keyed, manifest, run_images(run_manifest, 16)[0])
+    assert report["images"] == 16 and {"random", "real"} <= set(report)
     return out / "model.onnx", manifest, report, key
 
 
@@ -45,9 +51,10 @@ def _contains(arrays, seq):
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_export_matches_reference(tmp_path, trained_keyed, mode, kind, layout):
     path, manifest, report, _ = _export(tmp_path, trained_keyed, mode=mode, input=kind, layout=layout, batch=2)
-    assert report["passed"] and report["random"]["rel_error"] <= 1e-4
-    assert manifest["fold_mode"] == mode and manifest["input"]["layout"] == layout.upper()
-    assert manifest["contains_key"] == (mode == "fused")
+    assert report["passed"] and report["random"]["rel_error"] <= 1e-4 and report["real"]["rel_error"] <= 1e-4
+    assert report["real"]["top1_agreement"] == 1.0
+    assert manifest.fold_mode == mode and manifest.input.layout == layout.upper() and manifest.input.batch == 2
+    assert manifest.contains_key == (mode == "fused")
 
 
 def test_onnx_structure_manifest_and_no_key_in_gather(tmp_path, trained_keyed):
@@ -58,9 +65,10 @@ def test_onnx_structure_manifest_and_no_key_in_gather(tmp_path, trained_keyed):
     assert any(n.op_type == "Gather" for n in model.graph.node)
     assert not any(i.HasField("data_location") and i.data_location == 1 for i in model.graph.initializer)
     props = {p.key: p.value for p in model.metadata_props}
-    embedded = json.loads(props[METADATA_KEY])
-    assert embedded == read_manifest(path) == json.loads((path.parent / "manifest.json").read_text())
-    assert embedded["key_fingerprint"] == key.fingerprint and embedded["key_input"] == "key_perm"
+    embedded = ArtifactManifest.from_json(props[METADATA_KEY])
+    assert embedded == read_onnx_manifest(path) == ArtifactManifest.read(path.parent / "manifest.json") == manifest
+    assert embedded.key_fingerprint == key.fingerprint and embedded.key_input == "key_perm"
+    assert (embedded.format, embedded.version) == ("keyedge-artifact", 1)
     assert [i.name for i in model.graph.input] == ["images", "key_perm"]
     assert not _contains(_int_payloads(path), key.perm) and not _contains(_int_payloads(path), key.inverse)
     text = path.read_bytes() + (path.parent / "manifest.json").read_bytes()
@@ -69,7 +77,7 @@ def test_onnx_structure_manifest_and_no_key_in_gather(tmp_path, trained_keyed):
     (tmp_path / "e").mkdir()
     embedded_path, m2, _, _ = _export(tmp_path / "e", trained_keyed, mode="gather", embed_key=True)
     assert _contains(_int_payloads(embedded_path), key.perm)
-    assert m2["contains_key"] and "secret" in m2["secret"]
+    assert m2.contains_key and "secret" in m2.secret
 
 
 @pytest.mark.parametrize("precision,method", [("fp16", "dynamic"), ("int8", "dynamic"), ("int8", "static")])
@@ -131,7 +139,7 @@ def test_export_bad_input(tmp_path, trained_keyed, trained_keyed_other, tmp_path
 def test_export_refuses_unfoldable_key_and_missing_base(tmp_path, trained_plain):
     from keyedge.train import train
 
-    from .conftest import tiny_train_config
+    from .helpers import tiny_train_config
 
     base_dir, _, _ = trained_plain
     Key.generate(8, seed=0).save(tmp_path / "k8.bin")
@@ -141,7 +149,7 @@ def test_export_refuses_unfoldable_key_and_missing_base(tmp_path, trained_plain)
     _refused(r, out)
     assert "--mode gather" in r.stderr
     ok = keyedge("export", tmp_path / "m8", "--key", tmp_path / "k8.bin", "-o", out)  # gather by default
-    assert ok.returncode == 0 and read_manifest(out / "model.onnx")["fold_mode"] == "gather"
+    assert ok.returncode == 0 and read_onnx_manifest(out / "model.onnx").fold_mode == "gather"
     # a LoRA run whose base checkpoint is gone
     (tmp_path / "base.safetensors").write_bytes((base_dir / "model.safetensors").read_bytes())
     Key.generate(4, seed=0).save(tmp_path / "k4.bin")
@@ -159,7 +167,7 @@ def test_kernel_mode_export_holds_no_key_and_keeps_parity(tmp_path, trained_keye
     path, manifest, report, _ = _export(tmp_path, trained_keyed, mode="kernel", input="uint8", layout="nhwc",
                                         batch=None)
     assert report["passed"] and report["random"]["rel_error"] <= 1e-4
-    assert manifest["preprocess"]["graph_input"]["name"] == "pixels" and not manifest["contains_key"]
+    assert manifest.preprocess.graph_input.name == "pixels" and not manifest.contains_key
     assert [i.name for i in onnx.load(str(path)).graph.input] == ["pixels"]
     assert not _contains(_int_payloads(path), key.perm) and not _contains(_int_payloads(path), key.inverse)
     r = keyedge("parity", "--reference", run, "--key", key_path, path, "--n", "100")
@@ -167,3 +175,24 @@ def test_kernel_mode_export_holds_no_key_and_keeps_parity(tmp_path, trained_keye
     with pytest.raises(Exception, match="--input uint8 --layout nhwc"):
         (tmp_path / "k2").mkdir()
         _export(tmp_path / "k2", trained_keyed, mode="kernel")
+
+
+def test_newer_or_foreign_manifest_is_refused_in_one_line(tmp_path, trained_keyed):
+    """Every manifest read checks its format name and version."""
+    run, key_path, _, _ = trained_keyed
+    out = tmp_path / "art"
+    assert keyedge("export", run, "--key", key_path, "-o", out, "--mode", "gather").returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    model = onnx.load(str(out / "model.onnx"))
+    for change, needle in (({"version": 2}, "newer than this keyedge reads"),
+                           ({"format": "something-else"}, "not a keyedge artifact manifest")):
+        prop = next(p for p in model.metadata_props if p.key == METADATA_KEY)
+        prop.value = json.dumps({**manifest, **change})
+        onnx.save(model, str(tmp_path / "changed.onnx"))
+        r = keyedge("parity", "--reference", run, "--key", key_path, tmp_path / "changed.onnx", "--n", "8")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    run_manifest = json.loads((run / "manifest.json").read_text())
+    (tmp_path / "newrun").mkdir()
+    (tmp_path / "newrun" / "manifest.json").write_text(json.dumps({**run_manifest, "version": 7}))
+    r = keyedge("export", tmp_path / "newrun", "--key", key_path, "-o", tmp_path / "x")
+    assert r.returncode == 2 and "version 7" in r.stderr and not (tmp_path / "x").exists()

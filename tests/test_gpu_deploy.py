@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +12,12 @@ import torch
 from keyedge import Key, block_shuffle
 from keyedge.errors import KeyedgeError
 from keyedge.kernels import reference_preprocess
-from keyedge.targets import TARGETS_DIR, available_targets, load_target
+from keyedge.resources import resource
+from keyedge.targets import available_targets, load_target
+from keyedge.tensorrt import tensorrt_available
 
-from .test_cli_keys import keyedge
+from .helpers import ROOT, fake_engine, keyedge
 
-ROOT = Path(__file__).resolve().parent.parent
 HAS_GPU = torch.cuda.is_available()
 HAS_NVCC = shutil.which("nvcc") is not None and shutil.which("cmake") is not None
 
@@ -81,7 +81,7 @@ def test_target_profiles_parse_and_validate():
 ])
 def test_broken_profile_refused(tmp_path, edit, message):
     path = tmp_path / "broken.toml"
-    path.write_text(edit((TARGETS_DIR / "desktop.toml").read_text()))
+    path.write_text(edit(resource("targets", "desktop.toml").read_text()))
     with pytest.raises(KeyedgeError, match=message):
         load_target(path)
 
@@ -115,7 +115,10 @@ def test_build_plan(tmp_path, exported, target, artifact, flags):
     out = tmp_path / "plan"
     r = keyedge("build", exported / artifact, "--target", target, "-o", out)
     assert r.returncode == 0, r.stderr
-    assert "did not build an engine here" in r.stdout  # no TensorRT / GPU on this machine
+    built = (out / "model.engine").is_file()
+    assert built == ("did not build an engine here" not in r.stdout)
+    if not tensorrt_available() or target.startswith("jetson"):  # Jetson engines are built on the Jetson
+        assert not built
     files = {p.name for p in out.iterdir()}
     assert {"model.onnx", "manifest.json", "build_engine.sh", "bench_engine.sh"} <= files
     build_sh, bench_sh = (out / "build_engine.sh").read_text(), (out / "bench_engine.sh").read_text()
@@ -132,7 +135,7 @@ def test_build_plan(tmp_path, exported, target, artifact, flags):
         assert ref in build_sh and (out / ref).is_file()
     assert "model.engine" in bench_sh and "model.engine" in build_sh
     plan = json.loads((out / "manifest.json").read_text())
-    assert plan["target"]["name"] == target and plan["tensorrt_version"] is None
+    assert plan["format"] == "keyedge-build-plan" and plan["version"] == 1 and plan["target"]["name"] == target
     assert plan["key_fingerprint"] == json.loads((exported / artifact / "manifest.json").read_text())["key_fingerprint"]
     assert subprocess.run(["bash", "-n", str(out / "build_engine.sh")]).returncode == 0
     assert subprocess.run(["bash", "-n", str(out / "bench_engine.sh")]).returncode == 0
@@ -143,17 +146,32 @@ def test_build_refuses_wrong_precision_for_strongly_typed(tmp_path, exported):
     assert r.returncode == 2 and "--precision fp16" in r.stderr and not (tmp_path / "plan").exists()
 
 
-def test_tensorrt_runner_without_tensorrt_gives_install_hint(tmp_path, exported):
+def test_build_engine_script_writes_the_engine_manifest(tmp_path, exported):
+    """build_engine.sh, run with a stand-in trtexec, leaves a model.engine.json that reads as an engine manifest."""
+    from keyedge.artifacts import EngineManifest, open_artifact
+
+    out = tmp_path / "plan"
+    assert keyedge("build", exported / "fp32", "--target", "jetson-orin", "-o", out).returncode == 0
+    fake = tmp_path / "trtexec"
+    fake.write_text('#!/usr/bin/env bash\necho "&&&& RUNNING TensorRT v100300 # trtexec"\n'
+                    'for a in "$@"; do case $a in --saveEngine=*) echo engine > "${a#--saveEngine=}";; esac; done\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(out / "build_engine.sh")], capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "TRTEXEC": str(fake)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    engine = EngineManifest.read(out / "model.engine.json")
+    assert engine.tensorrt_version == "100300" and engine.target.name == "jetson-orin"
+    assert engine.key_fingerprint == json.loads((out / "manifest.json").read_text())["key_fingerprint"]
+    assert open_artifact(out).kind == "engine"
+
+
+def test_tensorrt_runner_refuses_what_it_cannot_load(tmp_path, exported):
+    """Without TensorRT: the install hint. With it: TensorRT's refusal of a file that is no engine."""
     from keyedge.runners import open_runner
 
-    engine = tmp_path / "model.engine"
-    engine.write_bytes(b"not an engine")
-    (tmp_path / "model.engine.json").write_text((exported / "fp32" / "manifest.json").read_text())
-    from keyedge.tensorrt import tensorrt_available
-
-    if tensorrt_available():
-        pytest.skip("TensorRT is installed here")
-    with pytest.raises(KeyedgeError, match="TensorRT is not installed"):
+    engine = fake_engine(exported / "fp32", tmp_path)
+    expected = "could not load" if tensorrt_available() else "TensorRT is not installed"
+    with pytest.raises(KeyedgeError, match=expected):
         with open_runner(engine):
             pass
 

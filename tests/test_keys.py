@@ -1,14 +1,14 @@
-import hashlib
 import math
 import os
 import stat
-import struct
 
 import numpy as np
 import pytest
 
 from keyedge import Key
 from keyedge.errors import KeyFileError
+
+from .helpers import malformed_key_files
 
 
 def test_roundtrip_and_mode(tmp_path):
@@ -54,32 +54,6 @@ def test_repr_hides_permutation():
 
 def test_keyspace():
     assert Key.generate(4).log10_keyspace == pytest.approx(math.log10(math.factorial(48)))
-
-
-def _reseal(body: bytes) -> bytes:
-    return body + hashlib.sha256(body).digest()
-
-
-def malformed_key_files() -> dict[str, tuple[bytes, str]]:
-    good = Key.generate(2, seed=0).to_bytes()
-    body = good[:-32]
-    perm_offset = 20
-    not_perm = bytearray(body)
-    not_perm[perm_offset:perm_offset + 4] = not_perm[perm_offset + 4:perm_offset + 8]  # duplicate value
-    bad_dims = bytearray(body)
-    bad_dims[12:14] = struct.pack("<H", 3)  # block size 3 but 12 values
-    tampered = bytearray(good)
-    tampered[perm_offset] ^= 1
-    return {
-        "empty": (b"", "empty"),
-        "truncated header": (good[:10], "truncated"),
-        "truncated body": (good[:-5], "truncated"),
-        "wrong magic": (b"NOTAKEY\x00" + good[8:], "wrong magic"),
-        "unknown version": (_reseal(body[:8] + struct.pack("<H", 9) + body[10:]), "version 9"),
-        "integrity": (bytes(tampered), "integrity"),
-        "not a permutation": (_reseal(bytes(not_perm)), "not a permutation"),
-        "dimension mismatch": (_reseal(bytes(bad_dims)), "does not match"),
-    }
 
 
 @pytest.mark.parametrize("case", sorted(malformed_key_files()))

@@ -5,7 +5,7 @@ from peft import PeftModel
 from keyedge import Key, KeyedClassifier, attach_lora, merge_lora
 from keyedge.lora import count_parameters, load_adapter, save_adapter
 
-from .conftest import rel_err, tiny_vit
+from .helpers import rel_err, tiny_vit
 
 
 def _train_a_few_steps(model, steps=5):

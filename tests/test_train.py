@@ -7,14 +7,14 @@ from keyedge.errors import KeyedgeError
 from keyedge.runs import load_run
 from keyedge.train import train
 
-from .conftest import tiny_train_config
+from .helpers import tiny_train_config
 
 
 def test_training_lowers_loss_and_learns(trained_plain):
     _, manifest, _ = trained_plain
-    history = manifest["history"]
+    history = manifest.history
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.3
-    assert manifest["metrics"]["test_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert manifest.metrics["test_acc"] > 0.5  # 10 classes: chance is 0.1
 
 
 def test_resume_continues_and_refuses_another_key(tmp_path):
@@ -25,11 +25,11 @@ def test_resume_continues_and_refuses_another_key(tmp_path):
     first = train(tiny_train_config(run, key=str(tmp_path / "k.bin"), epochs=3, max_steps=None), console=None)
     # pretend training stopped after epoch 2 of 3: resume must redo only epoch 3
     state_epoch2 = train(tiny_train_config(tmp_path / "run2", key=str(tmp_path / "k.bin"), epochs=2))
-    steps_per_epoch = state_epoch2["history"][0]["step"]
+    steps_per_epoch = state_epoch2.history[0]["step"]
     resumed = train(tiny_train_config(tmp_path / "run2", key=str(tmp_path / "k.bin"), epochs=3,
                                       resume=True, force=False))
-    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    assert resumed["history"][-1]["step"] == 3 * steps_per_epoch == first["history"][-1]["step"]
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["step"] == 3 * steps_per_epoch == first.history[-1]["step"]
     before = (run / "manifest.json").read_bytes()
     with pytest.raises(KeyedgeError, match="does not match"):
         train(tiny_train_config(run, key=str(tmp_path / "other.bin"), epochs=4, resume=True, force=False))
@@ -52,9 +52,9 @@ def test_lora_run_reports_per_key_storage(tmp_path, trained_plain):
                                 checkpoint=str(base_dir / "model.safetensors")))
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "lora" / "model.safetensors").exists()
-    assert 0 < m["trainable_params"] < m["total_params"]
-    assert m["per_key_bytes"] < m["full_model_bytes"] / 2
-    assert m["base_checkpoint"]["sha256"]
+    assert 0 < m.trainable_params < m.total_params
+    assert m.per_key_bytes < m.full_model_bytes / 2
+    assert m.base_checkpoint.sha256
 
 
 def test_existing_run_dir_needs_resume_or_force(tmp_path):

@@ -1,34 +1,35 @@
-"""One interface, several backends: ``runner(images) -> logits``.
+"""One interface, several backends: ``with open_runner(path, key) as r: logits = r(images)``.
 
-``images`` are plain images exactly as the runner's ``manifest["input"]`` describes
-(dtype, layout, range); logits come back as a float32 numpy array. Parity and
-bench only use this interface and never special-case a backend.
+``images`` are plain images exactly as the artifact's input spec describes; logits
+come back as a float32 numpy array. Parity, bench and verification only use this
+interface and never special-case a backend.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import KeyedgeError
+from ..artifacts import Artifact, EngineManifest, open_artifact
 from ..keys import Key
 from .base import Runner
 from .onnxruntime import OnnxRunner
 from .torch import TorchRunner
 
-__all__ = ["Runner", "TorchRunner", "OnnxRunner", "open_runner"]
+__all__ = ["Runner", "TorchRunner", "OnnxRunner", "open_runner", "runner_for"]
 
 
-def open_runner(artifact: str | Path, key: Key | None = None, *, device: str = "cpu") -> Runner:
-    """A runner for a run directory (torch), an ``.onnx`` file or a TensorRT ``.engine``."""
-    path = Path(artifact)
-    if path.is_dir():
-        return TorchRunner(path, key, device=device)
-    if path.suffix == ".onnx":
-        return OnnxRunner(path, key, device=device)
-    if path.suffix in (".engine", ".plan"):
-        from .tensorrt import TensorRTRunner
+def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu") -> Runner:
+    """The runner of a resolved artifact: torch for runs, ONNX Runtime for .onnx, TensorRT for engines."""
+    if artifact.kind == "run":
+        return TorchRunner(artifact.path, key, device=device)
+    if artifact.kind == "onnx":
+        return OnnxRunner(artifact.path, key, device=device, manifest=artifact.manifest)  # type: ignore[arg-type]
+    from .tensorrt import TensorRTRunner
 
-        return TensorRTRunner(path, key)
-    if not path.exists():
-        raise KeyedgeError(f"artifact {path} does not exist")
-    raise KeyedgeError(f"{path}: unknown artifact type (expected a run directory, .onnx or .engine)")
+    assert isinstance(artifact.manifest, EngineManifest)
+    return TensorRTRunner(artifact.path, key, manifest=artifact.manifest)
+
+
+def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu") -> Runner:
+    """A runner (not yet active) for a run directory, an export/build directory, .onnx or .engine."""
+    return runner_for(open_artifact(path), key, device=device)

@@ -1,21 +1,61 @@
-"""The runner interface (after Polygraphy's runners: activate, infer, deactivate)."""
+"""The runner interface, after Polygraphy's runners: activate, infer, deactivate.
+
+``with runner: logits = runner(images)``. ``activate`` acquires everything (sessions,
+engines, device memory, streams); ``deactivate`` frees all of it; ``infer`` on an
+inactive runner is refused. ``images`` are plain images exactly as the artifact's
+input spec describes; logits come back as float32 numpy arrays. Parity, bench and
+verification use only this interface and never special-case a backend.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
-
 import numpy as np
 
+from ..artifacts import ArtifactInput, ArtifactManifest, RunManifest, check_key, needs_key
 from ..errors import KeyedgeError
 from ..keys import Key
 
 
 class Runner(ABC):
-    """``with Runner(artifact) as r: logits = r(images)``."""
+    """A backend behind one lifecycle; subclasses implement ``_activate``, ``_deactivate``, ``infer``."""
 
     name: str = "runner"
-    manifest: dict[str, Any]
+    manifest: ArtifactManifest | RunManifest
+    input_spec: ArtifactInput  # what __call__ takes
+
+    def __init__(self) -> None:
+        self._active = False
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision if isinstance(self.manifest, ArtifactManifest) else "fp32"
+
+    @property
+    def fold_mode(self) -> str:
+        """fused / gather / kernel / plain for exported artifacts; ``reference`` for a PyTorch run."""
+        return self.manifest.fold_mode if isinstance(self.manifest, ArtifactManifest) else "reference"
+
+    def activate(self) -> None:
+        """Load the model: sessions, engines, buffers, streams. Idempotent."""
+        if self._active:
+            return
+        try:
+            self._activate()
+        except BaseException:
+            self._deactivate()  # free what a half-done activation acquired
+            raise
+        self._active = True
+
+    def deactivate(self) -> None:
+        """Free everything ``activate`` acquired. Idempotent."""
+        if self._active:
+            self._active = False
+            self._deactivate()
 
     def __enter__(self) -> "Runner":
         self.activate()
@@ -24,42 +64,46 @@ class Runner(ABC):
     def __exit__(self, *exc: object) -> None:
         self.deactivate()
 
-    def activate(self) -> None:
-        """Load the model / create sessions, buffers, streams."""
+    @abstractmethod
+    def _activate(self) -> None: ...
 
-    def deactivate(self) -> None:
-        """Release what ``activate`` acquired."""
+    @abstractmethod
+    def _deactivate(self) -> None: ...
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> np.ndarray:
-        """Logits (float32, (N, classes)) for images as ``manifest['input']`` describes."""
+        """Logits (float32, (N, classes)) for one batch the backend accepts as is."""
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        spec = self.manifest["input"]
+        """Logits for any number of images; a fixed-batch artifact gets them in padded chunks."""
+        if not self._active:
+            raise KeyedgeError(f"{self.name} runner is not active: use it as `with runner:` or call activate()")
+        spec = self.input_spec
         images = np.asarray(images)
-        if images.dtype != np.dtype(spec["dtype"]):
-            raise KeyedgeError(f"{self.name} takes {spec['dtype']} images, got {images.dtype}")
-        batch = spec.get("batch")
-        if isinstance(batch, int) and images.shape[0] != batch:
+        if images.dtype != np.dtype(spec.dtype):
+            raise KeyedgeError(f"{self.name} takes {spec.dtype} images, got {images.dtype}")
+        if images.shape[1:] != spec.shape(1)[1:]:
+            raise KeyedgeError(f"{self.name} takes images of shape {spec.shape(1)[1:]}, got {images.shape[1:]}")
+        batch = spec.fixed_batch
+        if batch is not None and images.shape[0] != batch:
             return np.concatenate([self.infer(chunk) for chunk in _fixed_batches(images, batch)])[:len(images)]
         return self.infer(images)
 
-    @staticmethod
-    def needs_key(manifest: dict[str, Any]) -> bool:
-        """Gather artifacts with a key input, and kernel-preprocessed ones, take the key at run time."""
-        return bool(manifest.get("key_input") or manifest.get("preprocess"))
 
-    @staticmethod
-    def check_key(manifest: dict[str, Any], key: Key | None, where: str, *, needs_key: bool) -> None:
-        """An artifact that takes the key at run time needs the right one; others ignore it
-        (parity reports a fused artifact made with another key as a failure)."""
-        if not needs_key:
-            return
-        if key is None:
-            raise KeyedgeError(f"{where} takes the key at run time; pass --key")
-        expected = manifest.get("key_fingerprint")
-        if key.fingerprint != expected:
-            raise KeyedgeError(f"key fingerprint {key.fingerprint} does not match {where} ({expected})")
+def checked_key(manifest: ArtifactManifest | RunManifest, key: Key | None, where: str) -> Key | None:
+    """The key the artifact takes at run time (None when it takes none), after the key rule."""
+    check_key(manifest, key, where)
+    return key if needs_key(manifest) else None
+
+
+def graph_feed(images: np.ndarray, manifest: ArtifactManifest, key: Key | None) -> np.ndarray:
+    """What the graph's first input takes: the images, or for ``--mode kernel`` their keyed
+    preprocessing (the CPU twin of the CUDA kernel, bit-exact with it)."""
+    if manifest.preprocess is None:
+        return np.ascontiguousarray(images)
+    from ..kernels import reference_preprocess
+
+    return reference_preprocess(images, key, manifest.preprocess.mean, manifest.preprocess.std)
 
 
 def _fixed_batches(images: np.ndarray, batch: int):
@@ -69,3 +113,6 @@ def _fixed_batches(images: np.ndarray, batch: int):
         if len(chunk) < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
         yield chunk
+
+
+__all__ = ["Runner", "checked_key", "graph_feed"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..artifacts import ArtifactManifest, read_onnx_manifest
 from ..errors import KeyedgeError
 from ..keys import Key
-from .base import Runner
+from .base import Runner, checked_key, graph_feed
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -18,28 +20,26 @@ PROVIDERS = {
 
 
 class OnnxRunner(Runner):
-    def __init__(self, path: str | Path, key: Key | None = None, *, device: str = "cpu",
-                 threads: int | None = None) -> None:
-        from ..onnx_export import read_manifest
+    manifest: ArtifactManifest
 
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self.key_input = self.manifest.get("key_input")
-        self.check_key(self.manifest, key, f"artifact {self.path}", needs_key=self.needs_key(self.manifest))
-        self.key = key
+    def __init__(self, path: str | Path, key: Key | None = None, *, device: str = "cpu",
+                 threads: int | None = None, manifest: ArtifactManifest | None = None) -> None:
+        super().__init__()
         if device not in PROVIDERS:
             raise KeyedgeError(f"device must be one of {', '.join(PROVIDERS)}")
+        self.path = Path(path)
+        self.manifest = manifest or read_onnx_manifest(self.path)
+        self.input_spec = self.manifest.input
+        self.key = checked_key(self.manifest, key, f"artifact {self.path}")
         self.device, self.threads = device, threads
         self.name = f"onnxruntime-{device}"
-        self.session = None
+        self.session: Any = None
+        self._feed_extra: dict[str, np.ndarray] = {}
 
-    def activate(self) -> None:
+    def _activate(self) -> None:
         import onnxruntime as ort
 
-        if self.session is not None:
-            return
         available = ort.get_available_providers()
-        wanted = [p for p in PROVIDERS[self.device] if p in available]
         if PROVIDERS[self.device][0] not in available:
             raise KeyedgeError(f"ONNX Runtime here has no {PROVIDERS[self.device][0]} "
                                f"(available: {', '.join(available)}); install onnxruntime-gpu")
@@ -47,19 +47,16 @@ class OnnxRunner(Runner):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        wanted = [p for p in PROVIDERS[self.device] if p in available]
         self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
-        self._feed_extra = {}
-        if self.key_input is not None:
-            self._feed_extra[self.key_input] = np.ascontiguousarray(self.key.perm, dtype=np.int64)
+        if self.manifest.key_input is not None:
+            assert self.key is not None  # checked_key
+            self._feed_extra = {self.manifest.key_input: np.ascontiguousarray(self.key.perm, dtype=np.int64)}
 
-    def deactivate(self) -> None:
+    def _deactivate(self) -> None:
         self.session = None
+        self._feed_extra = {}
 
     def infer(self, images: np.ndarray) -> np.ndarray:
-        if self.session is None:
-            self.activate()
-        from ..onnx_export import graph_feed, graph_input_name
-
-        feed = {graph_input_name(self.manifest): np.ascontiguousarray(graph_feed(images, self.manifest, self.key)),
-                **self._feed_extra}
-        return self.session.run([self.manifest["output"]["name"]], feed)[0].astype(np.float32)
+        feed = {self.manifest.graph_input.name: graph_feed(images, self.manifest, self.key), **self._feed_extra}
+        return self.session.run([self.manifest.output.name], feed)[0].astype(np.float32)

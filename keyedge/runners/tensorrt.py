@@ -2,20 +2,22 @@
 
 Device memory and streams come from cuda-python (``cuda.bindings.runtime``), or from
 pycuda where cuda-python is absent. The engine's manifest is its sidecar
-``<engine>.json``. TensorRT and CUDA are imported when the runner is activated.
+``<engine>.json`` (:class:`~keyedge.artifacts.EngineManifest`). TensorRT and CUDA are
+imported when the runner is activated; ``deactivate`` frees the device buffers, the
+CUDA graph and the stream it created.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..artifacts import EngineManifest, engine_manifest_path
 from ..errors import KeyedgeError
 from ..keys import Key
-from .base import Runner
+from .base import Runner, checked_key, graph_feed
 
 
 class _CudaRuntime:
@@ -79,27 +81,40 @@ class _CudaRuntime:
         else:
             stream.synchronize()
 
+    def destroy_stream(self, stream: Any) -> None:
+        if self.cudart:
+            self.cudart.cudaStreamDestroy(stream)  # pycuda streams free themselves
+
+    def destroy_graph(self, graph_exec: Any) -> None:
+        if self.cudart and graph_exec is not None:
+            self.cudart.cudaGraphExecDestroy(graph_exec)
+
 
 class TensorRTRunner(Runner):
-    def __init__(self, path: str | Path, key: Key | None = None, *, cuda_graph: bool = False) -> None:
+    manifest: EngineManifest
+
+    def __init__(self, path: str | Path, key: Key | None = None, *, cuda_graph: bool = False,
+                 manifest: EngineManifest | None = None) -> None:
+        super().__init__()
         self.path = Path(path)
         if not self.path.is_file():
             raise KeyedgeError(f"engine {self.path} does not exist")
-        sidecar = self.path.with_name(self.path.name + ".json")
-        if not sidecar.is_file():
-            raise KeyedgeError(f"engine {self.path} has no manifest {sidecar.name} beside it")
-        self.manifest = json.loads(sidecar.read_text())
-        self.key_input = self.manifest.get("key_input")
-        self.check_key(self.manifest, key, f"engine {self.path}", needs_key=self.needs_key(self.manifest))
-        self.key, self.cuda_graph = key, cuda_graph
+        self.manifest = manifest or EngineManifest.read(engine_manifest_path(self.path))
+        self.input_spec = self.manifest.input
+        self.key = checked_key(self.manifest, key, f"engine {self.path}")
+        self.cuda_graph = cuda_graph
         self.name = "tensorrt" + ("-graph" if cuda_graph else "")
         self.engine: Any = None
+        self.context: Any = None
+        self.runtime: Any = None
+        self.cuda: _CudaRuntime | None = None
+        self.stream: Any = None
+        self.buffers: dict[str, tuple[Any, int]] = {}
+        self.graph_exec: Any = None
 
-    def activate(self) -> None:
+    def _activate(self) -> None:
         from ..tensorrt import import_tensorrt
 
-        if self.engine is not None:
-            return
         trt = import_tensorrt()
         self.trt = trt
         self.cuda = _CudaRuntime()
@@ -109,43 +124,46 @@ class TensorRTRunner(Runner):
             raise KeyedgeError(f"TensorRT could not load {self.path} (built for another GPU or TensorRT version?)")
         self.context = self.engine.create_execution_context()
         self.stream = self.cuda.stream()
-        self.buffers: dict[str, tuple[Any, int]] = {}
-        self.graph_exec: Any = None
-        self.graph_shape: tuple[int, ...] | None = None
 
-    def deactivate(self) -> None:
-        if self.engine is None:
-            return
-        for mem, _ in self.buffers.values():
-            self.cuda.free(mem)
+    def _deactivate(self) -> None:
+        cuda = self.cuda
+        if cuda is not None:
+            self._drop_graph()
+            for mem, _ in self.buffers.values():
+                cuda.free(mem)
+            if self.stream is not None:
+                cuda.destroy_stream(self.stream)
         self.buffers.clear()
-        self.context = self.engine = None
+        self.stream = self.context = self.engine = self.runtime = self.cuda = None
+
+    def _drop_graph(self) -> None:
+        if self.cuda is not None:
+            self.cuda.destroy_graph(self.graph_exec)
+        self.graph_exec = None
 
     def _buffer(self, name: str, nbytes: int) -> Any:
+        assert self.cuda is not None
         mem, size = self.buffers.get(name, (None, 0))
         if size < nbytes:
             if mem is not None:
                 self.cuda.free(mem)
             mem = self.cuda.malloc(nbytes)
             self.buffers[name] = (mem, nbytes)
-            self.graph_exec = None  # addresses changed
+            self._drop_graph()  # addresses changed: capture again
         return mem
 
     def infer(self, images: np.ndarray) -> np.ndarray:
-        if self.engine is None:
-            self.activate()
-        from ..onnx_export import graph_feed, graph_input_name
-
-        trt = self.trt
-        images = np.ascontiguousarray(graph_feed(images, self.manifest, self.key))
-        in_name, out_name = graph_input_name(self.manifest), self.manifest["output"]["name"]
+        assert self.cuda is not None
+        trt, m = self.trt, self.manifest
+        images = graph_feed(images, m, self.key)
+        in_name, out_name = m.graph_input.name, m.output.name
         if tuple(self.context.get_tensor_shape(in_name)) != images.shape:
             self.context.set_input_shape(in_name, images.shape)
-            self.graph_exec = None
+            self._drop_graph()  # the batch changed: capture again
         feeds = {in_name: images}
-        if self.key_input:
-            assert self.key is not None  # checked in __init__
-            feeds[self.key_input] = np.ascontiguousarray(self.key.perm, dtype=np.int64)
+        if m.key_input:
+            assert self.key is not None  # checked_key
+            feeds[m.key_input] = np.ascontiguousarray(self.key.perm, dtype=np.int64)
         for name, array in feeds.items():
             mem = self._buffer(name, array.nbytes)
             self.cuda.htod(mem, array, self.stream)
@@ -163,13 +181,18 @@ class TensorRTRunner(Runner):
         return out.astype(np.float32)
 
     def _launch_graph(self) -> None:
-        """Capture enqueueV3 into a CUDA graph once per shape/addresses, then replay it."""
-        cudart = self.cuda.cudart
+        """Capture enqueueV3 into a CUDA graph once per shape and buffer set, then replay it."""
+        assert self.cuda is not None
+        cuda, cudart = self.cuda, self.cuda.cudart
         if self.graph_exec is None:
-            self.context.execute_async_v3(self.cuda.handle(self.stream))  # resource allocation outside capture
-            self.cuda._check(cudart.cudaStreamBeginCapture(
+            if not self.context.execute_async_v3(cuda.handle(self.stream)):  # allocations outside capture
+                raise KeyedgeError("TensorRT execution failed")
+            cuda._check(cudart.cudaStreamBeginCapture(
                 self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-            self.context.execute_async_v3(self.cuda.handle(self.stream))
-            graph = self.cuda._check(cudart.cudaStreamEndCapture(self.stream))
-            self.graph_exec = self.cuda._check(cudart.cudaGraphInstantiate(graph, 0))
-        self.cuda._check(cudart.cudaGraphLaunch(self.graph_exec, self.stream))
+            self.context.execute_async_v3(cuda.handle(self.stream))
+            graph = cuda._check(cudart.cudaStreamEndCapture(self.stream))
+            try:
+                self.graph_exec = cuda._check(cudart.cudaGraphInstantiate(graph, 0))
+            finally:
+                cudart.cudaGraphDestroy(graph)
+        cuda._check(cudart.cudaGraphLaunch(self.graph_exec, self.stream))

@@ -7,30 +7,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts import ArtifactInput, read_run
 from ..keys import Key
-from ..runs import load_run, read_run_manifest
-from .base import Runner
+from ..runs import load_run
+from .base import Runner, checked_key
 
 
 class TorchRunner(Runner):
     def __init__(self, run_dir: str | Path, key: Key | None, *, device: str = "cpu") -> None:
-        self.run_dir, self.key, self.device = Path(run_dir), key, device
-        run = read_run_manifest(self.run_dir)
-        self.manifest = {**run, "input": {**run["input"], "batch": "dynamic"}, "precision": "fp32",
-                         "fold_mode": "reference"}
+        super().__init__()
+        self.run_dir, self.device = Path(run_dir), device
+        self.manifest = read_run(self.run_dir)
+        self.key = checked_key(self.manifest, key, f"run {self.run_dir}")
+        spec = self.manifest.input
+        self.input_spec = ArtifactInput(name="images", size=spec.size, channels=spec.channels, layout="NCHW",
+                                        dtype="float32", range=spec.range, batch="dynamic")
         self.name = f"torch-{device}"
         self.model: torch.nn.Module | None = None
 
-    def activate(self) -> None:
-        if self.model is None:
-            self.model = load_run(self.run_dir, self.key, device=self.device)
+    def _activate(self) -> None:
+        self.model = load_run(self.run_dir, self.key, device=self.device)
 
-    def deactivate(self) -> None:
+    def _deactivate(self) -> None:
         self.model = None
 
     @torch.no_grad()
     def infer(self, images: np.ndarray) -> np.ndarray:
-        if self.model is None:
-            self.activate()
+        assert self.model is not None
         x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
         return self.model(x).float().cpu().numpy()

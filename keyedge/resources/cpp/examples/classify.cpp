@@ -88,16 +88,20 @@ int main(int argc, char** argv) {
   try {
     std::vector<std::string> args(argv + 1, argv + argc);
     std::string model_path, image_path, key_path, dump;
+    keyedge::Options options;
     for (size_t i = 0; i < args.size(); ++i) {
       if (args[i] == "--key" && i + 1 < args.size()) key_path = args[++i];
       else if (args[i] == "--dump-logits" && i + 1 < args.size()) dump = args[++i];
+      else if (args[i] == "--device" && i + 1 < args.size()) options.device = std::stoi(args[++i]);
+      else if (args[i] == "--cuda-graph") options.cuda_graph = true;
       else if (model_path.empty()) model_path = args[i];
       else if (image_path.empty()) image_path = args[i];
       else throw keyedge::Error("unexpected argument " + args[i]);
     }
     if (model_path.empty() || image_path.empty())
-      throw keyedge::Error("usage: classify MODEL IMAGE [--key key.bin] [--dump-logits FILE]");
-    auto model = keyedge::Model::load(model_path, key_path);
+      throw keyedge::Error("usage: classify MODEL IMAGE [--key key.bin] [--dump-logits FILE] [--device N] "
+                           "[--cuda-graph]");
+    auto model = keyedge::Model::load(model_path, key_path, options);
     Image img = read_image(image_path);
     const auto& spec = model->input();
     if (img.width != spec.width || img.height != spec.height)

@@ -254,10 +254,20 @@ KeyFile KeyFile::load(const std::string& path) {
 
 Manifest Manifest::from_file(const std::string& path) {
   Json root = JsonParser(read_file(path)).parse();
+  Manifest m;
+  m.format = as_string(root.get("format"));
+  if (m.format != "keyedge-artifact" && m.format != "keyedge-build-plan" && m.format != "keyedge-engine")
+    throw Error("manifest " + path + " is not a keyedge artifact manifest (format '" + m.format + "')");
+  const Json* version = root.get("version");
+  if (version == nullptr || version->kind != Json::Number || version->num < 1)
+    throw Error("manifest " + path + " has no valid format version");
+  m.version = static_cast<int>(version->num);
+  if (m.version > kManifestVersion)
+    throw Error("manifest " + path + " is " + m.format + " version " + std::to_string(m.version) +
+                ", newer than this runtime reads (" + std::to_string(kManifestVersion) + "): regenerate the package");
   const Json* input = root.get("input");
   const Json* output = root.get("output");
   if (input == nullptr || output == nullptr) throw Error("manifest " + path + " has no input/output spec");
-  Manifest m;
   const Json* size = input->get("size");
   if (size == nullptr || size->kind != Json::Array || size->arr.size() != 2) throw Error("manifest: bad input size");
   m.input.height = static_cast<int>(size->arr[0].num);
@@ -291,21 +301,23 @@ Manifest Manifest::from_file(const std::string& path) {
   return m;
 }
 
+// The key rule (as keyedge.artifacts.check_key with strict=True): an artifact that takes the key
+// needs the right one; a key given for any artifact must be its own (a plain model takes none).
 void attach_key(Model& model, const std::string& key_path) {
   const Manifest& m = model.manifest_;
-  const bool needs_key = !m.key_input.empty() || m.kernel_preprocess;
   if (key_path.empty()) {
-    if (needs_key) throw Error("this artifact takes the key at run time: pass the key file");
+    if (m.needs_key()) throw Error("this artifact takes the key at run time: pass the key file");
     return;
   }
   KeyFile key = KeyFile::load(key_path);
+  if (m.key_fingerprint.empty()) throw Error("this artifact is a plain (un-keyed) model: do not pass a key");
   if (key.fingerprint != m.key_fingerprint)
-    throw Error("key fingerprint " + key.fingerprint + " does not match the artifact's (" +
-                (m.key_fingerprint.empty() ? std::string("plain model") : m.key_fingerprint) + ")");
-  if (needs_key) model.key_perm_ = key.perm;
+    throw Error("key fingerprint " + key.fingerprint + " does not match the artifact's (" + m.key_fingerprint + ")");
+  if (m.needs_key()) model.key_perm_ = key.perm;
 }
 
-std::unique_ptr<Model> Model::load(const std::string& model_path, const std::string& key_path) {
+std::unique_ptr<Model> Model::load(const std::string& model_path, const std::string& key_path,
+                                   const Options& options) {
   std::ifstream probe(model_path, std::ios::binary);
   if (!probe) throw Error("model file " + model_path + " does not exist");
   const bool engine = model_path.size() > 7 && model_path.compare(model_path.size() - 7, 7, ".engine") == 0;
@@ -317,9 +329,10 @@ std::unique_ptr<Model> Model::load(const std::string& model_path, const std::str
       manifest.input.height != KEYEDGE_EXPECTED_HEIGHT || manifest.input.width != KEYEDGE_EXPECTED_WIDTH ||
       manifest.num_classes != KEYEDGE_EXPECTED_CLASSES)
     throw Error("manifest " + manifest_path + " does not describe the artifact this package was generated for");
-  std::unique_ptr<Model> model = engine ? make_tensorrt_model(model_path, std::move(manifest))
+  std::unique_ptr<Model> model = engine ? make_tensorrt_model(model_path, std::move(manifest), options)
                                         : make_onnxruntime_model(model_path, std::move(manifest));
   attach_key(*model, key_path);
+  model->key_attached();
   return model;
 }
 
@@ -395,7 +408,7 @@ std::unique_ptr<Model> make_onnxruntime_model(const std::string&, Manifest) {
 }
 #endif
 #ifndef KEYEDGE_WITH_TENSORRT
-std::unique_ptr<Model> make_tensorrt_model(const std::string&, Manifest) {
+std::unique_ptr<Model> make_tensorrt_model(const std::string&, Manifest, const Options&) {
   throw Error("this build has no TensorRT backend (cmake -DKEYEDGE_WITH_TENSORRT=ON)");
 }
 #endif

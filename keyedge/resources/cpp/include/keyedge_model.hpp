@@ -6,9 +6,10 @@
 //   for (auto [cls, prob] : model->top_k(logits.data(), 5)) ...
 //
 // The artifact's manifest (manifest.json, or <engine>.json) is read and checked at load:
-// input spec, output size and the key fingerprint (against the key file, when the
-// artifact takes the key at run time, and against the fingerprint baked into this
-// package). Every failure is a keyedge::Error with a one-line message.
+// format name and version, input spec, output size and the key fingerprint (against the key
+// file, and against the fingerprint baked into this package), and the backend checks the
+// graph's or engine's inputs and outputs against it. Every failure is a keyedge::Error with a
+// one-line message.
 #pragma once
 
 #include <cstdint>
@@ -34,7 +35,12 @@ struct InputSpec {
   int batch = 1;       // fixed batch, or -1 for a dynamic batch
 };
 
+// Manifest formats this runtime reads (keyedge artifact / build plan / engine), version <= 1.
+constexpr int kManifestVersion = 1;
+
 struct Manifest {
+  std::string format;  // keyedge-artifact, keyedge-build-plan or keyedge-engine
+  int version = 0;
   InputSpec input;
   std::string input_name = "images";
   std::string output_name = "logits";
@@ -51,6 +57,14 @@ struct Manifest {
   std::string precision;
   std::vector<std::string> classes;
   static Manifest from_file(const std::string& path);
+  // Does running this artifact take the key (gather with a key input, or kernel mode)?
+  bool needs_key() const { return !key_input.empty() || kernel_preprocess; }
+};
+
+// Run-time options (instead of environment variables).
+struct Options {
+  int device = 0;           // CUDA device index (TensorRT backend)
+  bool cuda_graph = false;  // capture enqueueV3 into a CUDA graph, re-captured when the batch changes
 };
 
 // A key file (keyedge key format v1): validated, fingerprinted. The permutation never leaves it.
@@ -66,8 +80,10 @@ class Model {
  public:
   // model_path: model.onnx (ONNX Runtime backend) or model.engine (TensorRT backend); the
   // manifest is read from beside it. key_path: the key file, needed when the artifact takes
-  // the key at run time (gather mode); when given, its fingerprint must match the manifest's.
-  static std::unique_ptr<Model> load(const std::string& model_path, const std::string& key_path = "");
+  // the key at run time (gather and kernel modes); when given, its fingerprint must match the
+  // manifest's (a plain model refuses a key).
+  static std::unique_ptr<Model> load(const std::string& model_path, const std::string& key_path = "",
+                                     const Options& options = Options{});
   virtual ~Model() = default;
 
   // hwc: batch images, each height x width x channels uint8, rows packed.
@@ -86,6 +102,8 @@ class Model {
   // Run exactly `batch` images (a supported batch size) through the backend.
   virtual void run(const uint8_t* hwc, int batch, float* logits) = 0;
   virtual const char* backend_name() const = 0;
+  // Called once by load() after the key (if the artifact takes one) is in key_perm_.
+  virtual void key_attached() {}
   Manifest manifest_;
   std::vector<int64_t> key_perm_;  // only for artifacts that take the key at run time
   friend void attach_key(Model&, const std::string&);
@@ -93,7 +111,7 @@ class Model {
 
 // Backends, chosen at build time (CMake options KEYEDGE_WITH_ONNXRUNTIME / KEYEDGE_WITH_TENSORRT).
 std::unique_ptr<Model> make_onnxruntime_model(const std::string& path, Manifest manifest);
-std::unique_ptr<Model> make_tensorrt_model(const std::string& path, Manifest manifest);
+std::unique_ptr<Model> make_tensorrt_model(const std::string& path, Manifest manifest, const Options& options);
 
 // uint8 HWC -> the float graph input ([0,1], NCHW or NHWC); shared by the CPU backends.
 void to_float_input(const uint8_t* hwc, int batch, const InputSpec& spec, float* out);
