@@ -67,7 +67,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                     (typing.get_origin(option) is tuple and isinstance(value, (list, tuple))):
                 return _convert(option, value, where)
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise KeyedgeError(f"{where}: expected an object")
         return _from_dict(hint, value, where)

@@ -176,7 +176,7 @@ def test_tensorrt_runner_refuses_what_it_cannot_load(tmp_path, exported):
             pass
 
 
-def test_mypy_over_the_tensorrt_module():
+def test_mypy_over_the_tensorrt_module_runners_and_manifests():
     import importlib.metadata as md
 
     pytest.importorskip("mypy")
@@ -185,7 +185,8 @@ def test_mypy_over_the_tensorrt_module():
     except md.PackageNotFoundError:
         pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
     proc = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
-                           "keyedge/tensorrt.py", "keyedge/runners/tensorrt.py"],
+                           "keyedge/tensorrt.py", "keyedge/runners/", "keyedge/artifacts.py", "keyedge/io.py",
+                           "keyedge/bindings.py", "keyedge/targets.py", "keyedge/resources/__init__.py"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success" in proc.stdout
