@@ -167,16 +167,64 @@ def _measure_batch(runners: list, batch: int, *, warmup: int, rounds: int, iters
     return rows
 
 
+def _runners(artifacts: list[Path], key, runner_device: str) -> list[tuple[str, Any]]:
+    """Every backend that runs each artifact here: on a GPU, ONNX artifacts on the CPU *and* on every
+    GPU execution provider ONNX Runtime has (CUDA, TensorRT-RTX), so they are compared side by side."""
+    from .artifacts import open_artifact
+    from .runners import runner_for
+    from .runners.onnxruntime import gpu_backends
+
+    runners = []
+    for a in artifacts:
+        art = open_artifact(a, prefer_engine=runner_device != "cpu")
+        devices = [runner_device]
+        if art.kind == "onnx" and runner_device == "cuda":
+            import onnxruntime
+
+            devices = ["cpu", *gpu_backends(onnxruntime.get_available_providers())]
+        runners += [(str(a), runner_for(art, key, device=d)) for d in devices]
+    return runners
+
+
+def kernel_timings(runners: list[tuple[str, Any]], batches: tuple[int, ...], iters: int) -> list[dict[str, Any]]:
+    """The CUDA preprocessing kernel's own time for each kernel-mode artifact (uint8 HWC -> key gather ->
+    normalise -> NCHW), CUDA-event timed; reported apart from the graph it feeds."""
+    import torch
+
+    from .kernels import PreprocessKernel, find_library
+
+    rows = []
+    kernel = PreprocessKernel(find_library())
+    seen = set()
+    for artifact, r in runners:
+        pre = getattr(r.manifest, "preprocess", None)
+        if pre is None or artifact in seen or r.key is None:
+            continue
+        seen.add(artifact)
+        h, w = r.input_spec.size
+        for batch in batches:
+            images = torch.randint(0, 256, (batch, h, w, r.input_spec.channels), dtype=torch.uint8, device="cuda")
+            times = []
+            for i in range(iters + 3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                kernel.torch(images, r.key, pre.mean, pre.std)
+                end.record()
+                end.synchronize()
+                if i >= 3:
+                    times.append(start.elapsed_time(end))
+            t = Timing(times)
+            rows.append({"artifact": artifact, "backend": "cuda-kernel", "kind": "kernel-preprocess",
+                         "fold_mode": "kernel", "precision": "fp32", "batch": batch, **t.summary(batch)})
+    return rows
+
+
 def run_bench(artifacts: list[Path], *, key=None, device: str = "cpu", batches: tuple[int, ...] = (1, 8),
               rounds: int = 5, iters: int = 10, warmup: int = 3, status=lambda s: None) -> dict[str, Any]:
     from contextlib import ExitStack
 
-    from .artifacts import open_artifact
-    from .runners import runner_for
-
     runner_device = check_device(device)
-    runners = [(str(a), runner_for(open_artifact(a, prefer_engine=runner_device != "cpu"), key,
-                                   device=runner_device)) for a in artifacts]
+    runners = _runners(artifacts, key, runner_device)
     results: dict[str, Any] = {"device": device, "machine": machine_info(), "batches": list(batches),
                                "rounds": rounds, "iters": iters, "measurements": []}
     with ExitStack() as stack:  # every runner is deactivated, whatever happens
@@ -188,6 +236,11 @@ def run_bench(artifacts: list[Path], *, key=None, device: str = "cpu", batches: 
         for batch in batches:
             results["measurements"] += _measure_batch(runners, batch, warmup=warmup, rounds=rounds, iters=iters,
                                                       status=status)
+        if runner_device == "cuda":
+            try:
+                results["measurements"] += kernel_timings(runners, batches, rounds * iters)
+            except KeyedgeError as exc:  # the kernel library is not built: say so, measure the rest
+                results["kernel_not_measured"] = str(exc)
     if not results["measurements"]:
         raise KeyedgeError("none of the artifacts can run at the requested batch sizes here")
     return results

@@ -484,6 +484,53 @@ def bindings(
         typer.echo(f"WARNING: {manifest.secret} (the package holds a copy)", err=True)
 
 
+@app.command()
+@handles_errors
+def audit(
+    artifacts: list[Path] = typer.Argument(..., help="Artifacts to audit: export/build dirs, .onnx, .engine, run dirs."),
+    base: Path = typer.Option(..., help="The public base the models were fine-tuned from (checkpoint or run dir)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory (report.md, audit.json)."),
+    key: Path | None = typer.Option(None, help="The true key: score what was recovered (entries, agreement, "
+                                               "white-box robustness)."),
+    queries: int = typer.Option(0, min=0, help="Queries the attacker may make of a run directory's deployed model "
+                                                "(logit probes need C*M*M)."),
+    fail_above: float | None = typer.Option(None, min=0.0, max=1.0,
+                                            help="Release gate: exit 3 when any artifact leaks more than this "
+                                                 "fraction of the key."),
+    n: int = typer.Option(200, min=1, help="Real images for the functional scores."),
+    data: str | None = typer.Option(None, help="'digits' or an ImageFolder root (default: the run's)."),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="Write into a non-empty --out directory (other files are kept)."),
+) -> None:
+    """Key-leakage red team of the files a device holds; gates a release (exit 3 above --fail-above).
+
+    Exit codes: 0 passed (or no gate), 2 bad input, 3 an artifact leaks more of the key than --fail-above.
+    """
+    from .artifacts import write_json
+    from .audit import KeyLeak, audit as run_audit, audit_markdown
+    from .io import atomic_write_text, check_output_dir, staged_dir
+    from .keys import Key
+
+    check_output_dir(out, force)
+    k = Key.load(key) if key else None
+    report = run_audit(artifacts, base, k, queries=queries, n=n, data=data, seed=seed)
+    report["fail_above"] = fail_above
+    leaks = [f for f in report["artifacts"] if fail_above is not None and f["leaked"] > fail_above]
+    report["passed"] = not leaks
+    with staged_dir(out, force=force) as stage:
+        write_json(stage / "audit.json", report)
+        atomic_write_text(stage / "report.md", audit_markdown(report, fail_above))
+    for f in report["artifacts"]:
+        leaked = "unknown" if f["fraction"] is None and f["holds_key"] is None else f"{100 * f['leaked']:.1f}%"
+        typer.echo(f"{f['artifact']}: {f['kind']}; key leaked: {leaked}"
+                   + (f"; white-box robust {100 * f['whitebox_robust']:.1f}%" if f["whitebox_robust"] is not None
+                      else "") + f" ({f['method']})")
+    typer.echo(f"wrote {out / 'report.md'} and {out / 'audit.json'}")
+    if leaks:
+        raise KeyLeak(f"{len(leaks)} artifact(s) leak more than {fail_above:.2f} of the key: "
+                      + ", ".join(f["artifact"] for f in leaks))
+
+
 def main() -> None:
     app(prog_name="keyedge")
 

@@ -52,3 +52,12 @@ def trained_keyed(tmp_path_factory):
 def trained_keyed_other(tmp_path_factory):
     """The same recipe with another key."""
     return _train_keyed(tmp_path_factory, "keyed_other", seed=12)
+
+
+@pytest.fixture(scope="session")
+def finetuned_keyed(tmp_path_factory, trained_plain):
+    """A keyed fine-tune of the trained plain model (its public base): (run, key_path, key, base file)."""
+    base_dir, _, _ = trained_plain
+    run, key_path, key, _ = _train_keyed(tmp_path_factory, "finetuned_keyed", seed=21, epochs=4,
+                                         checkpoint=str(base_dir / "model.safetensors"))
+    return run, key_path, key, base_dir / "model.safetensors"

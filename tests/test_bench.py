@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from .helpers import fake_engine, keyedge
 
@@ -70,3 +71,30 @@ def test_bench_output_rule(tmp_path, artifacts):
     assert r.returncode == 2 and "--force" in r.stderr and {p.name for p in out.iterdir()} == {"notes.txt"}
     assert keyedge(*args, "--force").returncode == 0
     assert {p.name for p in out.iterdir()} == {"notes.txt", "bench.json", "bench.md", "latency.png"}
+
+
+def test_gpu_backends_follow_the_providers_present():
+    from keyedge.runners.onnxruntime import gpu_backends
+
+    assert gpu_backends(["CPUExecutionProvider"]) == []
+    assert gpu_backends(["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["cuda"]
+    assert gpu_backends(["NvTensorRTRTXExecutionProvider", "CUDAExecutionProvider",
+                         "CPUExecutionProvider"]) == ["cuda", "nv-tensorrt-rtx"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_cuda_measures_the_gpu_beside_the_cpu(tmp_path, artifacts):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("ONNX Runtime here has no CUDA execution provider (install onnxruntime-gpu)")
+    root, key_path = artifacts
+    out = tmp_path / "bench"
+    r = keyedge("bench", root / "fused", root / "plain", "--device", "cuda", "--batch", "1,8", "--rounds", "2",
+                "--iters", "3", "-o", out)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "bench.json").read_text())
+    assert "gpu" in results["machine"] and results["machine"]["gpu"]["driver"]
+    backends = {m["backend"] for m in results["measurements"]}
+    assert {"onnxruntime-cpu", "onnxruntime-cuda"} <= backends

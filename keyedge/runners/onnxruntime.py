@@ -16,7 +16,14 @@ PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    # TensorRT-RTX through ONNX Runtime's NV execution provider (onnxruntime-ep-nv-tensorrt-rtx)
+    "nv-tensorrt-rtx": ["NvTensorRTRTXExecutionProvider", "CPUExecutionProvider"],
 }
+
+
+def gpu_backends(available: list[str]) -> list[str]:
+    """The ONNX Runtime devices a GPU bench measures beside the CPU, from the providers present."""
+    return [d for d in ("cuda", "nv-tensorrt-rtx") if PROVIDERS[d][0] in available]
 
 
 class OnnxRunner(Runner):
