@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -105,13 +106,13 @@ def _exported(artifact: Path):
     return art
 
 
-def _batches(text: str) -> tuple[int, ...]:
+def _batches(text: str, option: str = "--batch") -> tuple[int, ...]:
     try:
         values = tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
-        raise KeyedgeError(f"--batch takes a comma-separated list of integers, not {text!r}") from None
+        raise KeyedgeError(f"{option} takes a comma-separated list of integers, not {text!r}") from None
     if not values or min(values) < 1:
-        raise KeyedgeError("--batch sizes must be >= 1")
+        raise KeyedgeError(f"{option} values must be >= 1")
     return values
 
 
@@ -230,11 +231,22 @@ def evaluate_cmd(
     eot_samples: int = typer.Option(8, min=1, help="Random keys per EOT step."),
     key_search_random: int = typer.Option(100, min=0, help="Random keys tried by the key search."),
     key_search_swaps: int = typer.Option(300, min=0, help="Greedy pair swaps after the random search."),
-    seed: int = typer.Option(0),
+    restarts: int = typer.Option(1, min=1, help="Random restarts of transfer / adaptive PGD."),
+    whitebox_steps: str = typer.Option("10,50,100", help="White-box PGD steps reported (convergence check)."),
+    queries: str = typer.Option("100,1000,5000", help="Query budgets per image for Square and HopSkipJump "
+                                                       "('' for none)."),
+    query_n: int = typer.Option(32, min=1, help="Images the query attacks (and the threat-model table) use."),
+    artifact: Path | None = typer.Option(None, help="The deployed artifact the query attacks query (default: "
+                                                    "the run itself), e.g. its exported fused ONNX."),
+    own_key: list[Path] = typer.Option([], help="Keyed fine-tunes of the base with the attacker's own keys "
+                                                "(run dirs; their keys beside them as key.bin): MI-DI ensemble."),
+    seed: int = typer.Option(0, help="Seeds the images drawn and every attack's randomness."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     force: bool = typer.Option(False, help="Write into a non-empty report directory (other files are kept)."),
 ) -> None:
-    """Clean accuracy and robustness under transfer, adaptive and white-box attacks."""
+    """Clean and robust accuracy against every attacker: transfer, score and label-only queries, a copy of
+    the files, un-fused weights + queries, and the key (white-box). --threat imagenet: l_inf 4/255,
+    AutoAttack standard."""
     from .artifacts import check_key, read_run
     from .data import load_data, sample
     from .evaluate import EvalConfig, evaluate
@@ -251,8 +263,11 @@ def evaluate_cmd(
     overrides = {name: v for name, v in (("linf_eps", eps), ("l2_eps", l2_eps), ("steps", steps),
                                          ("step_size", step_size)) if v is not None}
     overrides.update(n=n, random_start=random_start, autoattack=autoattack.value, eot_samples=eot_samples,
-                     key_search_random=key_search_random, key_search_swaps=key_search_swaps, seed=seed)
+                     key_search_random=key_search_random, key_search_swaps=key_search_swaps, seed=seed,
+                     restarts=restarts, whitebox_steps=_batches(whitebox_steps, "--whitebox-steps"),
+                     query_budgets=_batches(queries, "--queries") if queries.strip() else (), query_n=query_n)
     cfg = EvalConfig.imagenet(**overrides) if threat is Threat.imagenet else EvalConfig(**overrides)
+    own = [load_run(r, Key.load(r / "key.bin"), device=device) for r in own_key]
     target = load_run(run, k, device=device)
     base_path = base if base is not None else base_checkpoint_path(manifest)
     base_model = load_surrogate(base_path, manifest).to(device) if base_path is not None else None
@@ -260,10 +275,16 @@ def evaluate_cmd(
     splits = load_data(data, manifest.input.size[0], manifest.input.channels)
     x, y = sample(splits.test, n, seed=seed)
     console = _console()
-    results = evaluate({run.name: target}, x.to(device), y.to(device), cfg, base=base_model,
-                       plain_ft=plain_model,
-                       base_patch_weight=base_model.model.patch_embed.proj.weight if base_model else None,
-                       status=lambda s: console.print(f"[bold]eval[/]: {s}"))
+    from .attacks.query import runner_model
+    from .runners import open_runner
+
+    runner = open_runner(artifact, k) if artifact is not None else None
+    with runner if runner is not None else contextlib.nullcontext():
+        results = evaluate({run.name: target}, x.to(device), y.to(device), cfg, base=base_model,
+                           plain_ft=plain_model, own_keys=own,
+                           deployed={run.name: runner_model(runner)} if runner is not None else None,
+                           base_patch_weight=base_model.model.patch_embed.proj.weight if base_model else None,
+                           status=lambda s: console.print(f"[bold]eval[/]: {s}"))
     results["key_fingerprint"] = manifest.key_fingerprint
     with staged_dir(out, force=force) as stage:
         write_eval_report(results, stage)

@@ -3,12 +3,13 @@
 A small ViT (32x32 input, patch 4, key block 4) on scikit-learn's digits:
 
 1. pre-train a plain base: the stand-in for the public pre-trained model;
-2. fine-tune from it (i) plainly, (ii) keyed, fully, (iii) keyed, with LoRA;
-3. evaluate all three: clean accuracy (right key, wrong key, plain input), transfer
-   attacks from the base, from the keyed weights with a guessed key and from the
-   plain fine-tune, adaptive attacks (EOT, BPDA, key search), white-box with the
-   key, and the key-recovery audit;
-4. write ``report.md``, ``results.json`` and the plots.
+2. fine-tune from it (i) plainly, (ii) keyed, fully, (iii) keyed, with LoRA, and (iv) keyed with
+   two more keys: the attacker's own-key surrogates, and two more devices of a fleet;
+3. export (fused / gather, fp32 / int8) and prove parity; seal nothing (see the sealing docs);
+4. evaluate all three deployed models against every attacker of the threat model (transfer,
+   score and label-only queries through the exported artifacts, a copy of the fused file,
+   un-fused weights + queries, the key) and the blast radius across the three keyed devices;
+5. benchmark; write ``report.md``, ``results.json`` and the plots.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .data import load_data, sample
 from .evaluate import EvalConfig, evaluate
 from .io import atomic_write_text, check_output_dir
 from .keys import Key
-from .report import eval_markdown, eps_plot, markdown_table
+from .report import eval_markdown, eps_plot, markdown_table, query_plot
 from .runs import WEIGHTS, load_run
 from .train import TrainConfig, train
 
@@ -41,17 +42,19 @@ class DemoConfig:
     patch_size: int = 4
     block_size: int = 4
     model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(SMALL_VIT))
-    base_epochs: int = 30
+    base_epochs: int = 20
     base_lr: float = 2e-3
-    plain_epochs: int = 10
+    plain_epochs: int = 6
     plain_lr: float = 5e-4
-    keyed_epochs: int = 20
+    keyed_epochs: int = 12
     keyed_lr: float = 1e-3
-    lora_epochs: int = 20
+    lora_epochs: int = 12
     lora_lr: float = 3e-3
     lora_rank: int = 8
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=360))
-    parity_n: int = 200
+    own_keys: int = 2            # the attacker's own-key fine-tunes (and fleet devices B, C)
+    own_key_epochs: int = 5
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=200, query_n=16, whitebox_restarts=1))
+    parity_n: int = 100
     bench_batches: tuple[int, ...] = (1, 8)
     bench_rounds: int = 5
     bench_iters: int = 20
@@ -60,11 +63,11 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str, **overrides: Any) -> "DemoConfig":
         """A few-epoch smoke version (tests, a first look): same steps, tiny budgets."""
-        cfg = cls(out=out, base_epochs=2, plain_epochs=1, keyed_epochs=1, lora_epochs=1,
-                  eval=EvalConfig(n=48, steps=2, eps_sweep=(8 / 255,), autoattack_n=16, adaptive_n=16,
-                                  eot_samples=2, key_search_random=4, key_search_swaps=4,
-                                  key_search_batch=16, wrong_keys=2), parity_n=32,
-                  bench_rounds=1, bench_iters=2)
+        cfg = cls(out=out, base_epochs=2, plain_epochs=1, keyed_epochs=1, lora_epochs=1, own_key_epochs=1,
+                  eval=EvalConfig(n=48, steps=2, whitebox_steps=(2, 5), whitebox_restarts=1,
+                                  eps_sweep=(8 / 255, 64 / 255), eot_samples=2, key_search_random=4,
+                                  key_search_swaps=4, key_search_batch=16, query_n=8, query_budgets=(20, 100),
+                                  wrong_keys=2), parity_n=32, bench_rounds=1, bench_iters=2)
         return replace(cfg, **overrides)
 
 
@@ -88,6 +91,13 @@ def _train_models(cfg: DemoConfig, out: Path, key_path: Path, console: Console,
          TrainConfig(out=str(runs / "keyed_lora"), checkpoint=base_ckpt, key=str(key_path), mode="lora",
                      epochs=cfg.lora_epochs, lr=cfg.lora_lr, lora_rank=cfg.lora_rank, **common)),
     ]
+    for i in range(cfg.own_keys):  # keys the attacker draws (and other devices of the same fleet)
+        own = out / "keys" / f"own_key_{i + 1}.bin"
+        own.parent.mkdir(exist_ok=True)
+        Key.generate(cfg.block_size).save(own, overwrite=True)
+        plan.append((f"own_key_{i + 1}", "fine-tune keyed with another key (attacker surrogate / device)",
+                     TrainConfig(out=str(runs / f"own_key_{i + 1}"), checkpoint=base_ckpt, key=str(own),
+                                 epochs=cfg.own_key_epochs, lr=cfg.keyed_lr, **common)))
     manifests = {}
     for name, what, tcfg in plan:
         console.print(f"[bold]{name}[/]: {what} ({tcfg.epochs} epochs)")
@@ -104,17 +114,33 @@ def _timed(timings: dict[str, float], name: str, step):
 
 def _evaluate(cfg: DemoConfig, out: Path, key: Key, manifests: dict[str, RunManifest],
               console: Console) -> dict[str, Any]:
-    """Every attack on the three fine-tunes, on the same test images."""
+    """Every attacker against the three fine-tunes, the query attacks through their exported fused
+    artifacts (as deployed); then the blast radius across the keyed devices; same test images."""
+    from contextlib import ExitStack
+
+    from .attacks.query import runner_model
+    from .evaluate import blast_radius
+    from .runners import OnnxRunner
+
     runs = out / "runs"
     base = load_run(runs / "base", None)
     plain = load_run(runs / "plain", None)
     targets = {"plain": plain, "keyed_full": load_run(runs / "keyed_full", key),
                "keyed_lora": load_run(runs / "keyed_lora", key)}
+    own = {name: load_run(runs / name, Key.load(out / "keys" / f"{name}.bin"))
+           for name in manifests if name.startswith("own_key_")}
     data = load_data("digits", cfg.img_size)
     x, y = sample(data.test, cfg.eval.n, seed=cfg.seed)
-    results = evaluate(targets, x, y, cfg.eval, base=base, plain_ft=plain,
-                       base_patch_weight=base.model.patch_embed.proj.weight,
-                       status=lambda s: console.print(f"[bold]eval[/]: {s}"))
+    status = lambda s: console.print(f"[bold]eval[/]: {s}")  # noqa: E731
+    with ExitStack() as stack:
+        deployed = {name: runner_model(stack.enter_context(OnnxRunner(
+            out / "artifacts" / name / "fused_fp32" / "model.onnx", key if name != "plain" else None)))
+            for name in targets}
+        results = evaluate(targets, x, y, cfg.eval, base=base, plain_ft=plain, own_keys=list(own.values()),
+                           deployed=deployed, base_patch_weight=base.model.patch_embed.proj.weight, status=status)
+    if own:
+        status(f"blast radius across {1 + len(own)} keyed devices")
+        results["blast_radius"] = blast_radius({"keyed_full": targets["keyed_full"], **own}, x, y, cfg.eval)
     results["data"] = data.description
     results["models"]["base"] = {"clean": manifests["base"].metrics["test_acc"]}
     for name in targets:
@@ -137,8 +163,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     key.save(key_path, overwrite=True)
     console.print(f"[bold]key[/]: block {cfg.block_size}, fingerprint {key.fingerprint} -> {key_path} (0600)")
     manifests = _train_models(cfg, out, key_path, console, timings)
+    parity = _timed(timings, "export_parity", lambda: export_and_check(cfg, out, key_path, console))
     results = _timed(timings, "evaluate", lambda: _evaluate(cfg, out, key, manifests, console))
-    results["parity"] = _timed(timings, "export_parity", lambda: export_and_check(cfg, out, key_path, console))
+    results["parity"] = parity
     results["bench"] = _timed(timings, "bench", lambda: bench_artifacts(cfg, out, key, console))
     results.update(key_fingerprint=key.fingerprint, seed=cfg.seed, versions=library_versions())
     timings["total"] = time.perf_counter() - t_start
@@ -180,17 +207,16 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
                                   "sets": r["sets"]}
             for p, r in report["artifacts"].items()}
     section["passed"] = all(a["passed"] for m in section["models"].values() for a in m.values())
+    export_run(out / "runs" / "plain", None, out / "artifacts" / "plain" / "fused_fp32", ExportOptions(batch=None),
+               force=True, echo=quiet)
     return section
 
 
 def bench_artifacts(cfg: DemoConfig, out: Path, key: Key, console: Console) -> dict[str, Any]:
     """Keyed (fused, gather, int8) vs the plain model, ONNX Runtime on this CPU, interleaved."""
     from .bench import run_bench
-    from .pipeline import export_run
-    from .onnx_export import ExportOptions
 
     plain = out / "artifacts" / "plain" / "fused_fp32"
-    export_run(out / "runs" / "plain", None, plain, ExportOptions(batch=None), force=True, echo=lambda *a, **k: None)
     keyed = [out / "artifacts" / "keyed_full" / name for name in ARTIFACTS]
     console.print("[bold]bench[/]: keyed (fused, gather, int8) vs plain, ONNX Runtime, batch 1 and 8")
     results = run_bench([*keyed, plain], key=key, batches=cfg.bench_batches, rounds=cfg.bench_rounds,
@@ -204,7 +230,10 @@ def write_demo_report(results: dict[str, Any], out: Path) -> None:
     write_json(out / "results.json", results)
     eval_results = {"settings": results["settings"],
                     "models": {k: v for k, v in results["models"].items() if k != "base"}}
-    plot = eps_plot(eval_results, out / "robust_vs_eps.png")
+    plots = [(eps_plot(eval_results, out / "robust_vs_eps.png"), "robust accuracy against eps"),
+             (query_plot(eval_results, out / "robust_vs_queries.png"), "robust accuracy against queries")]
+    if "blast_radius" in results:
+        eval_results["blast_radius"] = results["blast_radius"]
     lines = [eval_markdown(eval_results, "keyedge demo: a keyed ViT on real handwritten digits"),
              "## Training", "",
              f"Data: {results['data']}. Base (plain, stand-in for the public pre-trained model): "
@@ -232,6 +261,5 @@ def write_demo_report(results: dict[str, Any], out: Path) -> None:
                                    f"{m['ratio_vs_plain']:.3f}" if "ratio_vs_plain" in m else "—"]
                                   for m in bench["measurements"]])]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items()), ""]
-    if plot is not None:
-        lines.append(f"![robust accuracy against eps]({plot.name})\n")
+    lines += [f"![{caption}]({plot.name})\n" for plot, caption in plots if plot is not None]
     atomic_write_text(out / "report.md", "\n".join(lines))

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from keyedge import Key, KeyedClassifier, create_vit
-from keyedge.attacks.adaptive import bpda_loss, eot_loss, key_search
+from keyedge.attacks.adaptive import eot_loss, key_search
 from keyedge.attacks.autoattack import QUICK, autoattack
-from keyedge.attacks.pgd import AttackBudget, ce_loss, pgd
+from keyedge.attacks.pgd import AttackBudget, ce_loss, ensemble_loss, pgd
+from keyedge.attacks.transfer import block_constant, block_invariant, mi_di
 from keyedge.audit import audit_key
 from keyedge.data import load_data, sample
 from keyedge.evaluate import accuracy
@@ -51,18 +52,54 @@ def test_autoattack_breaks_undefended_model(trained_plain, digits16):
     assert accuracy(model, x_adv, y) <= 0.05
 
 
-@pytest.mark.parametrize("attack", ["eot", "bpda"])
-def test_adaptive_attacks_in_their_white_box_limit(trained_plain, digits16, attack):
-    """With block size 1 on grayscale digits every key is equivalent on clean inputs,
-    so each adaptive attack reduces to (nearly) white-box and must break the model."""
+@pytest.mark.parametrize("attack", ["eot", "block_invariant", "mi_di"])
+def test_key_agnostic_attacks_in_their_white_box_limit(trained_plain, digits16, attack):
+    """With block size 1 on grayscale digits every key is equivalent on clean inputs, so EOT, the
+    block-invariant attack and MI-DI on the model itself reduce to (nearly) white-box."""
     _, _, plain = trained_plain
     x, y = digits16
     keyed = KeyedClassifier(plain.model, Key.generate(1, seed=0), plain.mean.flatten().tolist(),
                             plain.std.flatten().tolist()).eval()
-    loss = eot_loss(keyed, samples=3) if attack == "eot" else bpda_loss(keyed, Key.generate(1, seed=1))
-    x_adv = pgd(loss, x, y, LINF)
+    if attack == "eot":
+        x_adv = pgd(eot_loss(keyed, samples=3), x, y, LINF)
+    elif attack == "block_invariant":
+        x_adv = block_invariant(ce_loss(keyed), x, y, LINF, block=1)
+    else:
+        x_adv = mi_di([keyed], x, y, LINF)
     _check_budget(x, x_adv, LINF)
     assert accuracy(keyed, x_adv, y) <= 0.1
+
+
+def test_block_constant_perturbations_are_invariant_under_every_key():
+    from keyedge import block_shuffle
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 0.5 + 0.25
+    delta = block_constant(torch.randn(2, 3, 16, 16), 4) * 0.1
+    for seed in range(3):
+        key = Key.generate(4, seed=seed)
+        assert torch.allclose(block_shuffle(x + delta, key), block_shuffle(x, key) + delta, atol=1e-6)
+    assert not torch.allclose(block_shuffle(x + torch.randn_like(x) * 0.1, key),
+                              block_shuffle(x, key) + torch.randn_like(x) * 0.1)
+
+
+def test_best_iterate_and_restarts_never_lose_to_the_last_iterate(trained_plain, digits16):
+    _, _, model = trained_plain
+    x, y = digits16
+    weak = AttackBudget("linf", 2 / 255, 3, 1 / 255)
+    torch.manual_seed(0)
+    last_style = pgd(ce_loss(model), x, y, weak)
+    torch.manual_seed(0)
+    strong = pgd(ce_loss(model), x, y, AttackBudget("linf", 2 / 255, 3, 1 / 255, restarts=3))
+    with torch.no_grad():
+        assert (ce_loss(model)(strong, y) >= ce_loss(model)(last_style, y) - 1e-6).all()
+
+
+def test_ensemble_loss_averages_members(trained_plain, digits16):
+    _, _, model = trained_plain
+    x, y = digits16
+    with torch.no_grad():
+        assert torch.allclose(ensemble_loss([model, model])(x, y), ce_loss(model)(x, y))
 
 
 def _perfectly_keyed(plain, key):
@@ -81,8 +118,11 @@ def test_key_search_finds_a_key_as_good_as_the_true_one(trained_plain, digits16)
     keyed = _perfectly_keyed(plain, key)
     true_acc = accuracy(keyed, x, y)
     assert accuracy(keyed.with_key(Key.generate(2, seed=9)), x, y) < true_acc - 0.2
-    found = key_search(keyed, x, y, random_trials=20, swap_trials=300)
-    assert found.accuracy >= true_acc - 0.02
+    found = key_search(keyed, x, keyed, random_trials=20, swap_trials=300)
+    random_key = keyed.with_key(Key.generate(2, seed=9))
+    random_agreement = float((random_key(x).argmax(1) == keyed(x).argmax(1)).float().mean())
+    assert found.agreement >= 0.9 > random_agreement + 0.1 and found.queries == len(x)
+    assert accuracy(keyed.with_key(found.key), x, y) >= true_acc - 0.05
 
 
 def test_key_search_then_pgd_is_white_box_when_the_key_space_is_one_key(trained_plain, digits16):
@@ -97,7 +137,7 @@ def test_key_search_then_pgd_is_white_box_when_the_key_space_is_one_key(trained_
     keyed = KeyedClassifier(gray.eval(), Key.identity(1, channels=1), [0.5], [0.5]).eval()
     x1 = x[:, :1]
     assert accuracy(keyed, x1, y) == pytest.approx(accuracy(plain, x, y), abs=0.02)
-    found = key_search(keyed, x1, y, random_trials=3, swap_trials=0)
+    found = key_search(keyed, x1, keyed, random_trials=3, swap_trials=0)
     x_adv = pgd(ce_loss(keyed.with_key(found.key)), x1, y, LINF)
     _check_budget(x1, x_adv, LINF)
     assert accuracy(keyed, x_adv, y) <= 0.05

@@ -58,13 +58,15 @@ def test_eval_end_to_end_and_the_output_rule(tmp_path, trained_plain):
     out = tmp_path / "report"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    args = ["eval", run, "-o", out, "--base", run, "--n", "16", "--steps", "1", "--autoattack", "off"]
+    args = ["eval", run, "-o", out, "--base", run, "--n", "16", "--steps", "1", "--autoattack", "off",
+            "--whitebox-steps", "2", "--queries", "10", "--query-n", "4"]
     r = keyedge(*args)
     assert r.returncode == 2 and "--force" in r.stderr
     assert {p.name for p in out.iterdir()} == {"notes.txt"}
     r = keyedge(*args, "--force")
     assert r.returncode == 0, r.stderr
-    assert {"report.md", "results.json", "robust_vs_eps.png", "notes.txt"} <= {p.name for p in out.iterdir()}
+    assert {"report.md", "results.json", "robust_vs_eps.png", "robust_vs_queries.png", "notes.txt"} <= \
+        {p.name for p in out.iterdir()}
     assert (out / "notes.txt").read_text() == "mine"
     results = json.loads((out / "results.json").read_text())
     assert results["models"][run.name]["clean"] > 0.5

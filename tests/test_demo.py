@@ -23,9 +23,23 @@ def test_quick_demo_end_to_end(tmp_path):
         assert round(m["clean"] * n, 4).is_integer()  # a fraction of the same n images
         assert {"pgd_linf_transfer_base", "whitebox_linf"} <= set(m["attacks"])
         assert m["attacks"]["whitebox_linf"] <= m["clean"]  # white-box PGD never helps the model
+    for name in ("plain", "keyed_full", "keyed_lora"):  # robust <= clean, for every attack, per image
+        m = models[name]
+        for attack, robust in m["attacks"].items():
+            n_attack = m["n"][attack]
+            assert robust <= m["clean"] * n / n_attack + 1e-9 or n_attack < n, (name, attack)
+        table = m["threat_model"]
+        assert all(table[row] <= table["clean"] for row in table if table[row] is not None)
+        assert table["key"] <= table["transfer"]  # the white-box attacker is at least as strong
     for name in ("keyed_full", "keyed_lora"):
-        assert {"adaptive_eot_linf", "adaptive_bpda_linf", "adaptive_key_search_linf"} <= set(models[name]["attacks"])
-        assert models[name]["key_recovery"]["chance_level"] == pytest.approx(1 / 48)  # 4x4x3 key
+        m = models[name]
+        assert {"adaptive_eot_linf", "adaptive_key_search_linf", "square_linf", "hopskipjump_linf",
+                "mi_di_transfer_own_keys", "block_invariant_transfer_base"} <= set(m["attacks"])
+        assert "adaptive_bpda_linf" not in m["attacks"]
+        assert m["key_recovery"]["chance_level"] == pytest.approx(1 / 48)  # 4x4x3 key
+        assert m["key_recovery"]["probes"]["fraction_recovered"] == 1.0  # 48 probe queries + un-fused weights
+    blast = results["blast_radius"]
+    assert len(blast["matrix"]) == 3 and all(blast["matrix"][i][i] <= blast["clean"][i] for i in range(3))
     # fp32 artifacts are exact; int8 may differ by an image or two of the quick demo's 32
     fp32 = [a for arts in results["parity"]["models"].values() for a in arts.values() if a["precision"] == "fp32"]
     assert len(fp32) == 4 and all(a["passed"] and a["max_accuracy_difference"] == 0 for a in fp32)
