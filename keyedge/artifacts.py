@@ -434,10 +434,12 @@ def check_key(manifest: RunManifest | ArtifactManifest, key: Key | None, where: 
 
 @dataclass(frozen=True)
 class Artifact:
-    """What a path points at: a run directory, an ONNX file, or a TensorRT engine."""
+    """What a path points at: a run directory, an ONNX file, a TensorRT engine, or a sealed bundle of
+    one of the last two (``sealed``: opened in memory with the device's key)."""
     kind: Literal["run", "onnx", "engine"]
-    path: Path  # the run directory, the .onnx or the .engine file
+    path: Path  # the run directory, the .onnx or .engine file, or the .kes bundle
     manifest: RunManifest | ArtifactManifest
+    sealed: Any = None  # keyedge.seal.Bundle
 
     @property
     def name(self) -> str:
@@ -456,13 +458,22 @@ def engine_manifest_path(engine: Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
-def open_artifact(path: str | Path, *, prefer_engine: bool = True) -> Artifact:
-    """Resolve a run directory, an export or build directory, a ``.onnx`` or a ``.engine``.
+def open_artifact(path: str | Path, *, prefer_engine: bool = True, device_key: Any = None) -> Artifact:
+    """Resolve a run directory, an export or build directory, a ``.onnx``, a ``.engine``, or a sealed
+    ``.kes`` bundle (opened in memory with ``device_key``, a :class:`keyedge.seal.DeviceKey`).
 
     A build directory holding both an engine and its ONNX resolves to the engine
     (``prefer_engine=False``: to the ONNX).
     """
     path = Path(path)
+    if path.suffix == ".kes" and not path.is_dir():
+        from .seal import open_bundle
+
+        if device_key is None:
+            raise KeyedgeError(f"{path} is a sealed bundle: pass its device's private key (--device-key)")
+        bundle = open_bundle(path, device_key)
+        manifest = read_deployed(json.loads(bundle.manifest_text), f"{path} (sealed manifest)")
+        return Artifact("engine" if bundle.model_name == ENGINE_FILE else "onnx", path, manifest, bundle)
     if path.is_dir():
         engine, onnx_file = path / ENGINE_FILE, path / ONNX_FILE
         if prefer_engine and engine.is_file() and engine_manifest_path(engine).is_file():

@@ -188,6 +188,29 @@ def _find(artifact: Artifact, base_weight: torch.Tensor, key: Key | None, querie
     return finding
 
 
+def find_sealed(path: Path, key: Key | None, device_key=None) -> Finding:
+    """A sealed bundle, as a copy of it stands: ciphertext. The bytes are scanned for the key (as
+    uint32 and int64, and its inverse) and for the model's plaintext (ONNX strings)."""
+    from .seal import open_bundle, read_header
+
+    data = path.read_bytes()
+    _, recipient = read_header(data, str(path))
+    needles = [b"keyedge_manifest", b"patch_embed", b"onnx", b"LayerNormalization", b"key_fingerprint"]
+    if key is not None:
+        for perm in (key.perm, key.inverse):
+            needles += [np.asarray(perm, dtype="<u4").tobytes(), np.asarray(perm, dtype="<i8").tobytes()]
+    found = [n for n in needles if n in data]
+    note = (f"sealed to device {recipient}: a copy without that device's private key yields ciphertext only "
+            "(no key, no model, no manifest in its bytes)")
+    if found:
+        note = f"PLAINTEXT FOUND in the bundle's bytes ({len(found)} patterns)"
+    if device_key is not None:
+        open_bundle(path, device_key).wipe()  # authenticated: it is this device's, intact
+        note += "; it opens, authenticated, with the given device key (in memory)"
+    return Finding(str(path), "sealed-bundle", bool(found), "bundle bytes scanned for the key and the model",
+                   note, fraction=1.0 if found else 0.0, chance=None)
+
+
 def _score(finding: Finding, artifact: Artifact, key: Key, images: tuple[torch.Tensor, torch.Tensor] | None,
            attack) -> None:
     """Exact fraction; with the source run and images, agreement and white-box robustness."""
@@ -218,13 +241,17 @@ def _score(finding: Finding, artifact: Artifact, key: Key, images: tuple[torch.T
 
 
 def audit(paths: list[Path], base: Path, key: Key | None = None, *, queries: int = 0, n: int = 200,
-          data: str | None = None, seed: int = 0) -> dict[str, Any]:
+          data: str | None = None, seed: int = 0, device_key=None) -> dict[str, Any]:
     """Audit every artifact; returns the JSON-ready report (findings in ``artifacts``)."""
     from .attacks.pgd import AttackBudget
     from .data import run_images
 
     base_weight, base_sha = base_weight_and_hash(base)
-    artifacts = [open_artifact(p) for p in paths]
+    sealed = {Path(p) for p in paths if Path(p).suffix == ".kes"}
+    for p in sealed:
+        if not Path(p).is_file():
+            raise KeyedgeError(f"artifact {p} does not exist")
+    artifacts = [open_artifact(p) for p in paths if Path(p) not in sealed]
     for art in artifacts:  # refuse bad input before any attack runs
         _check_inputs(art, base_sha, key)
     attack = AttackBudget("linf", 8 / 255, 50, 2 / 255, True)
@@ -240,6 +267,7 @@ def audit(paths: list[Path], base: Path, key: Key | None = None, *, queries: int
             images = run_images(read_run(run), n, seed=seed, data=data) if run is not None else None
             _score(finding, art, key, images, attack)
         findings.append(finding)
+    findings += [find_sealed(p, key, device_key) for p in sealed]
     return {"base": str(base), "base_sha256": base_sha, "key_fingerprint": key.fingerprint if key else None,
             "queries": queries, "n_images": n, "attack": attack.describe(),
             "artifacts": [f.as_dict() for f in findings]}

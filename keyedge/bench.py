@@ -167,7 +167,7 @@ def _measure_batch(runners: list, batch: int, *, warmup: int, rounds: int, iters
     return rows
 
 
-def _runners(artifacts: list[Path], key, runner_device: str) -> list[tuple[str, Any]]:
+def _runners(artifacts: list[Path], key, runner_device: str, device_key=None) -> list[tuple[str, Any]]:
     """Every backend that runs each artifact here: on a GPU, ONNX artifacts on the CPU *and* on every
     GPU execution provider ONNX Runtime has (CUDA, TensorRT-RTX), so they are compared side by side."""
     from .artifacts import open_artifact
@@ -176,9 +176,9 @@ def _runners(artifacts: list[Path], key, runner_device: str) -> list[tuple[str, 
 
     runners = []
     for a in artifacts:
-        art = open_artifact(a, prefer_engine=runner_device != "cpu")
+        art = open_artifact(a, prefer_engine=runner_device != "cpu", device_key=device_key)
         devices = [runner_device]
-        if art.kind == "onnx" and runner_device == "cuda":
+        if art.kind == "onnx" and runner_device == "cuda" and art.sealed is None:  # a bundle opens once
             import onnxruntime
 
             devices = ["cpu", *gpu_backends(onnxruntime.get_available_providers())]
@@ -220,11 +220,12 @@ def kernel_timings(runners: list[tuple[str, Any]], batches: tuple[int, ...], ite
 
 
 def run_bench(artifacts: list[Path], *, key=None, device: str = "cpu", batches: tuple[int, ...] = (1, 8),
-              rounds: int = 5, iters: int = 10, warmup: int = 3, status=lambda s: None) -> dict[str, Any]:
+              rounds: int = 5, iters: int = 10, warmup: int = 3, status=lambda s: None,
+              device_key=None) -> dict[str, Any]:
     from contextlib import ExitStack
 
     runner_device = check_device(device)
-    runners = _runners(artifacts, key, runner_device)
+    runners = _runners(artifacts, key, runner_device, device_key)
     results: dict[str, Any] = {"device": device, "machine": machine_info(), "batches": list(batches),
                                "rounds": rounds, "iters": iters, "measurements": []}
     with ExitStack() as stack:  # every runner is deactivated, whatever happens

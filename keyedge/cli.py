@@ -23,6 +23,12 @@ app = typer.Typer(
 key_app = typer.Typer(help="Key files: inspect (never prints the key), export-perm for gather engines.",
                       no_args_is_help=True)
 app.add_typer(key_app, name="key")
+device_app = typer.Typer(help="Device identity: the key pair a sealed bundle is encrypted to.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+
+DEVICE_KEY_HELP = "The device's private key for sealed .kes bundles: a file, or - for standard input."
+DEVICE_KEY_COMMAND_HELP = ("A command printing the device's private key (e.g. unsealing it from OP-TEE secure "
+                           "storage or a TPM); default: $KEYEDGE_DEVICE_KEY_COMMAND.")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -104,6 +110,15 @@ def _exported(artifact: Path):
     if art.kind != "onnx":
         raise KeyedgeError(f"{artifact} is not an exported artifact (no model.onnx); run keyedge export")
     return art
+
+
+def _device_key(path: Path | None, command: str | None, artifacts: list[Path]):
+    """The device key, read only when a sealed bundle is among the artifacts."""
+    if not any(Path(a).suffix == ".kes" for a in artifacts):
+        return None
+    from .seal import read_device_key
+
+    return read_device_key(path, command)
 
 
 def _batches(text: str, option: str = "--batch") -> tuple[int, ...]:
@@ -351,9 +366,12 @@ def parity(
     tolerance_fp32: float = typer.Option(0.1, help="Allowed accuracy difference, points."),
     tolerance_fp16: float = typer.Option(1.0),
     tolerance_int8: float = typer.Option(1.0),
+    device_key: Path | None = typer.Option(None, help=DEVICE_KEY_HELP),
+    device_key_command: str | None = typer.Option(None, help=DEVICE_KEY_COMMAND_HELP),
     force: bool = typer.Option(False, help="Write into a non-empty --out directory (other files are kept)."),
 ) -> None:
-    """Prove that artifacts keep the reference's clean and adversarial accuracy (exit 1 if not)."""
+    """Prove that artifacts (sealed bundles too) keep the reference's clean and adversarial accuracy
+    (exit 1 if not)."""
     from .io import check_output_dir
     from .parity import ParityConfig
     from .pipeline import run_parity
@@ -362,7 +380,8 @@ def parity(
         check_output_dir(out, force)
     cfg = ParityConfig(n=n, tolerance={"fp32": tolerance_fp32 / 100, "fp16": tolerance_fp16 / 100,
                                        "int8": tolerance_int8 / 100})
-    report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg, force=force)
+    report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg, force=force,
+                        device_key=_device_key(device_key, device_key_command, artifacts))
     for name, r in report["artifacts"].items():
         sets = ", ".join(f"{k} {100 * v['accuracy']:.1f}% ({100 * v['difference']:+.1f})" for k, v in r["sets"].items())
         typer.echo(f"{'PASS' if r['passed'] else 'FAIL'} {name} [{r['runner']}, {r['precision']}]: {sets}"
@@ -448,9 +467,12 @@ def bench(
     iters: int = typer.Option(10, min=1, help="Timed iterations per model per round."),
     estimate: bool = typer.Option(False, help="Roofline floor for --target instead of measuring."),
     target: str = typer.Option("desktop", help="Target profile for --estimate."),
+    device_key: Path | None = typer.Option(None, help=DEVICE_KEY_HELP),
+    device_key_command: str | None = typer.Option(None, help=DEVICE_KEY_COMMAND_HELP),
     force: bool = typer.Option(False, help="Write into a non-empty --out directory (other files are kept)."),
 ) -> None:
-    """Latency (p50/p90/p99) and throughput per backend, models interleaved, ratios vs plain."""
+    """Latency (p50/p90/p99) and throughput per backend, models interleaved, ratios vs plain
+    (sealed bundles run from memory)."""
     from .artifacts import write_json
     from .bench import bench_markdown, bench_plot, roofline, run_bench
     from .io import atomic_write_text, check_output_dir, staged_dir
@@ -474,7 +496,8 @@ def bench(
     check_output_dir(out, force)
     console = _console()
     results = run_bench(artifacts, key=k, device=device, batches=batches, rounds=rounds, iters=iters,
-                        status=lambda s: console.print(f"[bold]bench[/]: {s}"))
+                        status=lambda s: console.print(f"[bold]bench[/]: {s}"),
+                        device_key=_device_key(device_key, device_key_command, artifacts))
     with staged_dir(out, force=force) as stage:
         write_json(stage / "bench.json", results)
         atomic_write_text(stage / "bench.md", bench_markdown(results))
@@ -521,6 +544,9 @@ def audit(
     n: int = typer.Option(200, min=1, help="Real images for the functional scores."),
     data: str | None = typer.Option(None, help="'digits' or an ImageFolder root (default: the run's)."),
     seed: int = typer.Option(0),
+    device_key: Path | None = typer.Option(None, help=DEVICE_KEY_HELP + " With it, a bundle is also audited "
+                                                                      "as opened on its device."),
+    device_key_command: str | None = typer.Option(None, help=DEVICE_KEY_COMMAND_HELP),
     force: bool = typer.Option(False, help="Write into a non-empty --out directory (other files are kept)."),
 ) -> None:
     """Key-leakage red team of the files a device holds; gates a release (exit 3 above --fail-above).
@@ -534,7 +560,8 @@ def audit(
 
     check_output_dir(out, force)
     k = Key.load(key) if key else None
-    report = run_audit(artifacts, base, k, queries=queries, n=n, data=data, seed=seed)
+    dk = _device_key(device_key, device_key_command, artifacts) if (device_key or device_key_command) else None
+    report = run_audit(artifacts, base, k, queries=queries, n=n, data=data, seed=seed, device_key=dk)
     report["fail_above"] = fail_above
     leaks = [f for f in report["artifacts"] if fail_above is not None and f["leaked"] > fail_above]
     report["passed"] = not leaks
@@ -550,6 +577,89 @@ def audit(
     if leaks:
         raise KeyLeak(f"{len(leaks)} artifact(s) leak more than {fail_above:.2f} of the key: "
                       + ", ".join(f["artifact"] for f in leaks))
+
+
+@device_app.command("keygen")
+@handles_errors
+def device_keygen(
+    out: Path = typer.Option(..., "--out", "-o", help="Private key file to write (0600); the public key goes "
+                                                     "beside it as .pub."),
+    pub: Path | None = typer.Option(None, help="Public key file (default: OUT with suffix .pub)."),
+    force: bool = typer.Option(False, help="Overwrite existing key files."),
+) -> None:
+    """Make a device key pair; prints its fingerprint, never the private key."""
+    from .io import atomic_write_bytes
+    from .seal import DeviceKey
+
+    pub = pub or out.with_suffix(".pub")
+    if not force and (out.exists() or pub.exists()):
+        raise KeyedgeError(f"{out if out.exists() else pub} exists; pass --force to overwrite it")
+    key = DeviceKey.generate()
+    atomic_write_bytes(pub, key.public.to_bytes(), mode=0o644, overwrite=force)
+    key.save(out, overwrite=force)
+    typer.echo(f"wrote {out} (private, 0600) and {pub} (public); device fingerprint {key.fingerprint}")
+    typer.echo("keep the private key off the disk where the device allows: see the README's sealing section")
+
+
+@app.command()
+@handles_errors
+def seal(
+    artifact: Path = typer.Argument(..., help="An export or build directory (model.onnx or model.engine)."),
+    to: Path = typer.Option(..., "--to", help="The device's public key (device.pub)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The sealed bundle to write (.kes, 0600)."),
+    key: Path | None = typer.Option(None, help="The artifact's key: sealed with gather / kernel artifacts, "
+                                               "which take it at run time."),
+    force: bool = typer.Option(False, help="Overwrite an existing bundle."),
+) -> None:
+    """Seal an artifact to one device: libsodium sealed box (content key) + secretstream (payload)."""
+    from .io import atomic_write_bytes
+    from .keys import Key
+    from .seal import SUFFIX, DevicePublicKey, seal_artifact
+
+    if out.suffix != SUFFIX:
+        raise KeyedgeError(f"a sealed bundle is named *{SUFFIX}, not {out.name}")
+    if out.exists() and not force:
+        raise KeyedgeError(f"{out} exists; pass --force to overwrite it")
+    data, summary = seal_artifact(artifact, DevicePublicKey.load(to), Key.load(key) if key else None)
+    atomic_write_bytes(out, data, mode=0o600, overwrite=force)
+    typer.echo(f"wrote {out} ({len(data):,} bytes): {summary['model']} ({summary['fold_mode']}, "
+               f"{summary['precision']}) sealed to device {summary['recipient']}"
+               + ("; it holds the key, opened only in memory on that device" if summary["holds_key"] else ""))
+
+
+@app.command()
+@handles_errors
+def unseal(
+    bundle: Path = typer.Argument(..., help="A sealed .kes bundle."),
+    device_key: Path | None = typer.Option(None, help=DEVICE_KEY_HELP),
+    device_key_command: str | None = typer.Option(None, help=DEVICE_KEY_COMMAND_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Directory for the plaintext files."),
+    write_plaintext: bool = typer.Option(False, help="Really write the model (and key) in plaintext to --out "
+                                                     "(debugging only)."),
+    force: bool = typer.Option(False, help="Write into a non-empty --out directory."),
+) -> None:
+    """Debugging: check a bundle opens with this device key and list it; write plaintext only when asked."""
+    from .io import atomic_write_bytes, check_output_dir, staged_dir
+    from .seal import open_bundle, read_device_key
+
+    if write_plaintext and out is None:
+        raise KeyedgeError("--write-plaintext needs --out DIR")
+    if out is not None and not write_plaintext:
+        raise KeyedgeError("writing a bundle's plaintext to disk defeats sealing: pass --write-plaintext to do it")
+    if out is not None:
+        check_output_dir(out, force)
+    opened = open_bundle(bundle, read_device_key(device_key, device_key_command))
+    typer.echo(f"{bundle}: opens on this device; {opened.model_name} ({len(opened.model):,} bytes), manifest"
+               + (", key.bin" if opened.key_bytes is not None else ""))
+    if out is not None:
+        manifest_name = "model.engine.json" if opened.model_name == "model.engine" else "manifest.json"
+        with staged_dir(out, force=force) as stage:
+            atomic_write_bytes(stage / opened.model_name, bytes(opened.model), mode=0o600)
+            atomic_write_bytes(stage / manifest_name, opened.manifest_text.encode(), mode=0o600)
+            if opened.key_bytes is not None:
+                atomic_write_bytes(stage / "key.bin", bytes(opened.key_bytes), mode=0o600)
+        typer.echo(f"WARNING: wrote the plaintext to {out}: it is as secret as the device's key", err=True)
+    opened.wipe()
 
 
 def main() -> None:

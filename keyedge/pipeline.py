@@ -102,13 +102,13 @@ def export_run(run: Path, key_path: Path | None, out: Path, opts: ExportOptions,
 
 def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], out: Path | None, *,
                data: str | None = None, base: Path | None = None, cfg: ParityConfig | None = None,
-               force: bool = False) -> dict[str, Any]:
+               force: bool = False, device_key=None) -> dict[str, Any]:
     """Craft on the reference, replay through every artifact, write the reports into ``out``."""
     cfg = cfg or ParityConfig()
     manifest = read_run(reference)
     key = Key.load(key_path) if key_path else None
     ref = load_run(reference, key)
-    runners = [open_runner(a, key) for a in artifacts]  # refuse bad artifacts before crafting
+    runners = [open_runner(a, key, device_key=device_key) for a in artifacts]  # refuse bad ones before crafting
     images = run_images(manifest, cfg.n, seed=cfg.seed, data=data)
     if images is None:
         raise KeyedgeError(f"the run's data set {manifest.data.spec} is not here; pass --data")

@@ -19,17 +19,24 @@ __all__ = ["Runner", "TorchRunner", "OnnxRunner", "open_runner", "runner_for"]
 
 
 def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu") -> Runner:
-    """The runner of a resolved artifact: torch for runs, ONNX Runtime for .onnx, TensorRT for engines."""
+    """The runner of a resolved artifact: torch for runs, ONNX Runtime for .onnx, TensorRT for engines.
+    A sealed artifact runs from memory, with the key its bundle holds (if any)."""
+    sealed = artifact.sealed
+    if sealed is not None and sealed.key_bytes is not None:
+        key = Key.from_bytes(bytes(sealed.key_bytes), source=f"{artifact.path} (sealed key)")
+    model_bytes = sealed.model if sealed is not None else None
     if artifact.kind == "run":
         return TorchRunner(artifact.path, key, device=device)
     if artifact.kind == "onnx":
-        return OnnxRunner(artifact.path, key, device=device, manifest=artifact.manifest)  # type: ignore[arg-type]
+        return OnnxRunner(artifact.path, key, device=device, manifest=artifact.manifest,  # type: ignore[arg-type]
+                          model_bytes=model_bytes)
     from .tensorrt import TensorRTRunner
 
     assert isinstance(artifact.manifest, EngineManifest)
-    return TensorRTRunner(artifact.path, key, manifest=artifact.manifest)
+    return TensorRTRunner(artifact.path, key, manifest=artifact.manifest, model_bytes=model_bytes)
 
 
-def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu") -> Runner:
-    """A runner (not yet active) for a run directory, an export/build directory, .onnx or .engine."""
-    return runner_for(open_artifact(path), key, device=device)
+def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu", device_key=None) -> Runner:
+    """A runner (not yet active) for a run directory, an export/build directory, .onnx, .engine or a
+    sealed .kes bundle (``device_key``: the device's private key; the bundle is opened in memory)."""
+    return runner_for(open_artifact(path, device_key=device_key), key, device=device)

@@ -30,8 +30,10 @@ class OnnxRunner(Runner):
     manifest: ArtifactManifest
 
     def __init__(self, path: str | Path, key: Key | None = None, *, device: str = "cpu",
-                 threads: int | None = None, manifest: ArtifactManifest | None = None) -> None:
+                 threads: int | None = None, manifest: ArtifactManifest | None = None,
+                 model_bytes: bytearray | None = None) -> None:
         super().__init__()
+        self.model_bytes = model_bytes  # a sealed artifact, opened in memory: wiped once the session holds it
         if device not in PROVIDERS:
             raise KeyedgeError(f"device must be one of {', '.join(PROVIDERS)}")
         self.path = Path(path)
@@ -55,7 +57,15 @@ class OnnxRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         wanted = [p for p in PROVIDERS[self.device] if p in available]
-        self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+        if self.model_bytes is None:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
+        else:
+            if not any(self.model_bytes):
+                raise KeyedgeError(f"{self.path} was opened once and its buffer wiped: open the bundle again")
+            self.session = ort.InferenceSession(bytes(self.model_bytes), opts, providers=wanted)
+            from ..seal import wipe
+
+            wipe(self.model_bytes)
         if self.manifest.key_input is not None:
             assert self.key is not None  # checked_key
             self._feed_extra = {self.manifest.key_input: np.ascontiguousarray(self.key.perm, dtype=np.int64)}

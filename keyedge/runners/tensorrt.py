@@ -90,13 +90,41 @@ class _CudaRuntime:
             self.cudart.cudaGraphExecDestroy(graph_exec)
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'10.3.0' or trtexec's '100300' -> (10, 3, 0)."""
+    if version.isdigit() and len(version) >= 5:
+        v = int(version)
+        return (v // 10000, v // 100 % 100, v % 100)
+    return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+
+
+def local_capability() -> str | None:
+    from ..tensorrt import local_gpu_capability
+
+    return local_gpu_capability()
+
+
+def check_engine_identity(manifest: EngineManifest, tensorrt_version: str, capability: str | None,
+                          where: str) -> None:
+    """Refuse, in one line, an engine built for another TensorRT or GPU (before TensorRT would fail
+    with 'Serialization assertion ... Version tag does not match')."""
+    built = manifest.tensorrt_version
+    if built and built != "unknown" and _version_tuple(built)[:3] != _version_tuple(tensorrt_version)[:3]:
+        raise KeyedgeError(f"{where} was built with TensorRT {'.'.join(map(str, _version_tuple(built)))}, "
+                           f"this machine has TensorRT {tensorrt_version}: rebuild it here (build_engine.sh)")
+    if manifest.compute_capability and capability and manifest.compute_capability != capability:
+        raise KeyedgeError(f"{where} was built for a GPU of compute capability {manifest.compute_capability}, "
+                           f"this GPU is {capability}: rebuild it on the target")
+
+
 class TensorRTRunner(Runner):
     manifest: EngineManifest
 
     def __init__(self, path: str | Path, key: Key | None = None, *, cuda_graph: bool = False,
-                 manifest: EngineManifest | None = None) -> None:
+                 manifest: EngineManifest | None = None, model_bytes: bytearray | None = None) -> None:
         super().__init__()
         self.path = Path(path)
+        self.model_bytes = model_bytes  # a sealed engine, opened in memory
         if not self.path.is_file():
             raise KeyedgeError(f"engine {self.path} does not exist")
         self.manifest = manifest or EngineManifest.read(engine_manifest_path(self.path))
@@ -118,8 +146,14 @@ class TensorRTRunner(Runner):
         trt = import_tensorrt()
         self.trt = trt
         self.cuda = _CudaRuntime()
+        check_engine_identity(self.manifest, trt.__version__, local_capability(), str(self.path))
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        blob = bytes(self.model_bytes) if self.model_bytes is not None else self.path.read_bytes()
+        self.engine = self.runtime.deserialize_cuda_engine(blob)
+        if self.model_bytes is not None:
+            from ..seal import wipe
+
+            wipe(self.model_bytes)
         if self.engine is None:
             raise KeyedgeError(f"TensorRT could not load {self.path} (built for another GPU or TensorRT version?)")
         self.context = self.engine.create_execution_context()

@@ -1,0 +1,206 @@
+"""Sealed per-device bundles: round trips, opened in memory only, and every kind of bad bundle refused."""
+
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keyedge.errors import KeyedgeError
+from keyedge.runners import open_runner
+from keyedge.seal import HEADER, BundleError, DeviceKey, DevicePublicKey, read_device_key, unseal
+
+from .helpers import keyedge
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory, trained_keyed):
+    """A device key pair; fused and gather artifacts; each sealed to the device."""
+    run, key_path, key, _ = trained_keyed
+    root = tmp_path_factory.mktemp("seal")
+    r = keyedge("device", "keygen", "-o", root / "device.key")
+    assert r.returncode == 0, r.stderr
+    for name, args in {"fused": [], "gather": ["--mode", "gather"]}.items():
+        assert keyedge("export", run, "--key", key_path, "-o", root / name, *args).returncode == 0
+        r = keyedge("seal", root / name, "--to", root / "device.pub", "-o", root / f"{name}.kes", "--key", key_path)
+        assert r.returncode == 0, r.stderr
+    return root, key
+
+
+def test_device_keygen_writes_a_private_key_0600_and_prints_only_the_fingerprint(sealed):
+    root, _ = sealed
+    device = DeviceKey.from_bytes((root / "device.key").read_bytes(), "device.key")
+    assert stat.S_IMODE(os.stat(root / "device.key").st_mode) == 0o600
+    assert DevicePublicKey.load(root / "device.pub") == device.public
+    assert stat.S_IMODE(os.stat(root / "fused.kes").st_mode) == 0o600
+    r = keyedge("device", "keygen", "-o", root / "device.key")
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["fused", "gather"])
+def test_a_sealed_bundle_runs_from_memory_like_the_plain_file(sealed, name):
+    root, key = sealed
+    device = read_device_key(root / "device.key")
+    x = np.random.default_rng(0).random((5, 3, 16, 16), dtype=np.float32)
+    with open_runner(root / name, key) as plain:
+        want = plain(x)
+    with open_runner(root / f"{name}.kes", None, device_key=device) as runner:  # the gather key comes sealed
+        got = runner(x)
+    assert np.array_equal(got, want)
+
+
+def test_the_bundle_bytes_hold_neither_key_nor_model(sealed):
+    root, key = sealed
+    for name in ("fused", "gather"):
+        data = (root / f"{name}.kes").read_bytes()
+        for perm in (key.perm, key.inverse):
+            assert np.asarray(perm, "<u4").tobytes() not in data and np.asarray(perm, "<i8").tobytes() not in data
+        for text in (b"onnx", b"keyedge_manifest", b"key_perm", b"LayerNormalization", b"images", b"logits",
+                     key.fingerprint.encode()):
+            assert text not in data
+        model = (root / name / "model.onnx").read_bytes()
+        assert model[1000:1064] not in data  # no 64-byte run of the model either
+
+
+def _open_files() -> set[str]:
+    fds = "/proc/self/fd"
+    out = set()
+    for fd in os.listdir(fds):
+        try:
+            target = os.readlink(f"{fds}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/") and os.path.isfile(target):
+            out.add(target)
+    return out
+
+
+def test_opening_a_bundle_writes_no_file(sealed, tmp_path, monkeypatch):
+    import tempfile
+
+    root, _ = sealed
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None
+    before_tmp, before_root = set(os.listdir(tmp_path)), set(os.listdir(root))
+    before_fds = _open_files()
+    device = read_device_key(root / "device.key")
+    x = np.zeros((1, 3, 16, 16), dtype=np.float32) + 0.5
+    with open_runner(root / "gather.kes", None, device_key=device) as runner:
+        runner(x)
+        during = _open_files() - before_fds
+    tempfile.tempdir = None
+    assert set(os.listdir(tmp_path)) == before_tmp and set(os.listdir(root)) == before_root
+    assert not during, during  # no plaintext file held open while it runs
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    b = bytearray(data)
+    b[at] ^= 0x01
+    return bytes(b)
+
+
+def test_every_bad_bundle_is_refused(sealed, tmp_path):
+    root, _ = sealed
+    data = (root / "fused.kes").read_bytes()
+    device = read_device_key(root / "device.key")
+    other = DeviceKey.generate()
+    cases = {
+        "magic": (_flip(data, 0), "not a keyedge sealed bundle"),
+        "version": (data[:8] + struct.pack("<H", 2) + data[10:], "bundle version 2"),
+        "flags": (_flip(data, 10), "tampered"),
+        "fingerprint": (_flip(data, 12), "sealed to device"),
+        "sealed key": (_flip(data, 40), "tampered"),
+        "stream header": (_flip(data, 110), "tampered"),
+        "first message": (_flip(data, HEADER.size + 10), "tampered"),
+        "middle": (_flip(data, len(data) // 2), "tampered"),
+        "last byte": (_flip(data, len(data) - 1), "tampered"),
+        "truncated": (data[:len(data) - 30], "truncated"),
+        "truncated header": (data[:50], "truncated"),
+        "extended": (data + b"\0" * 8, "after its end"),
+    }
+    for name, (bad, needle) in cases.items():
+        with pytest.raises(BundleError, match=needle):
+            unseal(bad, device, name)
+    with pytest.raises(BundleError, match="sealed to device"):
+        unseal(data, other)
+
+
+def test_cli_refusals_are_one_line_and_write_nothing(sealed, tmp_path, trained_keyed):
+    root, _ = sealed
+    run, key_path, _, _ = trained_keyed
+    (tmp_path / "bad.kes").write_bytes(_flip((root / "fused.kes").read_bytes(), 300))
+    DeviceKey.generate().save(tmp_path / "other.key")
+    (tmp_path / "junk.key").write_bytes(b"not a key at all")
+    out = tmp_path / "p"
+    cases = [
+        ([tmp_path / "bad.kes", "--device-key", root / "device.key"], "tampered"),
+        ([root / "fused.kes", "--device-key", tmp_path / "other.key"], "sealed to device"),
+        ([root / "fused.kes", "--device-key", tmp_path / "junk.key"], "not a keyedge device private key"),
+        ([root / "fused.kes", "--device-key", root / "device.pub"], "public key, not a private key"),
+        ([root / "fused.kes"], "--device-key"),
+    ]
+    for args, needle in cases:
+        r = keyedge("parity", "--reference", run, "--key", key_path, *args, "--n", "8", "-o", out)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+        assert not out.exists()
+    r = keyedge("seal", root / "gather", "--to", root / "device.pub", "-o", tmp_path / "g.kes")  # no key
+    assert r.returncode == 2 and "--key" in r.stderr and not (tmp_path / "g.kes").exists()
+
+
+def test_parity_bench_and_audit_take_bundles(sealed, tmp_path, trained_keyed):
+    root, key = sealed
+    run, key_path, _, _ = trained_keyed
+    r = keyedge("parity", "--reference", run, "--key", key_path, root / "gather.kes", "--device-key",
+                root / "device.key", "--n", "32")
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    r = keyedge("bench", root / "fused.kes", "--device-key", root / "device.key", "--batch", "1", "--rounds", "1",
+                "--iters", "2", "-o", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    r = keyedge("audit", root / "fused.kes", "--base", run / "model.safetensors", "--key", key_path,
+                "--device-key", root / "device.key", "--fail-above", "0.0", "-o", tmp_path / "a")
+    assert r.returncode == 0, r.stdout + r.stderr
+    finding = json.loads((tmp_path / "a" / "audit.json").read_text())["artifacts"][0]
+    assert finding["kind"] == "sealed-bundle" and finding["fraction"] == 0.0 and not finding["holds_key"]
+    assert "opens, authenticated" in finding["note"]
+
+
+def test_device_key_from_stdin_and_from_a_command(sealed, tmp_path):
+    root, _ = sealed
+    key_bytes = (root / "device.key").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "keyedge.cli", "unseal", str(root / "fused.kes"), "--device-key", "-"],
+                          input=key_bytes, capture_output=True)
+    assert proc.returncode == 0 and b"opens on this device" in proc.stdout, proc.stderr
+    command = f"{sys.executable} -c \"import sys; sys.stdout.buffer.write(open('{root / 'device.key'}', 'rb').read())\""
+    r = keyedge("unseal", root / "fused.kes", "--device-key-command", command)
+    assert r.returncode == 0 and "opens on this device" in r.stdout, r.stderr
+
+
+def test_unseal_writes_plaintext_only_when_asked(sealed, tmp_path):
+    root, _ = sealed
+    r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", "-o", tmp_path / "u")
+    assert r.returncode == 2 and "--write-plaintext" in r.stderr and not (tmp_path / "u").exists()
+    r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", "-o", tmp_path / "u",
+                "--write-plaintext")
+    assert r.returncode == 0
+    assert {p.name for p in (tmp_path / "u").iterdir()} == {"model.onnx", "manifest.json", "key.bin"}
+    assert (tmp_path / "u" / "model.onnx").read_bytes() == (root / "gather" / "model.onnx").read_bytes()
+
+
+def test_engine_identity_is_checked_before_deserializing(sealed, tmp_path):
+    from keyedge.artifacts import EngineManifest
+    from keyedge.runners.tensorrt import check_engine_identity
+
+    from .helpers import fake_engine
+
+    root, _ = sealed
+    fake_engine(root / "fused", tmp_path, tensorrt_version="100300")
+    manifest = EngineManifest.read(tmp_path / "model.engine.json")
+    check_engine_identity(manifest, "10.3.0", "8.7", "e")  # the same: accepted
+    with pytest.raises(KeyedgeError, match="built with TensorRT 10.3.0, this machine has TensorRT 10.7.0"):
+        check_engine_identity(manifest, "10.7.0", "8.7", "e")
+    with pytest.raises(KeyedgeError, match="compute capability 8.7, this GPU is 9.0"):
+        check_engine_identity(manifest, "10.3.0", "9.0", "e")
