@@ -53,7 +53,8 @@ class DemoConfig:
     lora_rank: int = 8
     own_keys: int = 2            # the attacker's own-key fine-tunes (and fleet devices B, C)
     own_key_epochs: int = 5
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=200, query_n=16, whitebox_restarts=1))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=160, query_n=12, whitebox_restarts=1, eot_samples=4,
+                                                                key_search_random=50, key_search_swaps=200))
     parity_n: int = 100
     bench_batches: tuple[int, ...] = (1, 8)
     bench_rounds: int = 5
@@ -182,6 +183,24 @@ ARTIFACTS = {  # name: export options (dynamic batch, so bench can sweep batch s
 }
 
 
+def _seal_for_demo_device(out: Path, artifact: Path, console: Console):
+    """A demo device key pair, and ``artifact`` sealed to it (the private key stays in the demo's
+    out/device/, as a stand-in for the device's secure storage)."""
+    from .io import atomic_write_bytes
+    from .seal import DeviceKey, seal_artifact
+
+    device = DeviceKey.generate()
+    (out / "device").mkdir(exist_ok=True)
+    device.save(out / "device" / "device.key", overwrite=True)
+    atomic_write_bytes(out / "device" / "device.pub", device.public.to_bytes(), overwrite=True)
+    data, _ = seal_artifact(artifact, device.public)
+    bundle = artifact.parent / f"sealed_{artifact.name}" / "model.kes"
+    bundle.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(bundle, data, mode=0o600, overwrite=True)
+    console.print(f"[bold]seal[/]: {artifact.name} sealed to demo device {device.fingerprint} -> {bundle}")
+    return device, bundle
+
+
 def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Console) -> dict[str, Any]:
     """Export each keyed model (fused/gather, fp32/int8) and prove parity with its reference."""
     from .pipeline import export_run, run_parity
@@ -198,9 +217,14 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
             console.print(f"[bold]export[/]: {model} {name}")
             export_run(run, key_path, dest, ExportOptions(**opts), force=True, echo=quiet)
             paths.append(dest / "model.onnx")
+        device_key = None
+        if model == "keyed_full":  # one device's bundle: sealed to a demo device key, run from memory
+            device_key, bundle = _seal_for_demo_device(out, out / "artifacts" / model / "fused_fp32", console)
+            paths.append(bundle)
         console.print(f"[bold]parity[/]: {model}, {len(paths)} artifacts on {cfg.parity_n} images")
         pcfg = ParityConfig(n=cfg.parity_n, attack=cfg.eval, seed=cfg.seed)
-        report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg, force=True)
+        report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg, force=True,
+                            device_key=device_key)
         section["models"][model] = {
             Path(p).parent.name: {"passed": r["passed"], "precision": r["precision"], "fold_mode": r["fold_mode"],
                                   "max_accuracy_difference": r["max_accuracy_difference"],

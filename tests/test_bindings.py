@@ -63,7 +63,7 @@ def installed(tmp_path_factory, trained_keyed, onnxruntime_dev):
     gather, env = _build_package(root / "gather", prefix, run, key_path, onnxruntime_dev, "--mode", "gather")
     kernel, _ = _build_package(root / "kernel", prefix, run, key_path, onnxruntime_dev, "--mode", "kernel",
                                "--input", "uint8", "--layout", "nhwc", "--dynamic-batch")
-    return prefix, key_path, env, {"gather": gather, "kernel": kernel}
+    return prefix, key_path, env, {"gather": gather, "kernel": kernel}, root  # exports: root/<mode>/art
 
 
 def _photo(size: int) -> np.ndarray:
@@ -84,7 +84,7 @@ def _model(prefix, package):
 
 @pytest.mark.parametrize("mode", ["gather", "kernel"])
 def test_classify_matches_python_runner(installed, tmp_path, mode):
-    prefix, key_path, env, packages = installed
+    prefix, key_path, env, packages, root = installed
     img = _photo(16)
     (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + img.tobytes())
     model = _model(prefix, packages[mode])
@@ -100,8 +100,41 @@ def test_classify_matches_python_runner(installed, tmp_path, mode):
     assert int(lines[1].split("\t")[0]) == int(py.argmax())
 
 
+def test_classify_opens_a_sealed_bundle_in_memory(installed, tmp_path):
+    """load_sealed (libsodium): the gather artifact and its key, sealed to a device, classified from memory
+    with the same logits as the Python runner; a tampered bundle or another device's key: one line."""
+    from keyedge.seal import DeviceKey, seal_artifact
+
+    prefix, key_path, env, packages, root = installed
+    art = root / "gather" / "art"
+    device = DeviceKey.generate()
+    device.save(tmp_path / "device.key")
+    data, _ = seal_artifact(art, device.public, Key.load(key_path))
+    (tmp_path / "model.kes").write_bytes(data)
+    img = _photo(16)
+    (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + img.tobytes())
+    before = set(os.listdir(tmp_path))
+    r = _classify(prefix, packages["gather"], env, tmp_path / "model.kes", tmp_path / "photo.ppm", "--device-key",
+                  tmp_path / "device.key", "--dump-logits", tmp_path / "logits.txt")
+    assert r.returncode == 0, r.stderr
+    assert set(os.listdir(tmp_path)) - before == {"logits.txt"}  # nothing else written
+    with OnnxRunner(art / "model.onnx", Key.load(key_path)) as runner:
+        py = runner(runner.input_spec.from_canonical(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255))[0]
+    assert np.abs(np.loadtxt(tmp_path / "logits.txt") - py).max() <= 1e-4
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 1
+    (tmp_path / "bad.kes").write_bytes(bytes(bad))
+    DeviceKey.generate().save(tmp_path / "other.key")
+    for bundle, key_file, needle in ((tmp_path / "bad.kes", tmp_path / "device.key", "tampered"),
+                                     (tmp_path / "model.kes", tmp_path / "other.key", "sealed to device"),
+                                     (tmp_path / "model.kes", key_path, "not a keyedge device private key")):
+        r = _classify(prefix, packages["gather"], env, bundle, tmp_path / "photo.ppm", "--device-key", key_file)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
 def test_two_devices_packages_coexist_in_one_prefix(installed):
-    prefix, _, _, packages = installed
+    prefix, _, _, packages, _ = installed
     assert packages["gather"] != packages["kernel"]
     for package in packages.values():
         assert (prefix / "lib" / "cmake" / package / f"{package}Config.cmake").is_file()
@@ -115,7 +148,7 @@ def test_two_devices_packages_coexist_in_one_prefix(installed):
 def test_classify_reads_png(installed, tmp_path):
     import matplotlib.image
 
-    prefix, key_path, env, packages = installed
+    prefix, key_path, env, packages, root = installed
     matplotlib.image.imsave(tmp_path / "photo.png", _photo(16))
     r = _classify(prefix, packages["gather"], env, _model(prefix, packages["gather"]), tmp_path / "photo.png",
                   "--key", key_path)
@@ -123,7 +156,7 @@ def test_classify_reads_png(installed, tmp_path):
 
 
 def test_classify_bad_input(installed, tmp_path):
-    prefix, key_path, env, packages = installed
+    prefix, key_path, env, packages, root = installed
     package = packages["gather"]
     model = _model(prefix, package)
     (tmp_path / "big.ppm").write_bytes(b"P6\n32 32\n255\n" + _photo(32).tobytes())
@@ -149,7 +182,7 @@ def test_classify_bad_input(installed, tmp_path):
 
 
 def test_installed_cmake_packages_are_findable_together(installed, tmp_path):
-    prefix, _, _, packages = installed
+    prefix, _, _, packages, _ = installed
     app = tmp_path / "app"
     app.mkdir()
     finds = "".join(f"find_package({p} REQUIRED)\n" for p in packages.values())

@@ -87,21 +87,25 @@ Image read_image(const std::string& path) {
 int main(int argc, char** argv) {
   try {
     std::vector<std::string> args(argv + 1, argv + argc);
-    std::string model_path, image_path, key_path, dump;
+    std::string model_path, image_path, key_path, dump, device_key;
     keyedge::Options options;
     for (size_t i = 0; i < args.size(); ++i) {
       if (args[i] == "--key" && i + 1 < args.size()) key_path = args[++i];
       else if (args[i] == "--dump-logits" && i + 1 < args.size()) dump = args[++i];
       else if (args[i] == "--device" && i + 1 < args.size()) options.device = std::stoi(args[++i]);
       else if (args[i] == "--cuda-graph") options.cuda_graph = true;
+      else if (args[i] == "--device-key" && i + 1 < args.size()) device_key = args[++i];
       else if (model_path.empty()) model_path = args[i];
       else if (image_path.empty()) image_path = args[i];
       else throw keyedge::Error("unexpected argument " + args[i]);
     }
     if (model_path.empty() || image_path.empty())
-      throw keyedge::Error("usage: classify MODEL IMAGE [--key key.bin] [--dump-logits FILE] [--device N] "
-                           "[--cuda-graph]");
-    auto model = keyedge::Model::load(model_path, key_path, options);
+      throw keyedge::Error("usage: classify MODEL|BUNDLE.kes IMAGE [--key key.bin] [--device-key device.key] "
+                           "[--dump-logits FILE] [--device N] [--cuda-graph]");
+    const bool sealed = model_path.size() > 4 && model_path.compare(model_path.size() - 4, 4, ".kes") == 0;
+    if (sealed && device_key.empty()) throw keyedge::Error("a sealed bundle needs --device-key");
+    auto model = sealed ? keyedge::Model::load_sealed(model_path, device_key, options)
+                        : keyedge::Model::load(model_path, key_path, options);
     Image img = read_image(image_path);
     const auto& spec = model->input();
     if (img.width != spec.width || img.height != spec.height)

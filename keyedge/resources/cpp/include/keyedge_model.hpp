@@ -57,6 +57,7 @@ struct Manifest {
   std::string precision;
   std::vector<std::string> classes;
   static Manifest from_file(const std::string& path);
+  static Manifest from_text(const std::string& text, const std::string& where);
   // Does running this artifact take the key (gather with a key input, or kernel mode)?
   bool needs_key() const { return !key_input.empty() || kernel_preprocess; }
 };
@@ -74,6 +75,7 @@ struct KeyFile {
   std::vector<int64_t> perm;
   std::string fingerprint;
   static KeyFile load(const std::string& path);
+  static KeyFile from_bytes(const std::vector<uint8_t>& data, const std::string& where);
 };
 
 class Model {
@@ -84,6 +86,12 @@ class Model {
   // manifest's (a plain model refuses a key).
   static std::unique_ptr<Model> load(const std::string& model_path, const std::string& key_path = "",
                                      const Options& options = Options{});
+  // A sealed bundle (keyedge seal ... -o model.kes), decrypted in memory with the device's private key
+  // file (keyedge device keygen): libsodium sealed box + secretstream. The model (ONNX Runtime session
+  // from memory, or TensorRT deserializeCudaEngine from memory), its manifest and, for gather / kernel
+  // artifacts, the key come from the bundle; nothing is written to disk; buffers are wiped after loading.
+  static std::unique_ptr<Model> load_sealed(const std::string& bundle_path, const std::string& device_key_path,
+                                            const Options& options = Options{});
   virtual ~Model() = default;
 
   // hwc: batch images, each height x width x channels uint8, rows packed.
@@ -102,16 +110,19 @@ class Model {
   // Run exactly `batch` images (a supported batch size) through the backend.
   virtual void run(const uint8_t* hwc, int batch, float* logits) = 0;
   virtual const char* backend_name() const = 0;
-  // Called once by load() after the key (if the artifact takes one) is in key_perm_.
+  // Called once, after the key (if the artifact takes one) is in key_perm_.
   virtual void key_attached() {}
   Manifest manifest_;
   std::vector<int64_t> key_perm_;  // only for artifacts that take the key at run time
-  friend void attach_key(Model&, const std::string&);
+  friend void attach_key(Model&, const KeyFile*);
 };
 
 // Backends, chosen at build time (CMake options KEYEDGE_WITH_ONNXRUNTIME / KEYEDGE_WITH_TENSORRT).
-std::unique_ptr<Model> make_onnxruntime_model(const std::string& path, Manifest manifest);
-std::unique_ptr<Model> make_tensorrt_model(const std::string& path, Manifest manifest, const Options& options);
+// ``model``: the ONNX file's or the engine's bytes (read from disk, or from a sealed bundle).
+std::unique_ptr<Model> make_onnxruntime_model(const std::vector<uint8_t>& model, const std::string& where,
+                                              Manifest manifest);
+std::unique_ptr<Model> make_tensorrt_model(const std::vector<uint8_t>& model, const std::string& where,
+                                           Manifest manifest, const Options& options);
 
 // uint8 HWC -> the float graph input ([0,1], NCHW or NHWC); shared by the CPU backends.
 void to_float_input(const uint8_t* hwc, int batch, const InputSpec& spec, float* out);

@@ -10,11 +10,11 @@ namespace {
 
 class OrtModel final : public Model {
  public:
-  OrtModel(const std::string& path, Manifest manifest) : Model(std::move(manifest)) {
+  OrtModel(const std::vector<uint8_t>& model, const std::string& path, Manifest manifest) : Model(std::move(manifest)) {
     try {
       Ort::SessionOptions options;
       options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
-      session_ = std::make_unique<Ort::Session>(env_, path.c_str(), options);
+      session_ = std::make_unique<Ort::Session>(env_, model.data(), model.size(), options);
       check_graph();
     } catch (const Ort::Exception& e) {
       throw Error(std::string("ONNX Runtime cannot load ") + path + ": " + e.what());
@@ -99,8 +99,9 @@ class OrtModel final : public Model {
 
 }  // namespace
 
-std::unique_ptr<Model> make_onnxruntime_model(const std::string& path, Manifest manifest) {
-  return std::make_unique<OrtModel>(path, std::move(manifest));
+std::unique_ptr<Model> make_onnxruntime_model(const std::vector<uint8_t>& model, const std::string& where,
+                                              Manifest manifest) {
+  return std::make_unique<OrtModel>(model, where, std::move(manifest));
 }
 
 }  // namespace keyedge

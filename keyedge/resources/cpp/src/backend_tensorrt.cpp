@@ -60,15 +60,9 @@ class Logger final : public nvinfer1::ILogger {
   }
 };
 
-std::vector<char> read_blob(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot open " + path);
-  return std::vector<char>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
 class TrtModel final : public Model {
  public:
-  TrtModel(const std::string& path, Manifest manifest, const Options& options)
+  TrtModel(const std::vector<uint8_t>& blob, const std::string& path, Manifest manifest, const Options& options)
       : Model(std::move(manifest)), options_(options) {
     int count = 0;
     check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
@@ -79,7 +73,6 @@ class TrtModel final : public Model {
     cudaDeviceProp prop{};
     check(cudaGetDeviceProperties(&prop, options_.device), "cudaGetDeviceProperties");
     integrated_ = prop.integrated != 0;  // Jetson: host and GPU share memory
-    const std::vector<char> blob = read_blob(path);
     runtime_.reset(nvinfer1::createInferRuntime(logger_));
     if (!runtime_) throw Error("TensorRT: createInferRuntime failed");
     engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
@@ -301,8 +294,9 @@ class TrtModel final : public Model {
 
 }  // namespace
 
-std::unique_ptr<Model> make_tensorrt_model(const std::string& path, Manifest manifest, const Options& options) {
-  return std::make_unique<TrtModel>(path, std::move(manifest), options);
+std::unique_ptr<Model> make_tensorrt_model(const std::vector<uint8_t>& blob, const std::string& where,
+                                           Manifest manifest, const Options& options) {
+  return std::make_unique<TrtModel>(blob, where, std::move(manifest), options);
 }
 
 }  // namespace keyedge

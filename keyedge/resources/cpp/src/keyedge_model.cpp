@@ -8,7 +8,10 @@
 #include <fstream>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <sstream>
+
+#include <sodium.h>
 
 #include "keyedge_model_config.hpp"  // generated: what this package was made for
 
@@ -139,66 +142,35 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-// ---- SHA-256 (FIPS 180-4), for the key file's integrity check and fingerprint --------------
-class Sha256 {
- public:
-  void update(const uint8_t* data, size_t n) {
-    for (size_t i = 0; i < n; ++i) {
-      block_[fill_++] = data[i];
-      if (fill_ == 64) { compress(); fill_ = 0; }
-    }
-    bits_ += static_cast<uint64_t>(n) * 8;
-  }
-  std::array<uint8_t, 32> digest() {
-    uint64_t bits = bits_;
-    uint8_t pad = 0x80;
-    update(&pad, 1);
-    uint8_t zero = 0;
-    while (fill_ != 56) update(&zero, 1);
-    for (int i = 7; i >= 0; --i) {
-      uint8_t b = static_cast<uint8_t>(bits >> (8 * i));
-      update(&b, 1);
-    }
-    std::array<uint8_t, 32> out{};
-    for (int i = 0; i < 8; ++i)
-      for (int j = 0; j < 4; ++j) out[4 * i + j] = static_cast<uint8_t>(h_[i] >> (24 - 8 * j));
-    return out;
-  }
+std::vector<uint8_t> read_bytes(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(what + " " + path + " does not exist or cannot be read");
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
 
- private:
-  static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
-  void compress() {
-    static const uint32_t k[64] = {
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
-    uint32_t w[64];
-    for (int i = 0; i < 16; ++i)
-      w[i] = (uint32_t(block_[4 * i]) << 24) | (uint32_t(block_[4 * i + 1]) << 16) |
-             (uint32_t(block_[4 * i + 2]) << 8) | uint32_t(block_[4 * i + 3]);
-    for (int i = 16; i < 64; ++i) {
-      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
-      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
-      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
-    for (int i = 0; i < 64; ++i) {
-      uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
-      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-      h = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
-    }
-    h_[0] += a; h_[1] += b; h_[2] += c; h_[3] += d; h_[4] += e; h_[5] += f; h_[6] += g; h_[7] += h;
+// SHA-256 (libsodium's crypto_hash_sha256) of the concatenated parts.
+std::array<uint8_t, 32> sha256(std::initializer_list<std::pair<const uint8_t*, size_t>> parts) {
+  crypto_hash_sha256_state st;
+  crypto_hash_sha256_init(&st);
+  for (const auto& [data, n] : parts) crypto_hash_sha256_update(&st, data, n);
+  std::array<uint8_t, 32> out{};
+  crypto_hash_sha256_final(&st, out.data());
+  return out;
+}
+
+std::string hex(const uint8_t* data, size_t n) {
+  static const char digits[] = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < n; ++i) {
+    out += digits[data[i] >> 4];
+    out += digits[data[i] & 15];
   }
-  uint32_t h_[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-  uint8_t block_[64] = {};
-  size_t fill_ = 0;
-  uint64_t bits_ = 0;
-};
+  return out;
+}
+
+void init_sodium() {
+  if (sodium_init() < 0) throw Error("libsodium failed to initialise");
+}
 
 uint32_t le32(const uint8_t* p) { return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24; }
 uint16_t le16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | p[1] << 8); }
@@ -212,48 +184,42 @@ std::string as_string(const Json* v) { return v != nullptr && v->kind == Json::S
 
 }  // namespace
 
-KeyFile KeyFile::load(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("key file " + path + " does not exist or cannot be read");
-  std::vector<uint8_t> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (data.size() < 20 + 32) throw Error("key file " + path + " is truncated");
-  if (std::memcmp(data.data(), "KEYEDGE\0", 8) != 0) throw Error("key file " + path + " is not a keyedge key");
-  if (le16(&data[8]) != 1) throw Error("key file " + path + " has an unknown format version");
+KeyFile KeyFile::load(const std::string& path) { return from_bytes(read_bytes(path, "key file"), "key file " + path); }
+
+KeyFile KeyFile::from_bytes(const std::vector<uint8_t>& data, const std::string& where) {
+  init_sodium();
+  if (data.size() < 20 + 32) throw Error(where + " is truncated");
+  if (std::memcmp(data.data(), "KEYEDGE\0", 8) != 0) throw Error(where + " is not a keyedge key");
+  if (le16(&data[8]) != 1) throw Error(where + " has an unknown format version");
   KeyFile key;
   key.block_size = le16(&data[12]);
   key.channels = le16(&data[14]);
   uint32_t n = le32(&data[16]);
-  if (data.size() != 20 + 4 * size_t(n) + 32) throw Error("key file " + path + " is truncated");
-  Sha256 body;
-  body.update(data.data(), data.size() - 32);
-  auto digest = body.digest();
+  if (data.size() != 20 + 4 * size_t(n) + 32) throw Error(where + " is truncated");
+  auto digest = sha256({{data.data(), data.size() - 32}});
   if (std::memcmp(digest.data(), data.data() + data.size() - 32, 32) != 0)
-    throw Error("key file " + path + " failed its integrity check");
+    throw Error(where + " failed its integrity check");
   if (n != uint32_t(key.block_size * key.block_size * key.channels))
-    throw Error("key file " + path + ": length does not match its block size");
+    throw Error(where + ": length does not match its block size");
   std::vector<bool> seen(n, false);
   for (uint32_t i = 0; i < n; ++i) {
     uint32_t v = le32(&data[20 + 4 * i]);
-    if (v >= n || seen[v]) throw Error("key file " + path + " is not a permutation");
+    if (v >= n || seen[v]) throw Error(where + " is not a permutation");
     seen[v] = true;
     key.perm.push_back(v);
   }
   static const char domain[] = "keyedge-key-fingerprint-v1";  // + its terminating NUL
-  Sha256 fp;
-  fp.update(reinterpret_cast<const uint8_t*>(domain), sizeof(domain));
-  fp.update(&data[12], 4);  // block size, channels (uint16 LE each)
-  fp.update(&data[20], 4 * size_t(n));
-  auto f = fp.digest();
-  static const char hex[] = "0123456789abcdef";
-  for (int i = 0; i < 16; ++i) {
-    key.fingerprint += hex[f[i] >> 4];
-    key.fingerprint += hex[f[i] & 15];
-  }
+  auto f = sha256({{reinterpret_cast<const uint8_t*>(domain), sizeof(domain)},
+                   {&data[12], 4},  // block size, channels (uint16 LE each)
+                   {&data[20], 4 * size_t(n)}});
+  key.fingerprint = hex(f.data(), 16);
   return key;
 }
 
-Manifest Manifest::from_file(const std::string& path) {
-  Json root = JsonParser(read_file(path)).parse();
+Manifest Manifest::from_file(const std::string& path) { return from_text(read_file(path), path); }
+
+Manifest Manifest::from_text(const std::string& text, const std::string& path) {
+  Json root = JsonParser(text).parse();
   Manifest m;
   m.format = as_string(root.get("format"));
   if (m.format != "keyedge-artifact" && m.format != "keyedge-build-plan" && m.format != "keyedge-engine")
@@ -303,37 +269,158 @@ Manifest Manifest::from_file(const std::string& path) {
 
 // The key rule (as keyedge.artifacts.check_key with strict=True): an artifact that takes the key
 // needs the right one; a key given for any artifact must be its own (a plain model takes none).
-void attach_key(Model& model, const std::string& key_path) {
+void attach_key(Model& model, const KeyFile* key_file) {
   const Manifest& m = model.manifest_;
-  if (key_path.empty()) {
+  if (key_file == nullptr) {
     if (m.needs_key()) throw Error("this artifact takes the key at run time: pass the key file");
     return;
   }
-  KeyFile key = KeyFile::load(key_path);
+  const KeyFile& key = *key_file;
   if (m.key_fingerprint.empty()) throw Error("this artifact is a plain (un-keyed) model: do not pass a key");
   if (key.fingerprint != m.key_fingerprint)
     throw Error("key fingerprint " + key.fingerprint + " does not match the artifact's (" + m.key_fingerprint + ")");
   if (m.needs_key()) model.key_perm_ = key.perm;
+  model.key_attached();
 }
+
+namespace {
+
+// The package was generated for one artifact: refuse another one dropped in its place.
+void check_expected(const Manifest& manifest, const std::string& where) {
+  if (std::string(KEYEDGE_EXPECTED_FINGERPRINT) != manifest.key_fingerprint ||
+      manifest.input.height != KEYEDGE_EXPECTED_HEIGHT || manifest.input.width != KEYEDGE_EXPECTED_WIDTH ||
+      manifest.num_classes != KEYEDGE_EXPECTED_CLASSES)
+    throw Error("manifest " + where + " does not describe the artifact this package was generated for");
+}
+
+std::unique_ptr<Model> make_model(bool engine, std::vector<uint8_t>& blob, const std::string& where, Manifest manifest,
+                                  const KeyFile* key, const Options& options) {
+  std::unique_ptr<Model> model = engine ? make_tensorrt_model(blob, where, std::move(manifest), options)
+                                        : make_onnxruntime_model(blob, where, std::move(manifest));
+  sodium_memzero(blob.data(), blob.size());  // the runtime holds its own copy now
+  attach_key(*model, key);
+  return model;
+}
+
+}  // namespace
 
 std::unique_ptr<Model> Model::load(const std::string& model_path, const std::string& key_path,
                                    const Options& options) {
+  init_sodium();
   std::ifstream probe(model_path, std::ios::binary);
   if (!probe) throw Error("model file " + model_path + " does not exist");
   const bool engine = model_path.size() > 7 && model_path.compare(model_path.size() - 7, 7, ".engine") == 0;
   std::string manifest_path = engine ? model_path + ".json"
                                      : model_path.substr(0, model_path.find_last_of('/') + 1) + "manifest.json";
   Manifest manifest = Manifest::from_file(manifest_path);
-  // the package was generated for one artifact: refuse another one dropped in its place
-  if (std::string(KEYEDGE_EXPECTED_FINGERPRINT) != manifest.key_fingerprint ||
-      manifest.input.height != KEYEDGE_EXPECTED_HEIGHT || manifest.input.width != KEYEDGE_EXPECTED_WIDTH ||
-      manifest.num_classes != KEYEDGE_EXPECTED_CLASSES)
-    throw Error("manifest " + manifest_path + " does not describe the artifact this package was generated for");
-  std::unique_ptr<Model> model = engine ? make_tensorrt_model(model_path, std::move(manifest), options)
-                                        : make_onnxruntime_model(model_path, std::move(manifest));
-  attach_key(*model, key_path);
-  model->key_attached();
-  return model;
+  check_expected(manifest, manifest_path);
+  std::optional<KeyFile> key;
+  if (!key_path.empty()) key = KeyFile::load(key_path);
+  std::vector<uint8_t> blob = read_bytes(model_path, "model file");
+  return make_model(engine, blob, model_path, std::move(manifest), key ? &*key : nullptr, options);
+}
+
+// ---- sealed bundles (keyedge seal): libsodium sealed box + secretstream, opened in memory -------
+
+namespace {
+
+constexpr size_t kHeader = 132, kChunk = 1u << 20;
+
+struct DeviceKey {
+  unsigned char sk[crypto_box_SECRETKEYBYTES];
+  unsigned char pk[crypto_box_PUBLICKEYBYTES];
+  ~DeviceKey() { sodium_memzero(sk, sizeof(sk)); }
+};
+
+void load_device_key(const std::string& path, DeviceKey& key) {
+  std::vector<uint8_t> data = read_bytes(path, "device key");
+  const bool ok = data.size() == 43 && std::memcmp(data.data(), "KEYEDGED", 8) == 0;
+  if (!ok || le16(&data[8]) != 1 || data[10] != 1) {
+    sodium_memzero(data.data(), data.size());
+    throw Error("device key " + path + " is not a keyedge device private key");
+  }
+  std::memcpy(key.sk, &data[11], 32);
+  sodium_memzero(data.data(), data.size());
+  crypto_scalarmult_base(key.pk, key.sk);
+}
+
+// The bundle's files, decrypted into memory; any change, truncation or extension throws.
+std::map<std::string, std::vector<uint8_t>> unseal(const std::vector<uint8_t>& data, const DeviceKey& device,
+                                                   const std::string& where) {
+  if (data.size() < kHeader) throw Error(where + " is truncated (or not a keyedge bundle)");
+  if (std::memcmp(data.data(), "KEYEDGEB", 8) != 0) throw Error(where + " is not a keyedge sealed bundle");
+  if (le16(&data[8]) != 1) throw Error(where + " is bundle version " + std::to_string(le16(&data[8])) +
+                                       "; this runtime reads version 1");
+  static const char domain[] = "keyedge-device-fingerprint-v1";
+  auto fp = sha256({{reinterpret_cast<const uint8_t*>(domain), sizeof(domain)}, {device.pk, sizeof(device.pk)}});
+  if (std::memcmp(fp.data(), &data[12], 16) != 0)
+    throw Error(where + " is sealed to device " + hex(&data[12], 16) + ", not to this device (" + hex(fp.data(), 16) + ")");
+  unsigned char content_key[crypto_secretstream_xchacha20poly1305_KEYBYTES];
+  if (crypto_box_seal_open(content_key, &data[28], 80, device.pk, device.sk) != 0)
+    throw Error(where + " cannot be opened: it was tampered with, or this is not its device's private key");
+  crypto_secretstream_xchacha20poly1305_state state;
+  const int init = crypto_secretstream_xchacha20poly1305_init_pull(&state, &data[108], content_key);
+  sodium_memzero(content_key, sizeof(content_key));
+  if (init != 0) throw Error(where + " was tampered with (stream header)");
+  size_t pos = kHeader;
+  std::vector<uint8_t> message;
+  auto pull = [&](const uint8_t* ad, size_t ad_len) -> unsigned char {
+    if (pos + 4 > data.size()) throw Error(where + " is truncated");
+    const uint32_t n = le32(&data[pos]);
+    if (n < crypto_secretstream_xchacha20poly1305_ABYTES || n > kChunk + crypto_secretstream_xchacha20poly1305_ABYTES ||
+        pos + 4 + n > data.size())
+      throw Error(where + " is truncated or corrupted");
+    message.resize(n - crypto_secretstream_xchacha20poly1305_ABYTES);
+    unsigned char tag = 0;
+    if (crypto_secretstream_xchacha20poly1305_pull(&state, message.data(), nullptr, &tag, &data[pos + 4], n, ad,
+                                                   ad_len) != 0)
+      throw Error(where + " was tampered with (authentication failed)");
+    pos += 4 + n;
+    return tag;
+  };
+  pull(data.data(), kHeader);  // the index; the header is its additional data
+  Json index = JsonParser(std::string(message.begin(), message.end())).parse();
+  const Json* files = index.get("files");
+  if (files == nullptr || files->kind != Json::Array) throw Error(where + " has an unreadable index");
+  std::map<std::string, std::vector<uint8_t>> out;
+  for (const Json& f : files->arr) {
+    const std::string name = as_string(f.get("name"));
+    const size_t size = static_cast<size_t>(as_int(f.get("size"), "bundle index size"));
+    std::vector<uint8_t>& buf = out[name];
+    while (buf.size() < size) {
+      if (pull(nullptr, 0) == crypto_secretstream_xchacha20poly1305_TAG_FINAL) throw Error(where + " is truncated");
+      buf.insert(buf.end(), message.begin(), message.end());
+    }
+    if (buf.size() != size) throw Error(where + " is corrupted");
+  }
+  const unsigned char tag = pull(nullptr, 0);
+  if (tag != crypto_secretstream_xchacha20poly1305_TAG_FINAL || !message.empty() || pos != data.size())
+    throw Error(where + " has data after its end, or is missing its end");
+  sodium_memzero(message.data(), message.size());
+  return out;
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::load_sealed(const std::string& bundle_path, const std::string& device_key_path,
+                                          const Options& options) {
+  init_sodium();
+  DeviceKey device;
+  load_device_key(device_key_path, device);
+  auto files = unseal(read_bytes(bundle_path, "bundle"), device, bundle_path);
+  const bool engine = files.count("model.engine") != 0;
+  const std::string model_name = engine ? "model.engine" : "model.onnx";
+  const std::string manifest_name = engine ? "model.engine.json" : "manifest.json";
+  if (!files.count(model_name) || !files.count(manifest_name)) throw Error(bundle_path + " holds no model and manifest");
+  std::vector<uint8_t>& text = files[manifest_name];
+  Manifest manifest = Manifest::from_text(std::string(text.begin(), text.end()), bundle_path + " (sealed manifest)");
+  check_expected(manifest, bundle_path);
+  std::optional<KeyFile> key;
+  if (files.count("key.bin")) {
+    key = KeyFile::from_bytes(files["key.bin"], bundle_path + " (sealed key)");
+    sodium_memzero(files["key.bin"].data(), files["key.bin"].size());
+  }
+  return make_model(engine, files[model_name], bundle_path, std::move(manifest), key ? &*key : nullptr, options);
 }
 
 void Model::infer(const uint8_t* hwc, int batch, float* logits) {
@@ -403,12 +490,12 @@ void keyed_preprocess_cpu(const uint8_t* hwc, int batch, const InputSpec& s, con
 }
 
 #ifndef KEYEDGE_WITH_ONNXRUNTIME
-std::unique_ptr<Model> make_onnxruntime_model(const std::string&, Manifest) {
+std::unique_ptr<Model> make_onnxruntime_model(const std::vector<uint8_t>&, const std::string&, Manifest) {
   throw Error("this build has no ONNX Runtime backend (cmake -DKEYEDGE_WITH_ONNXRUNTIME=ON)");
 }
 #endif
 #ifndef KEYEDGE_WITH_TENSORRT
-std::unique_ptr<Model> make_tensorrt_model(const std::string&, Manifest, const Options&) {
+std::unique_ptr<Model> make_tensorrt_model(const std::vector<uint8_t>&, const std::string&, Manifest, const Options&) {
   throw Error("this build has no TensorRT backend (cmake -DKEYEDGE_WITH_TENSORRT=ON)");
 }
 #endif

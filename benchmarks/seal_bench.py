@@ -1,0 +1,68 @@
+"""Cost of sealing: seal, and open-and-load, of a ViT-B/16 fp32 fused artifact on this CPU, next to
+loading the plain file, measured interleaved in one run (ONNX Runtime session creation).
+
+    python benchmarks/seal_bench.py --out benchmarks/results/seal_vitb16_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _runs import make_run
+from keyedge import Key
+from keyedge.bench import interleaved, ratio
+from keyedge.onnx_export import ExportOptions
+from keyedge.pipeline import export_run
+from keyedge.runners import open_runner
+from keyedge.seal import DeviceKey, seal_artifact
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        key = Key.generate(16)
+        key.save(root / "key.bin")
+        run = make_run(root, args.model, key)
+        export_run(run, root / "key.bin", root / "fused", ExportOptions(mode="fused"), echo=lambda *a, **k: None)
+        device = DeviceKey.generate()
+        t0 = time.perf_counter()
+        data, _ = seal_artifact(root / "fused", device.public)
+        seal_s = time.perf_counter() - t0
+        (root / "model.kes").write_bytes(data)
+        x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+
+        def load(path, device_key=None):
+            with open_runner(path, device_key=device_key) as r:  # open (decrypt) + session creation
+                return r
+
+        timings = interleaved({"plain_load": lambda: load(root / "fused"),
+                               "sealed_open_and_load": lambda: load(root / "model.kes", device)},
+                              warmup=1, rounds=args.rounds, iters=args.iters, status=lambda s: print(s, flush=True))
+        with open_runner(root / "model.kes", device_key=device) as r, open_runner(root / "fused") as p:
+            assert np.array_equal(r(x), p(x))  # the same model
+    results = {"model": args.model, "artifact_bytes": len(data), "seal_s": seal_s,
+               "load_ms": {n: t.summary() for n, t in timings.items()},
+               "sealed_over_plain": ratio(timings, "sealed_open_and_load", "plain_load")}
+    print(json.dumps({"bundle_mb": round(len(data) / 1e6, 1), "seal_s": round(seal_s, 2),
+                      "plain_load_ms": round(timings["plain_load"].median, 1),
+                      "sealed_open_and_load_ms": round(timings["sealed_open_and_load"].median, 1),
+                      "sealed_over_plain": round(results["sealed_over_plain"], 3)}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
