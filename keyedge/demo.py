@@ -42,9 +42,9 @@ class DemoConfig:
     patch_size: int = 4
     block_size: int = 4
     model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(SMALL_VIT))
-    base_epochs: int = 20
+    base_epochs: int = 18
     base_lr: float = 2e-3
-    plain_epochs: int = 6
+    plain_epochs: int = 5
     plain_lr: float = 5e-4
     keyed_epochs: int = 12
     keyed_lr: float = 1e-3
@@ -52,8 +52,8 @@ class DemoConfig:
     lora_lr: float = 3e-3
     lora_rank: int = 8
     own_keys: int = 2            # the attacker's own-key fine-tunes (and fleet devices B, C)
-    own_key_epochs: int = 5
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=160, query_n=12, whitebox_restarts=1, eot_samples=4,
+    own_key_epochs: int = 4
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=160, query_n=10, whitebox_restarts=1, eot_samples=4,
                                                                 key_search_random=50, key_search_swaps=200))
     parity_n: int = 100
     bench_batches: tuple[int, ...] = (1, 8)
