@@ -65,7 +65,7 @@ class DemoConfig:
     def quick(cls, out: str, **overrides: Any) -> "DemoConfig":
         """A few-epoch smoke version (tests, a first look): same steps, tiny budgets."""
         cfg = cls(out=out, base_epochs=2, plain_epochs=1, keyed_epochs=1, lora_epochs=1, own_key_epochs=1,
-                  eval=EvalConfig(n=48, steps=2, whitebox_steps=(2, 5), whitebox_restarts=1,
+                  eval=EvalConfig(n=48, steps=2, whitebox_steps=(2, 5), whitebox_restarts=1, autoattack="off",
                                   eps_sweep=(8 / 255, 64 / 255), eot_samples=2, key_search_random=4,
                                   key_search_swaps=4, key_search_batch=16, query_n=8, query_budgets=(20, 100),
                                   wrong_keys=2), parity_n=32, bench_rounds=1, bench_iters=2)

@@ -240,14 +240,13 @@ def unseal(data: bytes | bytearray, device: DeviceKey, where: str = "bundle") ->
         raise BundleError(f"{where} has an unreadable index") from None
     files: dict[str, bytearray] = {}
     for name, size in entries:
-        buf = bytearray()
-        while len(buf) < size:
+        buf, filled = bytearray(size), 0  # allocated once, filled in place
+        while filled < size:
             message, tag = pull()
-            if tag == b.crypto_secretstream_xchacha20poly1305_TAG_FINAL:
-                raise BundleError(f"{where} is truncated")
-            buf += message
-        if len(buf) != size:
-            raise BundleError(f"{where} is corrupted ({name} has the wrong size)")
+            if tag == b.crypto_secretstream_xchacha20poly1305_TAG_FINAL or filled + len(message) > size:
+                raise BundleError(f"{where} is truncated or corrupted ({name})")
+            buf[filled:filled + len(message)] = message
+            filled += len(message)
         files[name] = buf
     message, tag = pull()
     if tag != b.crypto_secretstream_xchacha20poly1305_TAG_FINAL or message or pos != len(view):
@@ -257,7 +256,10 @@ def unseal(data: bytes | bytearray, device: DeviceKey, where: str = "bundle") ->
 
 def wipe(buffer: bytearray) -> None:
     """Overwrite a buffer keyedge owns (immutable copies made by libraries cannot be wiped)."""
-    buffer[:] = bytes(len(buffer))
+    import ctypes
+
+    if buffer:
+        ctypes.memset((ctypes.c_char * len(buffer)).from_buffer(buffer), 0, len(buffer))
 
 
 # ---- artifacts ---------------------------------------------------------------------------------
