@@ -146,12 +146,19 @@ def eps_plot(results: dict[str, Any], path: Path) -> Path | None:
     if not plotted:
         plt.close(fig)
         return None
-    ax.set_xlabel("l_inf eps (x/255)")
+    return _save_robust_plot(fig, ax, "l_inf eps (x/255)", "Robust accuracy against eps (PGD l_inf)", path)
+
+
+def _save_robust_plot(fig, ax, xlabel: str, title: str, path: Path) -> Path:
+    """Label a robust-accuracy figure and write it atomically."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("Robust accuracy against eps (PGD l_inf)")
+    ax.set_title(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -178,18 +185,7 @@ def query_plot(results: dict[str, Any], path: Path) -> Path | None:
                 ax.plot([int(b) for b in curve], [100 * v for v in curve.values()], style, color=f"C{i}",
                         label=f"{name}: {'Square (scores)' if kind == 'square_linf' else 'HopSkipJump (labels)'}")
     ax.set_xscale("log")
-    ax.set_xlabel("queries per image")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Robust accuracy against queries (no key, no weights)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_robust_plot(fig, ax, "queries per image", "Robust accuracy against queries (no key, no weights)", path)
 
 
 def write_eval_report(results: dict[str, Any], out_dir: Path, title: str = "keyedge robustness evaluation") -> None:
