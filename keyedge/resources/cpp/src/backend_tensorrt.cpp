@@ -13,9 +13,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstring>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
