@@ -611,7 +611,7 @@ def seal(
                                                "which take it at run time."),
     force: bool = typer.Option(False, help="Overwrite an existing bundle."),
 ) -> None:
-    """Seal an artifact to one device: libsodium sealed box (content key) + secretstream (payload)."""
+    """Seal an artifact to one device: libsodium sealed box (content key) + AES-256-GCM STREAM (payload)."""
     from .io import atomic_write_bytes
     from .keys import Key
     from .seal import SUFFIX, DevicePublicKey, seal_artifact
@@ -649,17 +649,17 @@ def unseal(
     if out is not None:
         check_output_dir(out, force)
     opened = open_bundle(bundle, read_device_key(device_key, device_key_command))
-    typer.echo(f"{bundle}: opens on this device; {opened.model_name} ({len(opened.model):,} bytes), manifest"
-               + (", key.bin" if opened.key_bytes is not None else ""))
-    if out is not None:
-        manifest_name = "model.engine.json" if opened.model_name == "model.engine" else "manifest.json"
-        with staged_dir(out, force=force) as stage:
-            atomic_write_bytes(stage / opened.model_name, bytes(opened.model), mode=0o600)
-            atomic_write_bytes(stage / manifest_name, opened.manifest_text.encode(), mode=0o600)
-            if opened.key_bytes is not None:
-                atomic_write_bytes(stage / "key.bin", bytes(opened.key_bytes), mode=0o600)
-        typer.echo(f"WARNING: wrote the plaintext to {out}: it is as secret as the device's key", err=True)
-    opened.wipe()
+    try:
+        spans = opened.plain.spans
+        typer.echo(f"{bundle}: opens on this device; " + ", ".join(f"{name} ({size:,} bytes)"
+                                                                   for name, (_, size) in spans.items()))
+        if out is not None:
+            with staged_dir(out, force=force) as stage:
+                for name in spans:
+                    atomic_write_bytes(stage / name, opened.plain.read(name), mode=0o600)
+            typer.echo(f"WARNING: wrote the plaintext to {out}: it is as secret as the device's key", err=True)
+    finally:
+        opened.wipe()
 
 
 def main() -> None:

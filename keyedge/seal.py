@@ -1,26 +1,35 @@
 """Sealed per-device bundles: a device's model (and key) encrypted to that device, opened in memory.
 
-Construction (libsodium, through PyNaCl in Python and libsodium in the C++ runtime; no home-made
-primitives): a fresh 32-byte content key encrypts the payload with ``crypto_secretstream_xchacha20poly1305``
-(1 MiB messages, the last tagged FINAL, so truncation and reordering are detected); the content key
-is encrypted to the device's X25519 public key with libsodium's sealed box (``crypto_box_seal``).
+Construction (no home-made primitives): a fresh 32-byte content key encrypts the payload with
+AES-256-GCM (OpenSSL, through ``cryptography`` in Python and libcrypto in the C++ runtime) in the
+STREAM construction of Hoang, Reyhanitabar, Rogaway and Vizar ("Online Authenticated-Encryption and
+its Nonce-Reuse Misuse-Resistance", CRYPTO 2015), with the nonce layout of the age file format: chunk
+``i`` of the payload (1 MiB each) is sealed under nonce ``i`` as 11 big-endian bytes || ``0x01`` for
+the last chunk, ``0x00`` otherwise, so reordering, truncation and extension are detected. The content
+key is encrypted to the device's X25519 public key with libsodium's sealed box (``crypto_box_seal``;
+PyNaCl / libsodium). Chunks are independent, so opening decrypts them on all cores, straight into one
+page-aligned buffer.
 
-Bundle format (version 1; integers little-endian)::
+Bundle format (version 2; integers little-endian)::
 
     0    8   magic "KEYEDGEB"
-    8    2   version = 1
+    8    2   version = 2
     10   2   flags = 0 (reserved)
-    12   16  recipient fingerprint (first 16 bytes of SHA-256("keyedge-device-fingerprint-v1\\0" || pk))
-    28   80  sealed content key (crypto_box_seal: 32-byte key + 48)
-    108  24  secretstream header
-    132  ..  messages: u32 ciphertext length || ciphertext; the first message's additional data is
-             bytes [0, 132), which authenticates the plaintext header
+    12   4   chunk size = 1 MiB
+    16   16  recipient fingerprint (first 16 bytes of SHA-256("keyedge-device-fingerprint-v1\\0" || pk))
+    32   80  sealed content key (crypto_box_seal: 32-byte key + 48)
+    112  ..  chunks: AES-256-GCM(chunk, nonce, additional data = bytes [0, 112)) || 16-byte tag;
+             every chunk full but the last, which holds at least one byte
 
-Plaintext: message 0 is a JSON index ``{"format": "keyedge-bundle", "version": 1, "files": [{"name",
-"size"}]}``; the files' bytes follow in 1 MiB messages; an empty FINAL message ends the stream.
-The plaintext header holds nothing but the magic, the version, the recipient's fingerprint and what
-the construction needs. Files in a bundle: the model (``model.onnx`` or ``model.engine``), its
-manifest, and for gather / kernel artifacts the key file (``key.bin``).
+The header is the additional data of every chunk, so it is authenticated. It holds nothing but the
+magic, the version, the chunk size, the recipient's fingerprint and the sealed content key.
+
+Payload (plaintext): ``u32 n || index (n bytes of JSON: {"format": "keyedge-bundle", "version": 2,
+"files": [{"name", "size"}]})``, then each file at the next 4096-byte boundary (zero padding). Files:
+an ONNX model as ``model.onnx`` (the graph) + ``model.onnx.data`` (its large tensors, ONNX's
+external-data layout, each tensor 64-byte aligned), or ``model.engine``; the manifest; and for gather
+/ kernel artifacts the key (``key.bin``). The runners hand ONNX Runtime the tensors where they were
+decrypted (no copy) and deserialize engines from the buffer.
 
 Device keys (version 1): ``"KEYEDGED" || u16 version || u8 kind (1 private, 2 public) || 32 bytes``.
 """
@@ -29,11 +38,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shlex
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +54,16 @@ from .errors import KeyedgeError
 from .io import atomic_write_bytes
 
 MAGIC = b"KEYEDGEB"
-VERSION = 1
+VERSION = 2
 KEY_MAGIC = b"KEYEDGED"
 KEY_VERSION = 1
 PRIVATE, PUBLIC = 1, 2
-HEADER = struct.Struct("<8sHH16s80s24s")  # 132 bytes
+HEADER = struct.Struct("<8sHHI16s80s")  # 112 bytes
 CHUNK = 1 << 20
+TAG = 16  # AES-GCM tag
+ALIGN = 4096  # files in the payload start on page boundaries; tensors in model.onnx.data on 64 bytes
+TENSOR_ALIGN = 64
+EXTERNAL_DATA = "model.onnx.data"
 FINGERPRINT_DOMAIN = b"keyedge-device-fingerprint-v1\0"
 KEY_COMMAND_ENV = "KEYEDGE_DEVICE_KEY_COMMAND"
 SUFFIX = ".kes"
@@ -122,13 +139,20 @@ class DeviceKey:
                               "private key") from None
 
 
-def _read(path: Path, what: str) -> bytes:
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """File errors as one line."""
     try:
-        return Path(path).read_bytes()
+        yield
     except FileNotFoundError:
         raise KeyedgeError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise KeyedgeError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _read(path: Path, what: str) -> bytes:
+    with _reading(path, what):
+        return Path(path).read_bytes()
 
 
 def _parse_key(data: bytes, kind: int, where: str) -> bytes:
@@ -166,127 +190,249 @@ def read_device_key(path: str | Path | None = None, command: str | None = None) 
 
 # ---- seal / unseal ---------------------------------------------------------------------------
 
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _layout(index_size: int, sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of the files in the payload, and its total size."""
+    offsets, end = [], 4 + index_size
+    for size in sizes:
+        offsets.append(_align(end, ALIGN))
+        end = offsets[-1] + size
+    return offsets, end
+
+
+def _nonce(i: int, last: bool) -> bytes:
+    return i.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def _chunks(total: int) -> int:
+    return (total + CHUNK - 1) // CHUNK
+
+
 def seal(files: dict[str, bytes], recipient: DevicePublicKey) -> bytes:
     """Encrypt ``files`` to ``recipient``; returns the bundle's bytes."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     nacl = _nacl()
-    b = nacl.bindings
-    content_key = b.crypto_secretstream_xchacha20poly1305_keygen()
+    index = json.dumps({"format": "keyedge-bundle", "version": VERSION,
+                        "files": [{"name": name, "size": len(data)} for name, data in files.items()]}).encode()
+    offsets, total = _layout(len(index), [len(d) for d in files.values()])
+    plain = bytearray(total)
+    plain[:4 + len(index)] = struct.pack("<I", len(index)) + index
+    for offset, data in zip(offsets, files.values()):
+        plain[offset:offset + len(data)] = data
+    content_key = AESGCM.generate_key(bit_length=256)
     sealed_key = nacl.public.SealedBox(nacl.public.PublicKey(recipient.raw)).encrypt(content_key)
-    state = b.crypto_secretstream_xchacha20poly1305_state()
-    stream_header = b.crypto_secretstream_xchacha20poly1305_init_push(state, content_key)
-    header = HEADER.pack(MAGIC, VERSION, 0, bytes.fromhex(recipient.fingerprint), sealed_key, stream_header)
-    out = [header]
-
-    def push(message: bytes, ad: bytes | None = None, final: bool = False) -> None:
-        tag = b.crypto_secretstream_xchacha20poly1305_TAG_FINAL if final else 0
-        c = b.crypto_secretstream_xchacha20poly1305_push(state, message, ad, tag)
-        out.append(struct.pack("<I", len(c)) + c)
-
-    index = {"format": "keyedge-bundle", "version": VERSION,
-             "files": [{"name": name, "size": len(data)} for name, data in files.items()]}
-    push(json.dumps(index).encode(), ad=header)
-    for data in files.values():
-        for i in range(0, len(data), CHUNK):
-            push(bytes(data[i:i + CHUNK]))
-    push(b"", final=True)
-    return b"".join(out)
+    header = HEADER.pack(MAGIC, VERSION, 0, CHUNK, bytes.fromhex(recipient.fingerprint), sealed_key)
+    n = _chunks(total)
+    out = bytearray(HEADER.size + total + n * TAG)
+    out[:HEADER.size] = header
+    aead, src, dst = AESGCM(content_key), memoryview(plain), memoryview(out)
+    for i in range(n):
+        chunk = src[i * CHUNK:(i + 1) * CHUNK]
+        at = HEADER.size + i * (CHUNK + TAG)
+        aead.encrypt_into(_nonce(i, i == n - 1), chunk, header, dst[at:at + len(chunk) + TAG])
+    src.release()
+    wipe(plain)
+    dst.release()
+    return bytes(out)
 
 
-def read_header(data: bytes | bytearray, where: str = "bundle") -> tuple[int, str]:
+def read_header(data, where: str = "bundle") -> tuple[int, str]:
     """(version, recipient fingerprint) of a bundle, after the checks that need no key."""
     if len(data) < HEADER.size:
         raise BundleError(f"{where} is truncated (or not a keyedge bundle)")
-    magic, version, _, fp, _, _ = HEADER.unpack_from(data)
+    magic, version, _, chunk, fp, _ = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise BundleError(f"{where} is not a keyedge sealed bundle")
     if version != VERSION:
-        raise BundleError(f"{where} is bundle version {version}; this keyedge reads version {VERSION}")
+        raise BundleError(f"{where} is bundle version {version}; this keyedge reads version {VERSION}"
+                          + (" (seal the artifact again)" if version < VERSION else ""))
+    if chunk != CHUNK:
+        raise BundleError(f"{where} was tampered with (chunk size {chunk})")
     return version, fp.hex()
 
 
-def unseal(data: bytes | bytearray, device: DeviceKey, where: str = "bundle") -> dict[str, bytearray]:
+def _secret_buffer(size: int) -> mmap.mmap:
+    """Private anonymous memory for plaintext: page-aligned, not shared with child processes, on huge
+    pages where the kernel allows (far fewer page faults), and left out of core dumps."""
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for advice in ("MADV_HUGEPAGE", "MADV_DONTDUMP"):
+        if hasattr(mmap, advice):
+            try:
+                buf.madvise(getattr(mmap, advice))
+            except OSError:  # pragma: no cover - a kernel without it
+                pass
+    return buf
+
+
+def _decrypt(body: memoryview, header: bytes, content_key: bytes, where: str) -> mmap.mmap:
+    """Every chunk authenticated and decrypted into one fresh buffer, in parallel; refused as a whole."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    n = (len(body) + CHUNK + TAG - 1) // (CHUNK + TAG)
+    total = len(body) - n * TAG
+    if n == 0 or len(body) - (n - 1) * (CHUNK + TAG) <= TAG:
+        raise BundleError(f"{where} is truncated")
+    out = _secret_buffer(total)
+    dst, aead = memoryview(out), AESGCM(content_key)
+
+    def run(first: int, stop: int) -> bool:
+        for i in range(first, stop):
+            chunk = body[i * (CHUNK + TAG):(i + 1) * (CHUNK + TAG)]
+            try:
+                aead.decrypt_into(_nonce(i, i == n - 1), chunk, header, dst[i * CHUNK:i * CHUNK + len(chunk) - TAG])
+            except InvalidTag:
+                return False
+        return True
+
+    workers = max(1, min(os.cpu_count() or 1, 8, n // 4))
+    bounds = [n * w // workers for w in range(workers + 1)]
+    try:
+        if workers == 1:
+            ok = [run(0, n)]
+        else:  # AES-GCM releases the GIL: one contiguous range of chunks per core
+            with ThreadPoolExecutor(workers) as pool:
+                ok = list(pool.map(run, bounds[:-1], bounds[1:]))
+    finally:
+        dst.release()
+        body.release()
+    if not all(ok):
+        wipe(out)
+        out.close()
+        raise BundleError(f"{where} was tampered with (authentication failed): changed, truncated or extended")
+    return out
+
+
+@dataclass
+class Plaintext:
+    """A bundle's files, decrypted into one buffer that only keyedge holds; wiped when done."""
+    buffer: mmap.mmap
+    spans: dict[str, tuple[int, int]]  # name -> (offset, size) in buffer
+    wiped: bool = False
+
+    def read(self, name: str) -> bytes:
+        offset, size = self.spans[name]
+        return self.buffer[offset:offset + size]
+
+    def view(self, name: str) -> memoryview:
+        """The file's bytes where they lie (release the view before :meth:`wipe`)."""
+        offset, size = self.spans[name]
+        return memoryview(self.buffer)[offset:offset + size]
+
+    def wipe(self) -> None:
+        if self.wiped:
+            return
+        self.wiped = True
+        wipe(self.buffer)
+        try:
+            self.buffer.close()
+        except BufferError:  # a library still holds a view: zeroed; unmapped when it lets go
+            pass
+
+
+def unseal(data, device: DeviceKey, where: str = "bundle") -> Plaintext:
     """Decrypt a bundle in memory; returns its files. Any change, truncation or extension is refused."""
-    nacl = _nacl()
-    b = nacl.bindings
     _, fp = read_header(data, where)
     if fp != device.fingerprint:
         raise BundleError(f"{where} is sealed to device {fp}, not to this device ({device.fingerprint})")
     header = bytes(data[:HEADER.size])
-    _, _, _, _, sealed_key, stream_header = HEADER.unpack(header)
-    content_key = device.open_content_key(sealed_key)
-    state = b.crypto_secretstream_xchacha20poly1305_state()
-    b.crypto_secretstream_xchacha20poly1305_init_pull(state, stream_header, content_key)
-    view, pos = memoryview(data), HEADER.size
-
-    def pull(ad: bytes | None = None) -> tuple[bytes, int]:
-        nonlocal pos
-        if pos + 4 > len(view):
-            raise BundleError(f"{where} is truncated")
-        (n,) = struct.unpack_from("<I", view, pos)
-        if n > CHUNK + b.crypto_secretstream_xchacha20poly1305_ABYTES or pos + 4 + n > len(view):
-            raise BundleError(f"{where} is truncated or corrupted")
-        try:
-            message, tag = b.crypto_secretstream_xchacha20poly1305_pull(state, bytes(view[pos + 4:pos + 4 + n]), ad)
-        except nacl.exceptions.CryptoError:
-            raise BundleError(f"{where} was tampered with (authentication failed)") from None
-        pos += 4 + n
-        return message, tag
-
-    first, tag = pull(ad=header)
+    content_key = device.open_content_key(HEADER.unpack(header)[5])
+    with memoryview(data) as view:
+        plain = Plaintext(_decrypt(view[HEADER.size:], header, content_key, where), {})
     try:
-        index = json.loads(first)
+        (n,) = struct.unpack_from("<I", plain.buffer)
+        index = json.loads(plain.buffer[4:4 + n])
         entries = [(str(f["name"]), int(f["size"])) for f in index["files"]]
-    except (ValueError, KeyError, TypeError):
+        offsets, total = _layout(n, [size for _, size in entries])
+        if total != len(plain.buffer) or len({name for name, _ in entries}) != len(entries):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, struct.error):
+        plain.wipe()
         raise BundleError(f"{where} has an unreadable index") from None
-    files: dict[str, bytearray] = {}
-    for name, size in entries:
-        buf, filled = bytearray(size), 0  # allocated once, filled in place
-        while filled < size:
-            message, tag = pull()
-            if tag == b.crypto_secretstream_xchacha20poly1305_TAG_FINAL or filled + len(message) > size:
-                raise BundleError(f"{where} is truncated or corrupted ({name})")
-            buf[filled:filled + len(message)] = message
-            filled += len(message)
-        files[name] = buf
-    message, tag = pull()
-    if tag != b.crypto_secretstream_xchacha20poly1305_TAG_FINAL or message or pos != len(view):
-        raise BundleError(f"{where} has data after its end, or is missing its end")
-    return files
+    plain.spans = {name: (offset, size) for (name, size), offset in zip(entries, offsets)}
+    return plain
 
 
-def wipe(buffer: bytearray) -> None:
-    """Overwrite a buffer keyedge owns (immutable copies made by libraries cannot be wiped)."""
+def wipe(buffer) -> None:
+    """Overwrite a writable buffer keyedge owns (immutable copies made by libraries cannot be wiped)."""
     import ctypes
 
-    if buffer:
-        ctypes.memset((ctypes.c_char * len(buffer)).from_buffer(buffer), 0, len(buffer))
+    if len(buffer):
+        view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+        ctypes.memset(view, 0, len(buffer))
+        del view
+
+
+def external_layout(model: bytes) -> tuple[bytes, bytes]:
+    """An ONNX model as (graph, tensors): tensors of 1 KiB and more move to one external-data file
+    (``model.onnx.data``, ONNX's external-data layout, each tensor 64-byte aligned)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    proto = onnx.load_model_from_string(model)
+    data = bytearray()
+    for tensor in proto.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+            offset = _align(len(data), TENSOR_ALIGN)
+            data += bytes(offset - len(data)) + tensor.raw_data
+            set_external_data(tensor, EXTERNAL_DATA, offset=offset, length=len(tensor.raw_data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    return proto.SerializeToString(), bytes(data)
 
 
 # ---- artifacts ---------------------------------------------------------------------------------
 
 @dataclass
 class Bundle:
-    """An opened bundle, in memory only: the model's bytes, its manifest, and the key if it has one."""
+    """An opened bundle, in memory only: the model (and the key, if it has one) in a buffer keyedge
+    wipes once the runner is done with it, and the manifest."""
     path: Path
-    model_name: str
-    model: bytearray
+    model_name: str  # model.onnx (with model.onnx.data when it has large tensors) or model.engine
     manifest_text: str
-    key_bytes: bytearray | None
+    plain: Plaintext
+
+    @property
+    def key_bytes(self) -> bytes | None:
+        return self.plain.read("key.bin") if "key.bin" in self.plain.spans else None
+
+    @property
+    def model_size(self) -> int:
+        return sum(self.plain.spans[n][1] for n in (self.model_name, EXTERNAL_DATA) if n in self.plain.spans)
+
+    def require_open(self) -> None:
+        if self.plain.wiped:
+            raise KeyedgeError(f"{self.path} was opened once and its buffer wiped: open the bundle again")
 
     def wipe(self) -> None:
-        wipe(self.model)
-        if self.key_bytes is not None:
-            wipe(self.key_bytes)
+        self.plain.wipe()
+
+
+def _map(path: Path) -> mmap.mmap:
+    """The bundle's bytes, mapped read-only (no copy; the file is closed once decrypted)."""
+    with _reading(path, "bundle"), open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size < HEADER.size:
+            raise BundleError(f"{path} is truncated (or not a keyedge bundle)")
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def open_bundle(path: Path, device: DeviceKey) -> Bundle:
-    files = unseal(_read(path, "bundle"), device, str(path))
-    model_name = next((n for n in ("model.engine", "model.onnx") if n in files), None)
+    mapped = _map(Path(path))
+    try:
+        plain = unseal(mapped, device, str(path))
+    finally:
+        mapped.close()
+    spans = plain.spans
+    model_name = next((n for n in ("model.engine", "model.onnx") if n in spans), None)
     manifest_name = {"model.engine": "model.engine.json", "model.onnx": "manifest.json"}.get(model_name or "")
-    if model_name is None or manifest_name not in files:
+    if model_name is None or manifest_name not in spans:
+        plain.wipe()
         raise BundleError(f"{path} holds no model and manifest")
-    manifest = files.pop(manifest_name)
-    return Bundle(Path(path), model_name, files[model_name], manifest.decode(), files.get("key.bin"))
+    return Bundle(Path(path), model_name, plain.read(manifest_name).decode(), plain)
 
 
 def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey, key=None) -> tuple[bytes, dict]:
@@ -299,7 +445,12 @@ def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey, key=None) -> t
     manifest = art.manifest
     assert isinstance(manifest, ArtifactManifest)
     check_key(manifest, key, f"artifact {artifact_dir}", strict=True)
-    files = {art.path.name: art.path.read_bytes(), art.manifest_path.name: manifest.to_json().encode()}
+    if art.kind == "onnx":  # graph + tensors, so that runners load the tensors where they are decrypted
+        graph, data = external_layout(art.path.read_bytes())
+        files = {"model.onnx": graph, **({EXTERNAL_DATA: data} if data else {}),
+                 "manifest.json": manifest.to_json().encode()}
+    else:
+        files = {"model.engine": art.path.read_bytes(), "model.engine.json": manifest.to_json().encode()}
     if needs_key(manifest):
         files["key.bin"] = key.to_bytes()
     summary = {"model": art.path.name, "fold_mode": manifest.fold_mode, "precision": manifest.precision,

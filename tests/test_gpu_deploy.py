@@ -186,7 +186,7 @@ def test_mypy_over_the_tensorrt_module_runners_and_manifests():
         pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
     proc = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
                            "keyedge/tensorrt.py", "keyedge/runners/", "keyedge/artifacts.py", "keyedge/io.py",
-                           "keyedge/bindings.py", "keyedge/targets.py", "keyedge/resources/__init__.py"],
+                           "keyedge/bindings.py", "keyedge/targets.py", "keyedge/resources/__init__.py", "keyedge/seal.py"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Success" in proc.stdout

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from keyedge import Key
 from keyedge.errors import KeyedgeError
 from keyedge.runners import open_runner
-from keyedge.seal import HEADER, BundleError, DeviceKey, DevicePublicKey, read_device_key, unseal
+from keyedge.seal import CHUNK, HEADER, TAG, BundleError, DeviceKey, DevicePublicKey, read_device_key, seal, unseal
 
 from .helpers import keyedge
 
@@ -110,23 +111,74 @@ def test_every_bad_bundle_is_refused(sealed, tmp_path):
     other = DeviceKey.generate()
     cases = {
         "magic": (_flip(data, 0), "not a keyedge sealed bundle"),
-        "version": (data[:8] + struct.pack("<H", 2) + data[10:], "bundle version 2"),
+        "old version": (data[:8] + struct.pack("<H", 1) + data[10:], r"bundle version 1; .*\(seal the artifact again\)"),
+        "new version": (data[:8] + struct.pack("<H", 3) + data[10:], "bundle version 3"),
         "flags": (_flip(data, 10), "tampered"),
-        "fingerprint": (_flip(data, 12), "sealed to device"),
+        "chunk size": (_flip(data, 13), "tampered"),
+        "fingerprint": (_flip(data, 16), "sealed to device"),
         "sealed key": (_flip(data, 40), "tampered"),
-        "stream header": (_flip(data, 110), "tampered"),
-        "first message": (_flip(data, HEADER.size + 10), "tampered"),
+        "first chunk": (_flip(data, HEADER.size + 10), "tampered"),
         "middle": (_flip(data, len(data) // 2), "tampered"),
-        "last byte": (_flip(data, len(data) - 1), "tampered"),
+        "tag": (_flip(data, len(data) - 1), "tampered"),
         "truncated": (data[:len(data) - 30], "truncated"),
+        "truncated to the tag": (data[:HEADER.size + TAG], "truncated"),
         "truncated header": (data[:50], "truncated"),
-        "extended": (data + b"\0" * 8, "after its end"),
+        "extended": (data + b"\0" * 8, "extended"),
+        "extended by a chunk": (data + bytes(CHUNK + TAG), "extended"),
     }
     for name, (bad, needle) in cases.items():
         with pytest.raises(BundleError, match=needle):
             unseal(bad, device, name)
     with pytest.raises(BundleError, match="sealed to device"):
         unseal(data, other)
+
+
+def test_the_stream_refuses_reordered_dropped_and_appended_chunks():
+    """STREAM: each chunk's nonce is its index and whether it is the last, so chunks cannot move."""
+    device = DeviceKey.generate()
+    payload = np.random.default_rng(0).integers(0, 256, 9 * CHUNK + 5, dtype=np.uint8).tobytes()
+    data = seal({"blob": payload}, device.public)  # 10 chunks: opened on several threads
+    opened = unseal(data, device)
+    assert opened.read("blob") == payload
+    opened.wipe()
+    body, step = data[HEADER.size:], CHUNK + TAG
+    chunks = [body[i:i + step] for i in range(0, len(body), step)]
+    header = data[:HEADER.size]
+    cases = {
+        "swapped": header + b"".join([chunks[1], chunks[0], *chunks[2:]]),
+        "last chunk dropped": header + b"".join(chunks[:-1]),
+        "a middle chunk dropped": header + b"".join(chunks[:4] + chunks[5:]),
+        "a chunk repeated": header + b"".join(chunks[:5] + chunks[4:]),
+        "bit flipped in chunk 7": _flip(data, HEADER.size + 7 * step + 3),
+    }
+    for name, bad in cases.items():
+        with pytest.raises(BundleError, match="tampered"):
+            unseal(bad, device, name)
+
+
+def test_an_onnx_bundle_holds_the_graph_and_its_tensors_aligned(sealed):
+    """model.onnx (graph) + model.onnx.data (tensors of 1 KiB and more, 64-byte aligned); files start
+    on page boundaries; the runner's arrays lie in the decrypted buffer itself (no copy)."""
+    import onnx
+
+    from keyedge.runners.onnxruntime import sealed_tensors
+    from keyedge.seal import open_bundle
+
+    root, _ = sealed
+    bundle = open_bundle(root / "fused.kes", read_device_key(root / "device.key"))
+    spans = bundle.plain.spans
+    assert set(spans) == {"model.onnx", "model.onnx.data", "manifest.json"}
+    assert all(offset % 4096 == 0 for offset, _ in spans.values())
+    tensors = sealed_tensors(bundle)
+    original = {t.name: onnx.numpy_helper.to_array(t)
+                for t in onnx.load(root / "fused" / "model.onnx").graph.initializer}
+    assert tensors and all(np.array_equal(a, original[name]) for name, a in tensors.items())
+    for a in tensors.values():
+        assert not a.flags.owndata and a.ctypes.data % 64 == 0
+    del tensors
+    bundle.wipe()
+    with pytest.raises(KeyedgeError, match="opened once"):
+        bundle.require_open()
 
 
 def test_cli_refusals_are_one_line_and_write_nothing(sealed, tmp_path, trained_keyed):
@@ -180,14 +232,18 @@ def test_device_key_from_stdin_and_from_a_command(sealed, tmp_path):
 
 
 def test_unseal_writes_plaintext_only_when_asked(sealed, tmp_path):
-    root, _ = sealed
+    root, key = sealed
     r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", "-o", tmp_path / "u")
     assert r.returncode == 2 and "--write-plaintext" in r.stderr and not (tmp_path / "u").exists()
     r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", "-o", tmp_path / "u",
                 "--write-plaintext")
     assert r.returncode == 0
-    assert {p.name for p in (tmp_path / "u").iterdir()} == {"model.onnx", "manifest.json", "key.bin"}
-    assert (tmp_path / "u" / "model.onnx").read_bytes() == (root / "gather" / "model.onnx").read_bytes()
+    assert {p.name for p in (tmp_path / "u").iterdir()} == {"model.onnx", "model.onnx.data", "manifest.json",
+                                                             "key.bin"}
+    x = np.random.default_rng(1).random((3, 3, 16, 16), dtype=np.float32)
+    with open_runner(tmp_path / "u", Key.load(tmp_path / "u" / "key.bin")) as written, \
+            open_runner(root / "gather", key) as plain:  # ONNX's external-data layout: loads from disk too
+        assert np.array_equal(written(x), plain(x))
 
 
 def test_engine_identity_is_checked_before_deserializing(sealed, tmp_path):

@@ -23,17 +23,16 @@ def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu
     A sealed artifact runs from memory, with the key its bundle holds (if any)."""
     sealed = artifact.sealed
     if sealed is not None and sealed.key_bytes is not None:
-        key = Key.from_bytes(bytes(sealed.key_bytes), source=f"{artifact.path} (sealed key)")
-    model_bytes = sealed.model if sealed is not None else None
+        key = Key.from_bytes(sealed.key_bytes, source=f"{artifact.path} (sealed key)")
     if artifact.kind == "run":
         return TorchRunner(artifact.path, key, device=device)
     if artifact.kind == "onnx":
         return OnnxRunner(artifact.path, key, device=device, manifest=artifact.manifest,  # type: ignore[arg-type]
-                          model_bytes=model_bytes)
+                          sealed=sealed)
     from .tensorrt import TensorRTRunner
 
     assert isinstance(artifact.manifest, EngineManifest)
-    return TensorRTRunner(artifact.path, key, manifest=artifact.manifest, model_bytes=model_bytes)
+    return TensorRTRunner(artifact.path, key, manifest=artifact.manifest, sealed=sealed)
 
 
 def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu", device_key=None) -> Runner:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -11,6 +11,9 @@ from ..artifacts import ArtifactManifest, read_onnx_manifest
 from ..errors import KeyedgeError
 from ..keys import Key
 from .base import Runner, checked_key, graph_feed
+
+if TYPE_CHECKING:
+    from ..seal import Bundle
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -31,9 +34,9 @@ class OnnxRunner(Runner):
 
     def __init__(self, path: str | Path, key: Key | None = None, *, device: str = "cpu",
                  threads: int | None = None, manifest: ArtifactManifest | None = None,
-                 model_bytes: bytearray | None = None) -> None:
+                 sealed: Bundle | None = None) -> None:
         super().__init__()
-        self.model_bytes = model_bytes  # a sealed artifact, opened in memory: wiped once the session holds it
+        self.sealed = sealed  # a sealed artifact, opened in memory: wiped when the runner closes
         if device not in PROVIDERS:
             raise KeyedgeError(f"device must be one of {', '.join(PROVIDERS)}")
         self.path = Path(path)
@@ -44,6 +47,7 @@ class OnnxRunner(Runner):
         self.name = f"onnxruntime-{device}"
         self.session: Any = None
         self._feed_extra: dict[str, np.ndarray] = {}
+        self._tensors: dict[str, np.ndarray] = {}
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -57,15 +61,14 @@ class OnnxRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         wanted = [p for p in PROVIDERS[self.device] if p in available]
-        if self.model_bytes is None:
+        if self.sealed is None:
             self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
         else:
-            if not any(self.model_bytes):
-                raise KeyedgeError(f"{self.path} was opened once and its buffer wiped: open the bundle again")
-            self.session = ort.InferenceSession(bytes(self.model_bytes), opts, providers=wanted)
-            from ..seal import wipe
-
-            wipe(self.model_bytes)
+            self.sealed.require_open()
+            self._tensors = sealed_tensors(self.sealed)
+            opts.add_external_initializers(list(self._tensors), [ort.OrtValue.ortvalue_from_numpy(t)
+                                                                 for t in self._tensors.values()])
+            self.session = ort.InferenceSession(self.sealed.plain.read("model.onnx"), opts, providers=wanted)
         if self.manifest.key_input is not None:
             assert self.key is not None  # checked_key
             self._feed_extra = {self.manifest.key_input: np.ascontiguousarray(self.key.perm, dtype=np.int64)}
@@ -73,7 +76,35 @@ class OnnxRunner(Runner):
     def _deactivate(self) -> None:
         self.session = None
         self._feed_extra = {}
+        self._tensors = {}
+        if self.sealed is not None:
+            self.sealed.wipe()
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         feed = {self.manifest.graph_input.name: graph_feed(images, self.manifest, self.key), **self._feed_extra}
         return self.session.run([self.manifest.output.name], feed)[0].astype(np.float32)
+
+
+def sealed_tensors(sealed: Bundle) -> dict[str, np.ndarray]:
+    """The graph's external tensors as arrays over the buffer they were decrypted into (no copy): ONNX
+    Runtime takes them as initializers, so the weights never exist in a second, unwipeable copy."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    from ..seal import EXTERNAL_DATA, BundleError
+
+    graph = onnx.load_model_from_string(sealed.plain.read("model.onnx"))
+    if EXTERNAL_DATA not in sealed.plain.spans:
+        return {}
+    base, size = sealed.plain.spans[EXTERNAL_DATA]
+    tensors = {}
+    for t in graph.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        dtype = np.dtype(tensor_dtype_to_np_dtype(t.data_type))
+        offset, length, count = int(info.get("offset", 0)), int(info.get("length", -1)), int(np.prod(t.dims))
+        if info.get("location") != EXTERNAL_DATA or length != count * dtype.itemsize or offset + length > size:
+            raise BundleError(f"{sealed.path}: tensor {t.name} lies outside {EXTERNAL_DATA}")
+        tensors[t.name] = np.frombuffer(sealed.plain.buffer, dtype, count, base + offset).reshape(tuple(t.dims))
+    return tensors

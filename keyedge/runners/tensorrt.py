@@ -10,7 +10,7 @@ CUDA graph and the stream it created.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from ..artifacts import EngineManifest, engine_manifest_path
 from ..errors import KeyedgeError
 from ..keys import Key
 from .base import Runner, checked_key, graph_feed
+
+if TYPE_CHECKING:
+    from ..seal import Bundle
 
 
 class _CudaRuntime:
@@ -121,10 +124,10 @@ class TensorRTRunner(Runner):
     manifest: EngineManifest
 
     def __init__(self, path: str | Path, key: Key | None = None, *, cuda_graph: bool = False,
-                 manifest: EngineManifest | None = None, model_bytes: bytearray | None = None) -> None:
+                 manifest: EngineManifest | None = None, sealed: Bundle | None = None) -> None:
         super().__init__()
         self.path = Path(path)
-        self.model_bytes = model_bytes  # a sealed engine, opened in memory
+        self.sealed = sealed  # a sealed engine, opened in memory: wiped once deserialized
         if not self.path.is_file():
             raise KeyedgeError(f"engine {self.path} does not exist")
         self.manifest = manifest or EngineManifest.read(engine_manifest_path(self.path))
@@ -148,12 +151,13 @@ class TensorRTRunner(Runner):
         self.cuda = _CudaRuntime()
         check_engine_identity(self.manifest, trt.__version__, local_capability(), str(self.path))
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        blob = bytes(self.model_bytes) if self.model_bytes is not None else self.path.read_bytes()
-        self.engine = self.runtime.deserialize_cuda_engine(blob)
-        if self.model_bytes is not None:
-            from ..seal import wipe
-
-            wipe(self.model_bytes)
+        if self.sealed is None:
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        else:
+            self.sealed.require_open()
+            with self.sealed.plain.view(self.sealed.model_name) as blob:  # no copy
+                self.engine = self.runtime.deserialize_cuda_engine(blob)
+            self.sealed.wipe()
         if self.engine is None:
             raise KeyedgeError(f"TensorRT could not load {self.path} (built for another GPU or TensorRT version?)")
         self.context = self.engine.create_execution_context()

@@ -87,7 +87,7 @@ class Model {
   static std::unique_ptr<Model> load(const std::string& model_path, const std::string& key_path = "",
                                      const Options& options = Options{});
   // A sealed bundle (keyedge seal ... -o model.kes), decrypted in memory with the device's private key
-  // file (keyedge device keygen): libsodium sealed box + secretstream. The model (ONNX Runtime session
+  // file (keyedge device keygen): libsodium sealed box + AES-256-GCM STREAM (OpenSSL). The model (ONNX Runtime session
   // from memory, or TensorRT deserializeCudaEngine from memory), its manifest and, for gather / kernel
   // artifacts, the key come from the bundle; nothing is written to disk; buffers are wiped after loading.
   static std::unique_ptr<Model> load_sealed(const std::string& bundle_path, const std::string& device_key_path,
@@ -117,12 +117,19 @@ class Model {
   friend void attach_key(Model&, const KeyFile*);
 };
 
+// A span of bytes the caller keeps alive for the call.
+struct Bytes {
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+};
+
 // Backends, chosen at build time (CMake options KEYEDGE_WITH_ONNXRUNTIME / KEYEDGE_WITH_TENSORRT).
-// ``model``: the ONNX file's or the engine's bytes (read from disk, or from a sealed bundle).
-std::unique_ptr<Model> make_onnxruntime_model(const std::vector<uint8_t>& model, const std::string& where,
+// ``model``: the ONNX file's or the engine's bytes (read from disk, or from a sealed bundle);
+// ``external_data``: the ONNX graph's external tensors (model.onnx.data), when a sealed bundle holds them.
+std::unique_ptr<Model> make_onnxruntime_model(Bytes model, Bytes external_data, const std::string& where,
                                               Manifest manifest);
-std::unique_ptr<Model> make_tensorrt_model(const std::vector<uint8_t>& model, const std::string& where,
-                                           Manifest manifest, const Options& options);
+std::unique_ptr<Model> make_tensorrt_model(Bytes model, const std::string& where, Manifest manifest,
+                                           const Options& options);
 
 // uint8 HWC -> the float graph input ([0,1], NCHW or NHWC); shared by the CPU backends.
 void to_float_input(const uint8_t* hwc, int batch, const InputSpec& spec, float* out);

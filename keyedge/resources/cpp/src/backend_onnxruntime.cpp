@@ -10,11 +10,17 @@ namespace {
 
 class OrtModel final : public Model {
  public:
-  OrtModel(const std::vector<uint8_t>& model, const std::string& path, Manifest manifest) : Model(std::move(manifest)) {
+  OrtModel(Bytes model, Bytes external_data, const std::string& path, Manifest manifest) : Model(std::move(manifest)) {
     try {
       Ort::SessionOptions options;
       options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
-      session_ = std::make_unique<Ort::Session>(env_, model.data(), model.size(), options);
+      if (external_data.data != nullptr) {  // a sealed bundle's tensors, where they were decrypted
+        const std::vector<std::basic_string<ORTCHAR_T>> names{ORT_TSTR("model.onnx.data")};
+        const std::vector<char*> buffers{reinterpret_cast<char*>(const_cast<uint8_t*>(external_data.data))};
+        const std::vector<size_t> sizes{external_data.size};
+        options.AddExternalInitializersFromFilesInMemory(names, buffers, sizes);
+      }
+      session_ = std::make_unique<Ort::Session>(env_, model.data, model.size, options);
       check_graph();
     } catch (const Ort::Exception& e) {
       throw Error(std::string("ONNX Runtime cannot load ") + path + ": " + e.what());
@@ -99,9 +105,9 @@ class OrtModel final : public Model {
 
 }  // namespace
 
-std::unique_ptr<Model> make_onnxruntime_model(const std::vector<uint8_t>& model, const std::string& where,
+std::unique_ptr<Model> make_onnxruntime_model(Bytes model, Bytes external_data, const std::string& where,
                                               Manifest manifest) {
-  return std::make_unique<OrtModel>(model, where, std::move(manifest));
+  return std::make_unique<OrtModel>(model, external_data, where, std::move(manifest));
 }
 
 }  // namespace keyedge

@@ -60,7 +60,7 @@ class Logger final : public nvinfer1::ILogger {
 
 class TrtModel final : public Model {
  public:
-  TrtModel(const std::vector<uint8_t>& blob, const std::string& path, Manifest manifest, const Options& options)
+  TrtModel(Bytes blob, const std::string& path, Manifest manifest, const Options& options)
       : Model(std::move(manifest)), options_(options) {
     int count = 0;
     check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
@@ -73,7 +73,7 @@ class TrtModel final : public Model {
     integrated_ = prop.integrated != 0;  // Jetson: host and GPU share memory
     runtime_.reset(nvinfer1::createInferRuntime(logger_));
     if (!runtime_) throw Error("TensorRT: createInferRuntime failed");
-    engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
+    engine_.reset(runtime_->deserializeCudaEngine(blob.data, blob.size));
     if (!engine_) throw Error("TensorRT cannot load " + path + " (built for another GPU or TensorRT version?)");
     check_bindings();
     context_.reset(engine_->createExecutionContext());
@@ -292,8 +292,8 @@ class TrtModel final : public Model {
 
 }  // namespace
 
-std::unique_ptr<Model> make_tensorrt_model(const std::vector<uint8_t>& blob, const std::string& where,
-                                           Manifest manifest, const Options& options) {
+std::unique_ptr<Model> make_tensorrt_model(Bytes blob, const std::string& where, Manifest manifest,
+                                           const Options& options) {
   return std::make_unique<TrtModel>(blob, where, std::move(manifest), options);
 }
 

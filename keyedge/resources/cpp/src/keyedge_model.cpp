@@ -11,6 +11,7 @@
 #include <optional>
 #include <sstream>
 
+#include <openssl/evp.h>
 #include <sodium.h>
 
 #include "keyedge_model_config.hpp"  // generated: what this package was made for
@@ -293,11 +294,11 @@ void check_expected(const Manifest& manifest, const std::string& where) {
     throw Error("manifest " + where + " does not describe the artifact this package was generated for");
 }
 
-std::unique_ptr<Model> make_model(bool engine, std::vector<uint8_t>& blob, const std::string& where, Manifest manifest,
-                                  const KeyFile* key, const Options& options) {
-  std::unique_ptr<Model> model = engine ? make_tensorrt_model(blob, where, std::move(manifest), options)
-                                        : make_onnxruntime_model(blob, where, std::move(manifest));
-  sodium_memzero(blob.data(), blob.size());  // the runtime holds its own copy now
+// ``data``: an ONNX model's external tensors (model.onnx.data), when a sealed bundle holds them apart.
+std::unique_ptr<Model> make_model(bool engine, Bytes model_bytes, Bytes data, const std::string& where,
+                                  Manifest manifest, const KeyFile* key, const Options& options) {
+  std::unique_ptr<Model> model = engine ? make_tensorrt_model(model_bytes, where, std::move(manifest), options)
+                                        : make_onnxruntime_model(model_bytes, data, where, std::move(manifest));
   attach_key(*model, key);
   return model;
 }
@@ -316,15 +317,19 @@ std::unique_ptr<Model> Model::load(const std::string& model_path, const std::str
   check_expected(manifest, manifest_path);
   std::optional<KeyFile> key;
   if (!key_path.empty()) key = KeyFile::load(key_path);
-  std::vector<uint8_t> blob = read_bytes(model_path, "model file");
-  return make_model(engine, blob, model_path, std::move(manifest), key ? &*key : nullptr, options);
+  const std::vector<uint8_t> blob = read_bytes(model_path, "model file");
+  return make_model(engine, Bytes{blob.data(), blob.size()}, Bytes{}, model_path, std::move(manifest),
+                    key ? &*key : nullptr, options);
 }
 
-// ---- sealed bundles (keyedge seal): libsodium sealed box + secretstream, opened in memory -------
+// ---- sealed bundles (keyedge seal), opened in memory ------------------------------------------
+// The content key: libsodium's sealed box to the device's X25519 key. The payload: AES-256-GCM
+// (OpenSSL) in the STREAM construction, 1 MiB chunks, nonce = chunk index (11 bytes, big-endian) ||
+// 1 for the last chunk, 0 otherwise; the 112-byte header is every chunk's additional data.
 
 namespace {
 
-constexpr size_t kHeader = 132, kChunk = 1u << 20;
+constexpr size_t kHeader = 112, kChunk = 1u << 20, kTag = 16, kAlign = 4096;
 
 struct DeviceKey {
   unsigned char sk[crypto_box_SECRETKEYBYTES];
@@ -344,60 +349,82 @@ void load_device_key(const std::string& path, DeviceKey& key) {
   crypto_scalarmult_base(key.pk, key.sk);
 }
 
-// The bundle's files, decrypted into memory; any change, truncation or extension throws.
-std::map<std::string, std::vector<uint8_t>> unseal(const std::vector<uint8_t>& data, const DeviceKey& device,
-                                                   const std::string& where) {
+// A bundle's payload, decrypted: the files are spans of one buffer, wiped when it goes.
+struct Plaintext {
+  std::vector<uint8_t> buffer;
+  std::map<std::string, Bytes> files;
+  ~Plaintext() { sodium_memzero(buffer.data(), buffer.size()); }
+  Bytes file(const std::string& name) const {
+    auto it = files.find(name);
+    return it == files.end() ? Bytes{} : it->second;
+  }
+};
+
+struct CipherCtx {
+  EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+  ~CipherCtx() { EVP_CIPHER_CTX_free(ctx); }
+};
+
+// Authenticate and decrypt every chunk; any change, reordering, truncation or extension throws.
+void decrypt_payload(const std::vector<uint8_t>& data, const unsigned char* key, Plaintext& out, const std::string& where) {
+  const size_t body = data.size() - kHeader, n = (body + kChunk + kTag - 1) / (kChunk + kTag);
+  if (n == 0 || body - (n - 1) * (kChunk + kTag) <= kTag) throw Error(where + " is truncated");
+  out.buffer.resize(body - n * kTag);
+  CipherCtx c;
+  if (c.ctx == nullptr || EVP_DecryptInit_ex(c.ctx, EVP_aes_256_gcm(), nullptr, key, nullptr) != 1)
+    throw Error("OpenSSL cannot set up AES-256-GCM");
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* chunk = &data[kHeader + i * (kChunk + kTag)];
+    const size_t len = std::min(kChunk, body - i * (kChunk + kTag) - kTag);
+    unsigned char nonce[12] = {0};
+    for (int b = 0; b < 8; ++b) nonce[10 - b] = static_cast<unsigned char>(uint64_t(i) >> (8 * b));
+    nonce[11] = i + 1 == n ? 1 : 0;
+    int got = 0;
+    const bool ok = EVP_DecryptInit_ex(c.ctx, nullptr, nullptr, nullptr, nonce) == 1 &&
+                    EVP_DecryptUpdate(c.ctx, nullptr, &got, data.data(), int(kHeader)) == 1 &&
+                    EVP_DecryptUpdate(c.ctx, &out.buffer[i * kChunk], &got, chunk, int(len)) == 1 &&
+                    EVP_CIPHER_CTX_ctrl(c.ctx, EVP_CTRL_GCM_SET_TAG, int(kTag), const_cast<uint8_t*>(chunk + len)) == 1 &&
+                    EVP_DecryptFinal_ex(c.ctx, &out.buffer[i * kChunk] + got, &got) == 1;
+    if (!ok) throw Error(where + " was tampered with (authentication failed): changed, truncated or extended");
+  }
+}
+
+void unseal(const std::vector<uint8_t>& data, const DeviceKey& device, Plaintext& out, const std::string& where) {
   if (data.size() < kHeader) throw Error(where + " is truncated (or not a keyedge bundle)");
   if (std::memcmp(data.data(), "KEYEDGEB", 8) != 0) throw Error(where + " is not a keyedge sealed bundle");
-  if (le16(&data[8]) != 1) throw Error(where + " is bundle version " + std::to_string(le16(&data[8])) +
-                                       "; this runtime reads version 1");
+  if (le16(&data[8]) != 2) throw Error(where + " is bundle version " + std::to_string(le16(&data[8])) +
+                                       "; this runtime reads version 2");
+  if (le32(&data[12]) != kChunk) throw Error(where + " was tampered with (chunk size)");
   static const char domain[] = "keyedge-device-fingerprint-v1";
   auto fp = sha256({{reinterpret_cast<const uint8_t*>(domain), sizeof(domain)}, {device.pk, sizeof(device.pk)}});
-  if (std::memcmp(fp.data(), &data[12], 16) != 0)
-    throw Error(where + " is sealed to device " + hex(&data[12], 16) + ", not to this device (" + hex(fp.data(), 16) + ")");
-  unsigned char content_key[crypto_secretstream_xchacha20poly1305_KEYBYTES];
-  if (crypto_box_seal_open(content_key, &data[28], 80, device.pk, device.sk) != 0)
+  if (std::memcmp(fp.data(), &data[16], 16) != 0)
+    throw Error(where + " is sealed to device " + hex(&data[16], 16) + ", not to this device (" + hex(fp.data(), 16) + ")");
+  unsigned char content_key[32];
+  if (crypto_box_seal_open(content_key, &data[32], 80, device.pk, device.sk) != 0)
     throw Error(where + " cannot be opened: it was tampered with, or this is not its device's private key");
-  crypto_secretstream_xchacha20poly1305_state state;
-  const int init = crypto_secretstream_xchacha20poly1305_init_pull(&state, &data[108], content_key);
+  try {
+    decrypt_payload(data, content_key, out, where);
+  } catch (...) {
+    sodium_memzero(content_key, sizeof(content_key));
+    throw;
+  }
   sodium_memzero(content_key, sizeof(content_key));
-  if (init != 0) throw Error(where + " was tampered with (stream header)");
-  size_t pos = kHeader;
-  std::vector<uint8_t> message;
-  auto pull = [&](const uint8_t* ad, size_t ad_len) -> unsigned char {
-    if (pos + 4 > data.size()) throw Error(where + " is truncated");
-    const uint32_t n = le32(&data[pos]);
-    if (n < crypto_secretstream_xchacha20poly1305_ABYTES || n > kChunk + crypto_secretstream_xchacha20poly1305_ABYTES ||
-        pos + 4 + n > data.size())
-      throw Error(where + " is truncated or corrupted");
-    message.resize(n - crypto_secretstream_xchacha20poly1305_ABYTES);
-    unsigned char tag = 0;
-    if (crypto_secretstream_xchacha20poly1305_pull(&state, message.data(), nullptr, &tag, &data[pos + 4], n, ad,
-                                                   ad_len) != 0)
-      throw Error(where + " was tampered with (authentication failed)");
-    pos += 4 + n;
-    return tag;
-  };
-  pull(data.data(), kHeader);  // the index; the header is its additional data
-  Json index = JsonParser(std::string(message.begin(), message.end())).parse();
+  // u32 n || index JSON || each file at the next 4096-byte boundary
+  const std::vector<uint8_t>& p = out.buffer;
+  const size_t n = p.size() >= 4 ? le32(p.data()) : p.size();
+  if (4 + n > p.size()) throw Error(where + " has an unreadable index");
+  Json index = JsonParser(std::string(p.begin() + 4, p.begin() + 4 + n)).parse();
   const Json* files = index.get("files");
   if (files == nullptr || files->kind != Json::Array) throw Error(where + " has an unreadable index");
-  std::map<std::string, std::vector<uint8_t>> out;
+  size_t end = 4 + n;
   for (const Json& f : files->arr) {
-    const std::string name = as_string(f.get("name"));
+    const size_t offset = (end + kAlign - 1) / kAlign * kAlign;
     const size_t size = static_cast<size_t>(as_int(f.get("size"), "bundle index size"));
-    std::vector<uint8_t>& buf = out[name];
-    while (buf.size() < size) {
-      if (pull(nullptr, 0) == crypto_secretstream_xchacha20poly1305_TAG_FINAL) throw Error(where + " is truncated");
-      buf.insert(buf.end(), message.begin(), message.end());
-    }
-    if (buf.size() != size) throw Error(where + " is corrupted");
+    if (offset > p.size() || size > p.size() - offset) throw Error(where + " has an unreadable index");
+    out.files[as_string(f.get("name"))] = Bytes{&p[offset], size};
+    end = offset + size;
   }
-  const unsigned char tag = pull(nullptr, 0);
-  if (tag != crypto_secretstream_xchacha20poly1305_TAG_FINAL || !message.empty() || pos != data.size())
-    throw Error(where + " has data after its end, or is missing its end");
-  sodium_memzero(message.data(), message.size());
-  return out;
+  if (end != p.size()) throw Error(where + " has an unreadable index");
 }
 
 }  // namespace
@@ -407,20 +434,22 @@ std::unique_ptr<Model> Model::load_sealed(const std::string& bundle_path, const 
   init_sodium();
   DeviceKey device;
   load_device_key(device_key_path, device);
-  auto files = unseal(read_bytes(bundle_path, "bundle"), device, bundle_path);
-  const bool engine = files.count("model.engine") != 0;
-  const std::string model_name = engine ? "model.engine" : "model.onnx";
-  const std::string manifest_name = engine ? "model.engine.json" : "manifest.json";
-  if (!files.count(model_name) || !files.count(manifest_name)) throw Error(bundle_path + " holds no model and manifest");
-  std::vector<uint8_t>& text = files[manifest_name];
-  Manifest manifest = Manifest::from_text(std::string(text.begin(), text.end()), bundle_path + " (sealed manifest)");
+  Plaintext plain;
+  unseal(read_bytes(bundle_path, "bundle"), device, plain, bundle_path);
+  const bool engine = plain.files.count("model.engine") != 0;
+  const Bytes model = plain.file(engine ? "model.engine" : "model.onnx");
+  const Bytes text = plain.file(engine ? "model.engine.json" : "manifest.json");
+  if (model.data == nullptr || text.data == nullptr) throw Error(bundle_path + " holds no model and manifest");
+  Manifest manifest = Manifest::from_text(std::string(text.data, text.data + text.size), bundle_path + " (sealed manifest)");
   check_expected(manifest, bundle_path);
   std::optional<KeyFile> key;
-  if (files.count("key.bin")) {
-    key = KeyFile::from_bytes(files["key.bin"], bundle_path + " (sealed key)");
-    sodium_memzero(files["key.bin"].data(), files["key.bin"].size());
+  if (const Bytes k = plain.file("key.bin"); k.data != nullptr) {
+    std::vector<uint8_t> bytes(k.data, k.data + k.size);
+    key = KeyFile::from_bytes(bytes, bundle_path + " (sealed key)");
+    sodium_memzero(bytes.data(), bytes.size());
   }
-  return make_model(engine, files[model_name], bundle_path, std::move(manifest), key ? &*key : nullptr, options);
+  return make_model(engine, model, plain.file("model.onnx.data"), bundle_path, std::move(manifest),
+                    key ? &*key : nullptr, options);
 }
 
 void Model::infer(const uint8_t* hwc, int batch, float* logits) {
@@ -490,12 +519,12 @@ void keyed_preprocess_cpu(const uint8_t* hwc, int batch, const InputSpec& s, con
 }
 
 #ifndef KEYEDGE_WITH_ONNXRUNTIME
-std::unique_ptr<Model> make_onnxruntime_model(const std::vector<uint8_t>&, const std::string&, Manifest) {
+std::unique_ptr<Model> make_onnxruntime_model(Bytes, Bytes, const std::string&, Manifest) {
   throw Error("this build has no ONNX Runtime backend (cmake -DKEYEDGE_WITH_ONNXRUNTIME=ON)");
 }
 #endif
 #ifndef KEYEDGE_WITH_TENSORRT
-std::unique_ptr<Model> make_tensorrt_model(const std::vector<uint8_t>&, const std::string&, Manifest, const Options&) {
+std::unique_ptr<Model> make_tensorrt_model(Bytes, const std::string&, Manifest, const Options&) {
   throw Error("this build has no TensorRT backend (cmake -DKEYEDGE_WITH_TENSORRT=ON)");
 }
 #endif
