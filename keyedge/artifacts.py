@@ -369,6 +369,7 @@ class EngineManifest(BuildPlan):
     FORMAT: ClassVar[str] = "keyedge-engine"
     tensorrt_version: str
     compute_capability: str | None = None
+    l4t_release: str | None = None  # Jetson Linux (JetPack) release, e.g. "R36.3.0"; None off Jetson
 
 
 DEPLOYED = (ArtifactManifest, BuildPlan, EngineManifest)  # plans and engines extend the artifact

@@ -100,10 +100,14 @@ def trtexec_bench_args(manifest: ArtifactManifest, target: Target, engine_name: 
 # engine manifest, with the TensorRT version and the GPU that built it. Python's standard
 # library only (JetPack has python3), written to a temporary file and renamed into place.
 _ENGINE_MANIFEST_PY = """\
-import json, os, sys
+import json, os, re, sys
 plan = json.load(open("manifest.json"))
+l4t = None
+if os.path.exists("/etc/nv_tegra_release"):
+    m = re.match(r"# R(\\d+) \\(release\\), REVISION: ([0-9.]+)", open("/etc/nv_tegra_release").read())
+    l4t = m and "R%s.%s" % m.groups()
 plan.update(format="keyedge-engine", version=1, tensorrt_version=sys.argv[1] or "unknown",
-            compute_capability=sys.argv[2] or None)
+            compute_capability=sys.argv[2] or None, l4t_release=l4t)
 with open("{engine}.json.tmp", "w") as fh:
     json.dump(plan, fh, indent=2)
 os.replace("{engine}.json.tmp", "{engine}.json")
@@ -158,6 +162,18 @@ def write_build_plan(onnx_path: Path, manifest: ArtifactManifest, target: Target
         (out / name).write_text(_script(lines))
         (out / name).chmod(0o755)
     return plan
+
+
+def local_l4t_release(path: str | Path = "/etc/nv_tegra_release") -> str | None:
+    """The Jetson Linux release (``R36.3.0``) from ``/etc/nv_tegra_release``; None off Jetson."""
+    import re
+
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    m = re.match(r"# R(\d+) \(release\), REVISION: ([0-9.]+)", text)
+    return f"R{m.group(1)}.{m.group(2)}" if m else None
 
 
 def local_gpu_capability() -> str | None:
@@ -215,5 +231,6 @@ def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
     engine_path.write_bytes(bytes(serialized))
     (out / target.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
     EngineManifest(**plan.fields_of(BuildPlan), tensorrt_version=trt.__version__,
-                   compute_capability=local_gpu_capability()).write(out / (ENGINE + ".json"))
+                   compute_capability=local_gpu_capability(),
+                   l4t_release=local_l4t_release()).write(out / (ENGINE + ".json"))
     return engine_path

@@ -203,3 +203,48 @@ def test_bindings_refuses_a_non_artifact(tmp_path):
     assert r.returncode == 2 and "holds no keyedge artifact" in r.stderr and not (tmp_path / "cpp").exists()
     r = keyedge("bindings", tmp_path, "-o", tmp_path / "cpp2", "--name", "bad name")
     assert r.returncode == 2 and not (tmp_path / "cpp2").exists()
+
+
+def test_the_engine_identity_check_of_the_cpp_runtime(installed, tmp_path):
+    """keyedge::check_engine_identity (called before deserializeCudaEngine) and local_l4t_release,
+    through the installed package's public header and library."""
+    import json
+
+    prefix, _, env, packages, root = installed
+    package = packages["gather"]
+    manifest = json.loads((root / "gather" / "art" / "manifest.json").read_text())
+    manifest.update(format="keyedge-engine", tensorrt_version="100300", compute_capability="8.7",
+                    l4t_release="R36.3.0")
+    (tmp_path / "engine.json").write_text(json.dumps(manifest))
+    (tmp_path / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.3, GCID: 1, BOARD: generic\n")
+    (tmp_path / "check.cpp").write_text(r'''
+#include <iostream>
+#include "keyedge_model.hpp"
+int main(int, char** argv) {
+  try {
+    std::cout << keyedge::local_l4t_release(argv[5]) << "|" << keyedge::local_l4t_release(argv[6]) << std::endl;
+    keyedge::check_engine_identity(keyedge::Manifest::from_file(argv[1]), argv[2], argv[3], argv[4], "e");
+  } catch (const keyedge::Error& e) {
+    std::cerr << e.what() << std::endl;
+    return 2;
+  }
+  return 0;
+}
+''')
+    subprocess.run(["g++", "-std=c++17", "-o", str(tmp_path / "check"), str(tmp_path / "check.cpp"),
+                    f"-I{prefix / 'include' / package}", f"-L{prefix / 'lib'}", f"-l{package}",
+                    f"-Wl,-rpath,{prefix / 'lib'}"], check=True)
+
+    def check(version, capability, l4t):
+        return subprocess.run([str(tmp_path / "check"), str(tmp_path / "engine.json"), version, capability, l4t,
+                               str(tmp_path / "nv_tegra_release"), str(tmp_path / "absent")],
+                              capture_output=True, text=True, env=env)
+
+    ok = check("10.3.0", "8.7", "R36.3.0")
+    assert ok.returncode == 0 and ok.stdout.strip() == "R36.4.3|", ok.stderr
+    assert check("100300", "8.7", "").returncode == 0  # getInferLibVersion's form; release unknown here
+    for args, needle in ((("100700", "8.7", "R36.3.0"), "built with TensorRT 10.3.0, this machine has TensorRT 10.7.0"),
+                         (("10.3.0", "9.0", "R36.3.0"), "compute capability 8.7, this GPU is 9.0"),
+                         (("10.3.0", "8.7", "R35.4.1"), "built on Jetson Linux R36.3.0, this device runs R35.4.1")):
+        r = check(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr

@@ -260,3 +260,17 @@ def test_engine_identity_is_checked_before_deserializing(sealed, tmp_path):
         check_engine_identity(manifest, "10.7.0", "8.7", "e")
     with pytest.raises(KeyedgeError, match="compute capability 8.7, this GPU is 9.0"):
         check_engine_identity(manifest, "10.3.0", "9.0", "e")
+    jetson = EngineManifest(**{**manifest.fields_of(EngineManifest), "l4t_release": "R36.3.0"})
+    check_engine_identity(jetson, "10.3.0", "8.7", "e", "R36.3.0")
+    check_engine_identity(jetson, "10.3.0", "8.7", "e", None)  # not known here: not compared
+    with pytest.raises(KeyedgeError, match="built on Jetson Linux R36.3.0, this device runs R35.4.1"):
+        check_engine_identity(jetson, "10.3.0", "8.7", "e", "R35.4.1")
+
+
+def test_the_jetson_linux_release_is_read_from_nv_tegra_release(tmp_path):
+    from keyedge.tensorrt import local_l4t_release
+
+    (tmp_path / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, "
+                                               "EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC 2025\n")
+    assert local_l4t_release(tmp_path / "nv_tegra_release") == "R36.4.3"
+    assert local_l4t_release(tmp_path / "absent") is None

@@ -107,10 +107,16 @@ def local_capability() -> str | None:
     return local_gpu_capability()
 
 
+def local_l4t_release() -> str | None:
+    from ..tensorrt import local_l4t_release as release
+
+    return release()
+
+
 def check_engine_identity(manifest: EngineManifest, tensorrt_version: str, capability: str | None,
-                          where: str) -> None:
-    """Refuse, in one line, an engine built for another TensorRT or GPU (before TensorRT would fail
-    with 'Serialization assertion ... Version tag does not match')."""
+                          where: str, l4t_release: str | None = None) -> None:
+    """Refuse, in one line, an engine built for another TensorRT, GPU or Jetson Linux release (before
+    TensorRT would fail with 'Serialization assertion ... Version tag does not match')."""
     built = manifest.tensorrt_version
     if built and built != "unknown" and _version_tuple(built)[:3] != _version_tuple(tensorrt_version)[:3]:
         raise KeyedgeError(f"{where} was built with TensorRT {'.'.join(map(str, _version_tuple(built)))}, "
@@ -118,6 +124,9 @@ def check_engine_identity(manifest: EngineManifest, tensorrt_version: str, capab
     if manifest.compute_capability and capability and manifest.compute_capability != capability:
         raise KeyedgeError(f"{where} was built for a GPU of compute capability {manifest.compute_capability}, "
                            f"this GPU is {capability}: rebuild it on the target")
+    if manifest.l4t_release and l4t_release and manifest.l4t_release != l4t_release:
+        raise KeyedgeError(f"{where} was built on Jetson Linux {manifest.l4t_release}, this device runs "
+                           f"{l4t_release}: rebuild it on the target")
 
 
 class TensorRTRunner(Runner):
@@ -149,7 +158,8 @@ class TensorRTRunner(Runner):
         trt = import_tensorrt()
         self.trt = trt
         self.cuda = _CudaRuntime()
-        check_engine_identity(self.manifest, trt.__version__, local_capability(), str(self.path))
+        check_engine_identity(self.manifest, trt.__version__, local_capability(), str(self.path),
+                              local_l4t_release())
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if self.sealed is None:
             self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())

@@ -56,6 +56,8 @@ struct Manifest {
   std::string fold_mode;
   std::string precision;
   std::vector<std::string> classes;
+  // keyedge-engine: what the engine was built with and for ("" when not recorded)
+  std::string tensorrt_version, compute_capability, l4t_release;
   static Manifest from_file(const std::string& path);
   static Manifest from_text(const std::string& text, const std::string& where);
   // Does running this artifact take the key (gather with a key input, or kernel mode)?
@@ -116,6 +118,14 @@ class Model {
   std::vector<int64_t> key_perm_;  // only for artifacts that take the key at run time
   friend void attach_key(Model&, const KeyFile*);
 };
+
+// Refuse, in one line, an engine built for another TensorRT (major.minor.patch), GPU compute
+// capability or Jetson Linux release, before TensorRT would fail to deserialize it. A device-side
+// value of "" (not known here) is not compared.
+void check_engine_identity(const Manifest& manifest, const std::string& tensorrt_version,
+                           const std::string& capability, const std::string& l4t_release, const std::string& where);
+// The Jetson Linux release ("R36.3.0") from /etc/nv_tegra_release, or "" off Jetson.
+std::string local_l4t_release(const std::string& path = "/etc/nv_tegra_release");
 
 // A span of bytes the caller keeps alive for the call.
 struct Bytes {

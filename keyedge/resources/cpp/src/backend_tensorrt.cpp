@@ -71,6 +71,8 @@ class TrtModel final : public Model {
     cudaDeviceProp prop{};
     check(cudaGetDeviceProperties(&prop, options_.device), "cudaGetDeviceProperties");
     integrated_ = prop.integrated != 0;  // Jetson: host and GPU share memory
+    check_engine_identity(manifest_, std::to_string(getInferLibVersion()),
+                          std::to_string(prop.major) + "." + std::to_string(prop.minor), local_l4t_release(), path);
     runtime_.reset(nvinfer1::createInferRuntime(logger_));
     if (!runtime_) throw Error("TensorRT: createInferRuntime failed");
     engine_.reset(runtime_->deserializeCudaEngine(blob.data, blob.size));

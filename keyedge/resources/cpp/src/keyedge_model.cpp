@@ -253,6 +253,9 @@ Manifest Manifest::from_text(const std::string& text, const std::string& path) {
   m.key_input = as_string(root.get("key_input"));
   m.fold_mode = as_string(root.get("fold_mode"));
   m.precision = as_string(root.get("precision"));
+  m.tensorrt_version = as_string(root.get("tensorrt_version"));
+  m.compute_capability = as_string(root.get("compute_capability"));
+  m.l4t_release = as_string(root.get("l4t_release"));
   if (const Json* pre = root.get("preprocess"); pre != nullptr && pre->kind == Json::Object) {
     m.kernel_preprocess = true;
     m.pixels_name = as_string(pre->get("graph_input") ? pre->get("graph_input")->get("name") : nullptr);
@@ -266,6 +269,52 @@ Manifest Manifest::from_text(const std::string& text, const std::string& path) {
   if (const Json* classes = root.get("classes"); classes != nullptr && classes->kind == Json::Array)
     for (const Json& c : classes->arr) m.classes.push_back(c.str);
   return m;
+}
+
+namespace {
+
+// "10.3.0" or trtexec's "100300" -> "10.3.0"; "" when unknown.
+std::string version_triplet(const std::string& v) {
+  if (v.size() >= 5 && v.find_first_not_of("0123456789") == std::string::npos) {
+    const long n = std::stol(v);
+    return std::to_string(n / 10000) + "." + std::to_string(n / 100 % 100) + "." + std::to_string(n % 100);
+  }
+  std::string out;
+  int parts = 0;
+  std::istringstream in(v);
+  for (std::string part; parts < 3 && std::getline(in, part, '.'); ++parts) {
+    if (part.empty() || part.find_first_not_of("0123456789") != std::string::npos) return parts ? out : "";
+    out += (parts ? "." : "") + part;
+  }
+  return out;
+}
+
+}  // namespace
+
+void check_engine_identity(const Manifest& m, const std::string& tensorrt_version, const std::string& capability,
+                           const std::string& l4t_release, const std::string& where) {
+  const std::string built = version_triplet(m.tensorrt_version), here = version_triplet(tensorrt_version);
+  if (!built.empty() && !here.empty() && built != here)
+    throw Error(where + " was built with TensorRT " + built + ", this machine has TensorRT " + here +
+                ": rebuild it here (build_engine.sh)");
+  if (!m.compute_capability.empty() && !capability.empty() && m.compute_capability != capability)
+    throw Error(where + " was built for a GPU of compute capability " + m.compute_capability + ", this GPU is " +
+                capability + ": rebuild it on the target");
+  if (!m.l4t_release.empty() && !l4t_release.empty() && m.l4t_release != l4t_release)
+    throw Error(where + " was built on Jetson Linux " + m.l4t_release + ", this device runs " + l4t_release +
+                ": rebuild it on the target");
+}
+
+std::string local_l4t_release(const std::string& path) {
+  std::ifstream in(path);
+  std::string line, major, revision;
+  if (!in || !std::getline(in, line)) return "";
+  // "# R36 (release), REVISION: 3.0, GCID: ..."
+  const size_t r = line.find("# R"), rev = line.find("REVISION: ");
+  if (r != 0 || rev == std::string::npos) return "";
+  major = line.substr(3, line.find(' ', 3) - 3);
+  revision = line.substr(rev + 10, line.find(',', rev) - rev - 10);
+  return "R" + major + "." + revision;
 }
 
 // The key rule (as keyedge.artifacts.check_key with strict=True): an artifact that takes the key
