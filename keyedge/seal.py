@@ -207,10 +207,6 @@ def _nonce(i: int, last: bool) -> bytes:
     return i.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
-def _chunks(total: int) -> int:
-    return (total + CHUNK - 1) // CHUNK
-
-
 def seal(files: dict[str, bytes], recipient: DevicePublicKey) -> bytes:
     """Encrypt ``files`` to ``recipient``; returns the bundle's bytes."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -226,7 +222,7 @@ def seal(files: dict[str, bytes], recipient: DevicePublicKey) -> bytes:
     content_key = AESGCM.generate_key(bit_length=256)
     sealed_key = nacl.public.SealedBox(nacl.public.PublicKey(recipient.raw)).encrypt(content_key)
     header = HEADER.pack(MAGIC, VERSION, 0, CHUNK, bytes.fromhex(recipient.fingerprint), sealed_key)
-    n = _chunks(total)
+    n = (total + CHUNK - 1) // CHUNK
     out = bytearray(HEADER.size + total + n * TAG)
     out[:HEADER.size] = header
     aead, src, dst = AESGCM(content_key), memoryview(plain), memoryview(out)
@@ -399,10 +395,6 @@ class Bundle:
     @property
     def key_bytes(self) -> bytes | None:
         return self.plain.read("key.bin") if "key.bin" in self.plain.spans else None
-
-    @property
-    def model_size(self) -> int:
-        return sum(self.plain.spans[n][1] for n in (self.model_name, EXTERNAL_DATA) if n in self.plain.spans)
 
     def require_open(self) -> None:
         if self.plain.wiped:
