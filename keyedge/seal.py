@@ -329,6 +329,12 @@ class Plaintext:
         except BufferError:  # a library still holds a view: zeroed; unmapped when it lets go
             pass
 
+    def __del__(self) -> None:  # a bundle opened but never run is wiped too
+        try:
+            self.wipe()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
 
 def unseal(data, device: DeviceKey, where: str = "bundle") -> Plaintext:
     """Decrypt a bundle in memory; returns its files. Any change, truncation or extension is refused."""

@@ -274,3 +274,20 @@ def test_the_jetson_linux_release_is_read_from_nv_tegra_release(tmp_path):
                                                "EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC 2025\n")
     assert local_l4t_release(tmp_path / "nv_tegra_release") == "R36.4.3"
     assert local_l4t_release(tmp_path / "absent") is None
+
+
+def test_a_bundle_opened_but_never_run_is_wiped_when_dropped(sealed):
+    import ctypes
+    import gc
+
+    from keyedge.seal import open_bundle
+
+    root, _ = sealed
+    bundle = open_bundle(root / "gather.kes", read_device_key(root / "device.key"))
+    buffer = bundle.plain.buffer
+    view = (ctypes.c_char * len(buffer)).from_buffer(buffer)  # a second holder keeps it mapped
+    assert any(bytes(view[:64]))
+    del bundle
+    gc.collect()
+    assert not any(bytes(view)), "the plaintext outlived its bundle"
+    del view

@@ -93,9 +93,9 @@ def sealed_tensors(sealed: Bundle) -> dict[str, np.ndarray]:
 
     from ..seal import EXTERNAL_DATA, BundleError
 
-    graph = onnx.load_model_from_string(sealed.plain.read("model.onnx"))
     if EXTERNAL_DATA not in sealed.plain.spans:
         return {}
+    graph = onnx.load_model_from_string(sealed.plain.read("model.onnx"))
     base, size = sealed.plain.spans[EXTERNAL_DATA]
     tensors = {}
     for t in graph.graph.initializer:
