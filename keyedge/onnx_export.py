@@ -131,6 +131,17 @@ class _Calibration:
         return next(self._it, None)
 
 
+def _head(path: Path) -> list[str]:
+    """The classifier head: the graph's last MatMul / Gemm (ONNX nodes are in topological order).
+    Static int8 keeps it in float: quantizing the head's input per tensor to 8 bits costs most of the
+    logits' error (the tests' digits ViT: 0.10 relative error with the head quantized, 0.02-0.04
+    without), for a layer that is a tiny share of the compute."""
+    import onnx
+
+    names = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("MatMul", "Gemm")]
+    return names[-1:]
+
+
 def _int8(path: Path, method: str, calibration: list[dict[str, np.ndarray]] | None) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -149,7 +160,8 @@ def _int8(path: Path, method: str, calibration: list[dict[str, np.ndarray]] | No
                     raise KeyedgeError("static int8 needs calibration images")
                 quantize_static(str(pre), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
+                                op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                                nodes_to_exclude=_head(pre))
         out.replace(path)
     finally:
         pre.unlink(missing_ok=True)

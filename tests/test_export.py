@@ -86,6 +86,12 @@ def test_precision_variants_keep_parity(tmp_path, trained_keyed, precision, meth
     out = tmp_path / precision
     r = keyedge("export", run, "--key", key_path, "-o", out, "--precision", precision, "--int8-method", method)
     assert r.returncode == 0, r.stderr
+    if method == "static":  # Q/DQ on every MatMul but the classifier head, which stays float
+        graph = onnx.load(str(out / "model.onnx")).graph
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+        assert all(set(n.input) & dequantized for n in matmuls[:-1])
+        assert not set(matmuls[-1].input) & dequantized
     r = keyedge("parity", "--reference", run, "--key", key_path, out / "model.onnx", "--n", "200",
                 "-o", tmp_path / "parity")
     assert r.returncode == 0, r.stdout + r.stderr
