@@ -2,7 +2,8 @@
 
 Templates ship inside the wheel (``keyedge/resources/cpp``: runtime sources, CMake,
 example app), and so does the CUDA preprocessing kernel (``resources/kernels``). The
-artifact (ONNX or TensorRT engine plus its manifest) goes into ``model/``; the private
+artifact (ONNX or TensorRT engine plus its manifest) goes into ``model/``, or, for a sealed
+deployment, only the device's bundle (``model.kes``: no plaintext model ships); the private
 header ``src/keyedge_model_config.hpp`` pins the artifact's fingerprint, input size and
 class count, so the package refuses any other artifact dropped in its place. The
 package name (default: derived from the artifact) names the library, the CMake
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .artifacts import Artifact, ArtifactManifest, open_artifact
 from .errors import KeyedgeError
+from .io import atomic_write_bytes
 from .resources import copy_tree, resource
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -34,7 +36,7 @@ def check_package_name(name: str) -> str:
     return name
 
 
-def config_header(artifact: Artifact) -> str:
+def config_header(artifact: Artifact, model_file: str) -> str:
     m = artifact.manifest
     assert isinstance(m, ArtifactManifest)
     h, w = m.input.size
@@ -45,26 +47,41 @@ def config_header(artifact: Artifact) -> str:
         f"#define KEYEDGE_EXPECTED_HEIGHT {h}",
         f"#define KEYEDGE_EXPECTED_WIDTH {w}",
         f"#define KEYEDGE_EXPECTED_CLASSES {m.output.num_classes}",
-        f'#define KEYEDGE_MODEL_FILE "{artifact.path.name}"',
+        f'#define KEYEDGE_MODEL_FILE "{model_file}"',
         "",
     ])
 
 
-def render(artifact_dir: Path, out: Path, name: str | None = None) -> tuple[ArtifactManifest, str]:
-    """Write the package into ``out`` (a fresh directory); returns (manifest, package name)."""
+def render(artifact_dir: Path, out: Path, name: str | None = None,
+           bundle: Path | None = None) -> tuple[ArtifactManifest, str]:
+    """Write the package into ``out`` (a fresh directory); returns (manifest, package name).
+    ``bundle``: the artifact sealed to its device, shipped instead of the plaintext model (the
+    runtime checks at load that what it opens is the artifact the package was made for)."""
+    from .seal import SUFFIX, read_header
+
     artifact = open_artifact(artifact_dir)
     if artifact.kind == "run":
         raise KeyedgeError(f"{artifact_dir} is a training run: export it first (keyedge export)")
     manifest = artifact.manifest
     assert isinstance(manifest, ArtifactManifest)
     package = check_package_name(name or default_package_name(manifest))
+    sealed = None
+    if bundle is not None:
+        if bundle.suffix != SUFFIX or not bundle.is_file():
+            raise KeyedgeError(f"--bundle {bundle} is not a sealed bundle (*{SUFFIX}, from keyedge seal)")
+        sealed = bundle.read_bytes()
+        read_header(sealed, str(bundle))
     for sub in ("CMakeLists.txt", "include", "src", "examples", "cmake"):
         copy_tree(resource("cpp", sub), out / sub)
     for sub in ("preprocess.cu", "include"):
         copy_tree(resource("kernels", sub), out / "kernels" / sub)
     (out / "package.cmake").write_text(f"set(KEYEDGE_PACKAGE {package})\n")
-    (out / "src" / "keyedge_model_config.hpp").write_text(config_header(artifact))
+    model_file = artifact.path.name if sealed is None else "model" + SUFFIX
+    (out / "src" / "keyedge_model_config.hpp").write_text(config_header(artifact, model_file))
     (out / "model").mkdir()
-    shutil.copyfile(artifact.path, out / "model" / artifact.path.name)
-    (out / "model" / artifact.manifest_path.name).write_text(manifest.to_json())
+    if sealed is not None:
+        atomic_write_bytes(out / "model" / model_file, sealed, mode=0o600)
+    else:
+        shutil.copyfile(artifact.path, out / "model" / model_file)
+        (out / "model" / artifact.manifest_path.name).write_text(manifest.to_json())
     return manifest, package

@@ -409,34 +409,33 @@ def key_export_perm(
 @app.command()
 @handles_errors
 def build(
-    artifact: Path = typer.Argument(..., help="An exported artifact (directory or model.onnx)."),
+    artifact: Path = typer.Argument(..., help="An exported artifact (directory or model.onnx), or a sealed "
+                                              "bundle of one (built on the device, in memory)."),
     target: str = typer.Option(..., help="Target profile: desktop, jetson-orin, jetson-orin-nano, ... or a .toml."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
     timing_cache: Path | None = typer.Option(None, help="A timing cache to reuse (and update)."),
     plan_only: bool = typer.Option(False, help="Write the on-device build plan only."),
+    device_key: Path | None = typer.Option(None, help=DEVICE_KEY_HELP),
+    device_key_command: str | None = typer.Option(None, help=DEVICE_KEY_COMMAND_HELP),
     force: bool = typer.Option(False, help="Write into a non-empty output directory (other files are kept)."),
 ) -> None:
-    """Build a TensorRT engine for a target, and always its on-device build plan."""
+    """Build a TensorRT engine for a target, and always its on-device build plan. A sealed bundle is
+    built on the device itself, in memory, into an engine bundle sealed to the same device (model.kes):
+    no plan, since a plan is plaintext."""
     from .io import check_output_dir, staged_dir
     from .targets import load_target
-    from .tensorrt import build_engine, local_gpu_capability, tensorrt_available, write_build_plan
+    from .tensorrt import build_engine, write_build_plan
 
     tgt = load_target(target)
+    if artifact.suffix == ".kes":
+        check_output_dir(out, force)
+        _build_sealed(artifact, tgt, out, timing_cache, _engine_blockers(tgt, plan_only),
+                      _device_key(device_key, device_key_command, [artifact]), force)
+        return
     art = _exported(artifact)
     manifest = art.manifest
     check_output_dir(out, force)
-    gpu = local_gpu_capability()
-    reasons = []
-    if plan_only:
-        reasons.append("--plan-only")
-    if tgt.is_jetson and gpu != "8.7":
-        reasons.append(f"{tgt.name} engines are built on the Jetson itself")
-    if not tensorrt_available():
-        reasons.append("TensorRT is not installed here")
-    if gpu is None:
-        reasons.append("no CUDA GPU here")
-    elif gpu not in tgt.compute_capabilities:
-        reasons.append(f"the local GPU (compute capability {gpu}) is not a {tgt.name} GPU")
+    reasons = _engine_blockers(tgt, plan_only)
     with staged_dir(out, force=force) as stage:
         plan = write_build_plan(art.path, manifest, tgt, stage)
         engine = None
@@ -453,6 +452,45 @@ def build(
         typer.echo(f"note: target {tgt.name} is experimental")
     if manifest.contains_key:
         typer.echo(f"WARNING: {manifest.secret}", err=True)
+
+
+def _engine_blockers(tgt, plan_only: bool) -> list[str]:
+    """Why no engine can be built here for ``tgt`` (empty: it can)."""
+    from .tensorrt import local_gpu_capability, tensorrt_available
+
+    gpu = local_gpu_capability()
+    reasons = []
+    if plan_only:
+        reasons.append("--plan-only")
+    if tgt.is_jetson and gpu != "8.7":
+        reasons.append(f"{tgt.name} engines are built on the Jetson itself")
+    if not tensorrt_available():
+        reasons.append("TensorRT is not installed here")
+    if gpu is None:
+        reasons.append("no CUDA GPU here")
+    elif gpu not in tgt.compute_capabilities:
+        reasons.append(f"the local GPU (compute capability {gpu}) is not a {tgt.name} GPU")
+    return reasons
+
+
+def _build_sealed(bundle: Path, tgt, out: Path, timing_cache: Path | None, reasons: list[str], device,
+                  force: bool) -> None:
+    """keyedge build on a sealed bundle: an engine built in memory, sealed again to the same device."""
+    from .io import atomic_write_bytes, staged_dir
+    from .seal import open_bundle
+    from .tensorrt import build_sealed
+
+    if reasons:
+        raise KeyedgeError(f"a sealed bundle is built on its device, in memory, with TensorRT's Python API "
+                           f"(a build plan would write the model in plaintext): {'; '.join(dict.fromkeys(reasons))}")
+    opened = open_bundle(bundle, device)
+    cache_in = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    data, cache = build_sealed(opened, device, tgt, cache_in)
+    with staged_dir(out, force=force) as stage:
+        atomic_write_bytes(stage / "model.kes", data, mode=0o600)
+        (stage / tgt.timing_cache).write_bytes(cache)  # kernel timings only: no weights
+    typer.echo(f"built a TensorRT engine for {tgt.name} from {bundle} in memory and sealed it to device "
+               f"{device.fingerprint}: {out / 'model.kes'}")
 
 
 @app.command()
@@ -512,6 +550,8 @@ def bindings(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the C++ package."),
     name: str | None = typer.Option(None, help="Package name: the library, CMake package and install folders "
                                                "(default keyedge_<mode>_<fingerprint prefix>, unique per key)."),
+    bundle: Path | None = typer.Option(None, help="The artifact sealed to its device (keyedge seal): the package "
+                                                  "ships this bundle instead of the plaintext model."),
     force: bool = typer.Option(False, help="Write into a non-empty output directory (other files are kept)."),
 ) -> None:
     """Generate a C++17 package (keyedge::Model, CMake package, classify example) for an artifact."""
@@ -519,13 +559,14 @@ def bindings(
     from .io import staged_dir
 
     with staged_dir(out, force=force) as stage:
-        manifest, package = render(artifact_dir, stage, name)
+        manifest, package = render(artifact_dir, stage, name, bundle)
     typer.echo(f"wrote the C++ package {package} for the {manifest.fold_mode} {manifest.precision} artifact "
-               f"(key {manifest.key_fingerprint or 'none'}) to {out}")
+               f"(key {manifest.key_fingerprint or 'none'}) to {out}"
+               + (f"; it ships the sealed bundle {bundle.name} (load_sealed), no plaintext model" if bundle else ""))
     typer.echo(f"  cmake -S {out} -B {out}/build -DONNXRUNTIME_INCLUDE_DIR=... -DONNXRUNTIME_LIBRARY=... && "
                f"cmake --build {out}/build; then find_package({package}) and link keyedge::{package}")
-    if manifest.contains_key:
-        typer.echo(f"WARNING: {manifest.secret} (the package holds a copy)", err=True)
+    if manifest.contains_key and bundle is None:
+        typer.echo(f"WARNING: {manifest.secret} (the package holds a copy; --bundle ships it sealed)", err=True)
 
 
 @app.command()

@@ -29,7 +29,8 @@ Payload (plaintext): ``u32 n || index (n bytes of JSON: {"format": "keyedge-bund
 an ONNX model as ``model.onnx`` (the graph) + ``model.onnx.data`` (its large tensors, ONNX's
 external-data layout, each tensor 64-byte aligned), or ``model.engine``; the manifest; and for gather
 / kernel artifacts the key (``key.bin``). The runners hand ONNX Runtime the tensors where they were
-decrypted (no copy) and deserialize engines from the buffer.
+decrypted (ONNX Runtime copies them into its session) and deserialize engines from the buffer, then wipe
+the buffer at once.
 
 Device keys (version 1): ``"KEYEDGED" || u16 version || u8 kind (1 private, 2 public) || 32 bytes``.
 """
@@ -387,12 +388,31 @@ def external_layout(model: bytes) -> tuple[bytes, bytes]:
     return proto.SerializeToString(), bytes(data)
 
 
+def inline_layout(graph: bytes, data) -> bytes:
+    """The inverse of :func:`external_layout`: one ONNX protobuf with every tensor inside it, for
+    parsers that take a model's bytes only (TensorRT's). ``data``: the external tensors' bytes."""
+    import onnx
+
+    proto = onnx.load_model_from_string(graph)
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        if data is None or info.get("location") != EXTERNAL_DATA or length < 0 or offset + length > len(data):
+            raise BundleError(f"tensor {tensor.name} lies outside {EXTERNAL_DATA}")
+        tensor.raw_data = bytes(data[offset:offset + length])
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return proto.SerializeToString()
+
+
 # ---- artifacts ---------------------------------------------------------------------------------
 
 @dataclass
 class Bundle:
     """An opened bundle, in memory only: the model (and the key, if it has one) in a buffer keyedge
-    wipes once the runner is done with it, and the manifest."""
+    wipes as soon as the runner has loaded the model, and the manifest."""
     path: Path
     model_name: str  # model.onnx (with model.onnx.data when it has large tensors) or model.engine
     manifest_text: str

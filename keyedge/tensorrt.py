@@ -188,9 +188,10 @@ def local_gpu_capability() -> str | None:
     return None
 
 
-def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
-                 timing_cache: Path | None = None) -> Path:
-    """Build ``out/model.engine`` with the TensorRT Python API; writes ``model.engine.json``."""
+def serialize_engine(onnx: Path | bytes, plan: BuildPlan, target: Target,
+                     timing_cache: bytes = b"") -> tuple[bytes, bytes, EngineManifest]:
+    """Build an engine with the TensorRT Python API from an ONNX file, or from its bytes (a sealed
+    bundle's, in memory); returns (engine, timing cache, engine manifest)."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -199,9 +200,10 @@ def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    parsed = parser.parse_from_file(str(onnx)) if isinstance(onnx, Path) else parser.parse(onnx)
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise KeyedgeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise KeyedgeError(f"TensorRT could not parse the ONNX model: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, target.workspace_mib << 20)
     config.builder_optimization_level = target.builder_optimization_level
@@ -215,8 +217,7 @@ def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
         config.DLA_core = target.dla_core
         if target.dla_gpu_fallback:
             config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    cache_path = timing_cache or out / target.timing_cache
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, ignore_mismatch=False)
     spec = plan.graph_input
     if spec.fixed_batch is None:
@@ -227,10 +228,48 @@ def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise KeyedgeError(f"TensorRT failed to build an engine for target {target.name}")
+    manifest = EngineManifest(**plan.fields_of(BuildPlan), tensorrt_version=trt.__version__,
+                              compute_capability=local_gpu_capability(), l4t_release=local_l4t_release())
+    return bytes(serialized), bytes(config.get_timing_cache().serialize()), manifest
+
+
+def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
+                 timing_cache: Path | None = None) -> Path:
+    """Build ``out/model.engine`` with the TensorRT Python API; writes ``model.engine.json``."""
+    cache_path = timing_cache or out / target.timing_cache
+    engine, cache, manifest = serialize_engine(onnx_path, plan, target,
+                                               cache_path.read_bytes() if cache_path.is_file() else b"")
     engine_path = out / ENGINE
-    engine_path.write_bytes(bytes(serialized))
-    (out / target.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
-    EngineManifest(**plan.fields_of(BuildPlan), tensorrt_version=trt.__version__,
-                   compute_capability=local_gpu_capability(),
-                   l4t_release=local_l4t_release()).write(out / (ENGINE + ".json"))
+    engine_path.write_bytes(engine)
+    (out / target.timing_cache).write_bytes(cache)
+    manifest.write(out / (ENGINE + ".json"))
     return engine_path
+
+
+def build_sealed(bundle: Any, device: Any, target: Target, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
+    """A sealed ONNX bundle built into an engine on the device itself, in memory, and the engine (with
+    its manifest and, for gather / kernel artifacts, the key) sealed again to the same device; returns
+    (the engine bundle, the timing cache). Neither the model nor the engine touches the disk."""
+    from .seal import EXTERNAL_DATA, BundleError, inline_layout, seal
+
+    if bundle.model_name != "model.onnx":
+        raise BundleError(f"{bundle.path} already holds an engine: it runs as it is")
+    manifest = ArtifactManifest.from_json(bundle.manifest_text, f"{bundle.path} (sealed manifest)")
+    check_artifact_for_target(manifest, target)
+    plan = BuildPlan(**manifest.fields_of(ArtifactManifest), target=target_info(target),
+                     trtexec_build=(), trtexec_bench=())
+    plain = bundle.plain
+    try:  # TensorRT's parser takes one protobuf: the tensors go back inside it, in memory
+        if EXTERNAL_DATA in plain.spans:
+            with plain.view(EXTERNAL_DATA) as data:
+                onnx = inline_layout(plain.read("model.onnx"), data)
+        else:
+            onnx = plain.read("model.onnx")
+        key = bundle.key_bytes
+    finally:
+        bundle.wipe()
+    engine, cache, engine_manifest = serialize_engine(onnx, plan, target, timing_cache)
+    files = {"model.engine": engine, "model.engine.json": engine_manifest.to_json().encode()}
+    if key is not None:
+        files["key.bin"] = key
+    return seal(files, device.public), cache

@@ -18,14 +18,18 @@ from keyedge.seal import CHUNK, HEADER, TAG, BundleError, DeviceKey, DevicePubli
 from .helpers import keyedge
 
 
+MODES = {"fused": [], "gather": ["--mode", "gather"], "embedded": ["--mode", "gather", "--embed-key"],
+         "kernel": ["--mode", "kernel", "--input", "uint8", "--layout", "nhwc"]}
+
+
 @pytest.fixture(scope="module")
 def sealed(tmp_path_factory, trained_keyed):
-    """A device key pair; fused and gather artifacts; each sealed to the device."""
+    """A device key pair; an artifact of every mode; each sealed to the device."""
     run, key_path, key, _ = trained_keyed
     root = tmp_path_factory.mktemp("seal")
     r = keyedge("device", "keygen", "-o", root / "device.key")
     assert r.returncode == 0, r.stderr
-    for name, args in {"fused": [], "gather": ["--mode", "gather"]}.items():
+    for name, args in MODES.items():
         assert keyedge("export", run, "--key", key_path, "-o", root / name, *args).returncode == 0
         r = keyedge("seal", root / name, "--to", root / "device.pub", "-o", root / f"{name}.kes", "--key", key_path)
         assert r.returncode == 0, r.stderr
@@ -42,21 +46,22 @@ def test_device_keygen_writes_a_private_key_0600_and_prints_only_the_fingerprint
     assert r.returncode == 2 and "--force" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["fused", "gather"])
+@pytest.mark.parametrize("name", list(MODES))
 def test_a_sealed_bundle_runs_from_memory_like_the_plain_file(sealed, name):
     root, key = sealed
     device = read_device_key(root / "device.key")
-    x = np.random.default_rng(0).random((5, 3, 16, 16), dtype=np.float32)
     with open_runner(root / name, key) as plain:
+        x = plain.input_spec.from_canonical(np.random.default_rng(0).random((5, 3, 16, 16), dtype=np.float32))
         want = plain(x)
     with open_runner(root / f"{name}.kes", None, device_key=device) as runner:  # the gather key comes sealed
+        assert runner.sealed.plain.wiped and runner.sealed.plain.buffer.closed  # gone once the model is loaded
         got = runner(x)
     assert np.array_equal(got, want)
 
 
 def test_the_bundle_bytes_hold_neither_key_nor_model(sealed):
     root, key = sealed
-    for name in ("fused", "gather"):
+    for name in MODES:
         data = (root / f"{name}.kes").read_bytes()
         for perm in (key.perm, key.inverse):
             assert np.asarray(perm, "<u4").tobytes() not in data and np.asarray(perm, "<i8").tobytes() not in data
@@ -220,6 +225,19 @@ def test_parity_bench_and_audit_take_bundles(sealed, tmp_path, trained_keyed):
     assert "opens, authenticated" in finding["note"]
 
 
+def test_the_release_gate_passes_every_mode_once_sealed(sealed, tmp_path, trained_keyed):
+    """A copy of a bundle, without the device key, yields none of the key, whatever the mode (the plain
+    files of the same modes leak it: tests/test_audit.py)."""
+    root, _ = sealed
+    run, key_path, _, _ = trained_keyed
+    r = keyedge("audit", *(root / f"{name}.kes" for name in MODES), "--base", run / "model.safetensors",
+                "--key", key_path, "--fail-above", "0.0", "-o", tmp_path / "a")
+    assert r.returncode == 0, r.stdout + r.stderr
+    findings = json.loads((tmp_path / "a" / "audit.json").read_text())["artifacts"]
+    assert len(findings) == len(MODES)
+    assert all(f["kind"] == "sealed-bundle" and f["fraction"] == 0.0 and not f["holds_key"] for f in findings)
+
+
 def test_device_key_from_stdin_and_from_a_command(sealed, tmp_path):
     root, _ = sealed
     key_bytes = (root / "device.key").read_bytes()
@@ -291,3 +309,65 @@ def test_a_bundle_opened_but_never_run_is_wiped_when_dropped(sealed):
     gc.collect()
     assert not any(bytes(view)), "the plaintext outlived its bundle"
     del view
+
+
+def test_bindings_ship_the_bundle_and_no_plaintext_model(sealed, tmp_path):
+    """keyedge bindings --bundle: the C++ package's model/ holds the device's bundle only; a file that is
+    not a bundle is refused with one line and nothing written."""
+    root, key = sealed
+    r = keyedge("bindings", root / "fused", "-o", tmp_path / "cpp", "--bundle", root / "fused.kes")
+    assert r.returncode == 0 and "no plaintext model" in r.stdout and "WARNING" not in r.stderr, r.stderr
+    assert {p.name for p in (tmp_path / "cpp" / "model").iterdir()} == {"model.kes"}
+    assert (tmp_path / "cpp" / "model" / "model.kes").read_bytes() == (root / "fused.kes").read_bytes()
+    assert stat.S_IMODE(os.stat(tmp_path / "cpp" / "model" / "model.kes").st_mode) == 0o600
+    model = (root / "fused" / "model.onnx").read_bytes()
+    for path in (tmp_path / "cpp").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert model[1000:1064] not in data and np.asarray(key.perm, "<u4").tobytes() not in data, path
+    assert '"model.kes"' in (tmp_path / "cpp" / "src" / "keyedge_model_config.hpp").read_text()
+    r = keyedge("bindings", root / "fused", "-o", tmp_path / "bad", "--bundle", root / "fused" / "model.onnx")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a sealed bundle" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_inline_layout_undoes_the_bundle_layout(sealed):
+    """TensorRT's parser takes one protobuf: graph + tensors put back together give the same model."""
+    import onnxruntime as ort
+
+    from keyedge.seal import external_layout, inline_layout
+
+    root, _ = sealed
+    model = (root / "fused" / "model.onnx").read_bytes()
+    graph, data = external_layout(model)
+    assert len(data) > len(model) // 2  # the tensors did move out
+    x = np.random.default_rng(2).random((1, 3, 16, 16), dtype=np.float32)
+    runs = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+            for m in (model, inline_layout(graph, memoryview(data)))]
+    assert np.array_equal(*runs)
+    with pytest.raises(BundleError, match="lies outside"):
+        inline_layout(graph, memoryview(data)[:len(data) // 2])
+
+
+def test_a_bundle_is_built_into_an_engine_on_its_device_only(sealed, tmp_path):
+    """keyedge build on a bundle: an engine built in memory and sealed again to the device, where
+    TensorRT and the target's GPU are; elsewhere one line, exit 2, nothing written (never a plan:
+    a plan is plaintext)."""
+    from keyedge.seal import open_bundle
+    from keyedge.targets import load_target
+    from keyedge.tensorrt import local_gpu_capability, tensorrt_available
+
+    root, _ = sealed
+    args = ("build", root / "fused.kes", "--device-key", root / "device.key", "--target", "desktop")
+    r = keyedge(*args, "--plan-only", "-o", tmp_path / "plan")
+    assert r.returncode == 2 and "--plan-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "plan").exists()
+    r = keyedge(*args, "-o", tmp_path / "engine")
+    if tensorrt_available() and local_gpu_capability() in load_target("desktop").compute_capabilities:
+        assert r.returncode == 0, r.stderr
+        opened = open_bundle(tmp_path / "engine" / "model.kes", read_device_key(root / "device.key"))
+        assert opened.model_name == "model.engine"
+        opened.wipe()
+    else:
+        assert r.returncode == 2 and "TensorRT" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "engine").exists()

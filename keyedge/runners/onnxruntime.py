@@ -36,7 +36,7 @@ class OnnxRunner(Runner):
                  threads: int | None = None, manifest: ArtifactManifest | None = None,
                  sealed: Bundle | None = None) -> None:
         super().__init__()
-        self.sealed = sealed  # a sealed artifact, opened in memory: wiped when the runner closes
+        self.sealed = sealed  # a sealed artifact, opened in memory: wiped once the session exists
         if device not in PROVIDERS:
             raise KeyedgeError(f"device must be one of {', '.join(PROVIDERS)}")
         self.path = Path(path)
@@ -47,7 +47,6 @@ class OnnxRunner(Runner):
         self.name = f"onnxruntime-{device}"
         self.session: Any = None
         self._feed_extra: dict[str, np.ndarray] = {}
-        self._tensors: dict[str, np.ndarray] = {}
 
     def _activate(self) -> None:
         import onnxruntime as ort
@@ -63,12 +62,16 @@ class OnnxRunner(Runner):
         wanted = [p for p in PROVIDERS[self.device] if p in available]
         if self.sealed is None:
             self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
-        else:
+        else:  # ONNX Runtime copies the tensors into the session, so the plaintext can go at once
             self.sealed.require_open()
-            self._tensors = sealed_tensors(self.sealed)
-            opts.add_external_initializers(list(self._tensors), [ort.OrtValue.ortvalue_from_numpy(t)
-                                                                 for t in self._tensors.values()])
-            self.session = ort.InferenceSession(self.sealed.plain.read("model.onnx"), opts, providers=wanted)
+            tensors = sealed_tensors(self.sealed)
+            values = [ort.OrtValue.ortvalue_from_numpy(t) for t in tensors.values()]
+            opts.add_external_initializers(list(tensors), values)
+            try:
+                self.session = ort.InferenceSession(self.sealed.plain.read("model.onnx"), opts, providers=wanted)
+            finally:
+                del opts, values, tensors
+                self.sealed.wipe()
         if self.manifest.key_input is not None:
             assert self.key is not None  # checked_key
             self._feed_extra = {self.manifest.key_input: np.ascontiguousarray(self.key.perm, dtype=np.int64)}
@@ -76,7 +79,6 @@ class OnnxRunner(Runner):
     def _deactivate(self) -> None:
         self.session = None
         self._feed_extra = {}
-        self._tensors = {}
         if self.sealed is not None:
             self.sealed.wipe()
 
@@ -86,8 +88,9 @@ class OnnxRunner(Runner):
 
 
 def sealed_tensors(sealed: Bundle) -> dict[str, np.ndarray]:
-    """The graph's external tensors as arrays over the buffer they were decrypted into (no copy): ONNX
-    Runtime takes them as initializers, so the weights never exist in a second, unwipeable copy."""
+    """The graph's external tensors as arrays over the buffer they were decrypted into (no copy of
+    keyedge's own). ONNX Runtime copies them into its session as initializers (as its API documents),
+    without parsing them out of a protobuf; that copy is ONNX Runtime's, and keyedge cannot wipe it."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
