@@ -5,7 +5,9 @@ A small ViT (32x32 input, patch 4, key block 4) on scikit-learn's digits:
 1. pre-train a plain base: the stand-in for the public pre-trained model;
 2. fine-tune from it (i) plainly, (ii) keyed, fully, (iii) keyed, with LoRA, and (iv) keyed with
    two more keys: the attacker's own-key surrogates, and two more devices of a fleet;
-3. export (fused / gather, fp32 / int8) and prove parity; seal nothing (see the sealing docs);
+3. export (fused / gather, fp32 / int8), seal the keyed fused and gather artifacts to a demo device,
+   and prove parity of every artifact (the bundles run from memory); audit what a copy of each file
+   gives an attacker who has the public base;
 4. evaluate all three deployed models against every attacker of the threat model (transfer,
    score and label-only queries through the exported artifacts, a copy of the fused file,
    un-fused weights + queries, the key) and the blast radius across the three keyed devices;
@@ -26,7 +28,7 @@ from .data import load_data, sample
 from .evaluate import EvalConfig, evaluate
 from .io import atomic_write_text, check_output_dir
 from .keys import Key
-from .report import eval_markdown, eps_plot, markdown_table, query_plot
+from .report import eval_markdown, eps_plot, markdown_table, pct, query_plot
 from .runs import WEIGHTS, load_run
 from .train import TrainConfig, train
 
@@ -167,6 +169,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     parity = _timed(timings, "export_parity", lambda: export_and_check(cfg, out, key_path, console))
     results = _timed(timings, "evaluate", lambda: _evaluate(cfg, out, key, manifests, console))
     results["parity"] = parity
+    results["exposure"] = _timed(timings, "audit", lambda: exposure(cfg, out, key, console))
     results["bench"] = _timed(timings, "bench", lambda: bench_artifacts(cfg, out, key, console))
     results.update(key_fingerprint=key.fingerprint, seed=cfg.seed, versions=library_versions())
     timings["total"] = time.perf_counter() - t_start
@@ -183,9 +186,12 @@ ARTIFACTS = {  # name: export options (dynamic batch, so bench can sweep batch s
 }
 
 
-def _seal_for_demo_device(out: Path, artifact: Path, console: Console):
-    """A demo device key pair, and ``artifact`` sealed to it (the private key stays in the demo's
-    out/device/, as a stand-in for the device's secure storage)."""
+SEALED = ("fused_fp32", "gather_fp32")  # the keyed full model's artifacts sealed to the demo device
+
+
+def _seal_for_demo_device(out: Path, artifacts: list[Path], key: Key, console: Console):
+    """A demo device key pair, and each artifact sealed to it (with the key, for the gather one); the
+    private key stays in the demo's out/device/, as a stand-in for the device's secure storage."""
     from .io import atomic_write_bytes
     from .seal import DeviceKey, seal_artifact
 
@@ -193,12 +199,15 @@ def _seal_for_demo_device(out: Path, artifact: Path, console: Console):
     (out / "device").mkdir(exist_ok=True)
     device.save(out / "device" / "device.key", overwrite=True)
     atomic_write_bytes(out / "device" / "device.pub", device.public.to_bytes(), overwrite=True)
-    data, _ = seal_artifact(artifact, device.public)
-    bundle = artifact.parent / f"sealed_{artifact.name}" / "model.kes"
-    bundle.parent.mkdir(exist_ok=True)
-    atomic_write_bytes(bundle, data, mode=0o600, overwrite=True)
-    console.print(f"[bold]seal[/]: {artifact.name} sealed to demo device {device.fingerprint} -> {bundle}")
-    return device, bundle
+    bundles = []
+    for artifact in artifacts:
+        data, _ = seal_artifact(artifact, device.public, key)
+        bundle = artifact.parent / f"sealed_{artifact.name}" / "model.kes"
+        bundle.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(bundle, data, mode=0o600, overwrite=True)
+        console.print(f"[bold]seal[/]: {artifact.name} sealed to demo device {device.fingerprint} -> {bundle}")
+        bundles.append(bundle)
+    return device, bundles
 
 
 def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Console) -> dict[str, Any]:
@@ -218,9 +227,10 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
             export_run(run, key_path, dest, ExportOptions(**opts), force=True, echo=quiet)
             paths.append(dest / "model.onnx")
         device_key = None
-        if model == "keyed_full":  # one device's bundle: sealed to a demo device key, run from memory
-            device_key, bundle = _seal_for_demo_device(out, out / "artifacts" / model / "fused_fp32", console)
-            paths.append(bundle)
+        if model == "keyed_full":  # one device's bundles: sealed to a demo device key, run from memory
+            device_key, bundles = _seal_for_demo_device(out, [out / "artifacts" / model / n for n in SEALED],
+                                                        Key.load(key_path), console)
+            paths += bundles
         console.print(f"[bold]parity[/]: {model}, {len(paths)} artifacts on {cfg.parity_n} images")
         pcfg = ParityConfig(n=cfg.parity_n, attack=cfg.eval, seed=cfg.seed)
         report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg, force=True,
@@ -234,6 +244,21 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
     export_run(out / "runs" / "plain", None, out / "artifacts" / "plain" / "fused_fp32", ExportOptions(batch=None),
                force=True, echo=quiet)
     return section
+
+
+def exposure(cfg: DemoConfig, out: Path, key: Key, console: Console) -> dict[str, Any]:
+    """``keyedge audit`` of what a copy of the device's files gives an attacker who has the public base:
+    the keyed full model's plain artifacts, then its sealed bundles (copied without the device key)."""
+    from .audit import audit, audit_markdown
+
+    arts = out / "artifacts" / "keyed_full"
+    paths = [arts / name for name in ARTIFACTS] + [arts / f"sealed_{name}" / "model.kes" for name in SEALED]
+    console.print(f"[bold]audit[/]: what a copy of each of {len(paths)} device files yields")
+    report = audit(paths, out / "runs" / "base" / WEIGHTS, key, n=cfg.parity_n, seed=cfg.seed)
+    (out / "audit").mkdir(exist_ok=True)
+    write_json(out / "audit" / "audit.json", report)
+    atomic_write_text(out / "audit" / "report.md", audit_markdown(report, None))
+    return report
 
 
 def bench_artifacts(cfg: DemoConfig, out: Path, key: Key, console: Console) -> dict[str, Any]:
@@ -275,6 +300,18 @@ def write_demo_report(results: dict[str, Any], out: Path) -> None:
                                  [[model, name, *(f"{100 * s['accuracy']:.1f}% ({100 * s['difference']:+.1f})"
                                                   for s in a["sets"].values()), "pass" if a["passed"] else "FAIL"]
                                   for model, arts in parity["models"].items() for name, a in arts.items()])]
+    exposed = results.get("exposure")
+    if exposed:
+        lines += ["", "## What a copy of the device's files yields (`keyedge audit`, keyed full model)", "",
+                  "Attacker: a copy of each file and the public base. Fused files: their patch-embedding columns "
+                  "matched to the base's (linear assignment), then white-box PGD l_inf 8/255 (50 steps) with the "
+                  f"key read off, on {exposed['n_images']} test images. Gather files hold no key, but take it from "
+                  "key.bin beside them: a copy of the device's plain files holds it whole. Sealed bundles: copied "
+                  "without the device's private key, their bytes scanned for the key and the model.", "",
+                  markdown_table(["file", "kind", "holds the key", "key recovered", "clean", "white-box robust"],
+                                 [[Path(f["artifact"]).parent.name, f["kind"], "yes" if f["holds_key"] else "no",
+                                   pct(f["fraction"]), pct(f["clean"]), pct(f["whitebox_robust"])]
+                                  for f in exposed["artifacts"]])]
     bench = results.get("bench")
     if bench:
         lines += ["", f"## Latency on this machine ({bench['machine']['cpu']}, ONNX Runtime, interleaved; "

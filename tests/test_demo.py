@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -42,10 +43,18 @@ def test_quick_demo_end_to_end(tmp_path):
     assert len(blast["matrix"]) == 3 and all(blast["matrix"][i][i] <= blast["clean"][i] for i in range(3))
     # fp32 artifacts are exact; int8 may differ by an image or two of the quick demo's 32
     fp32 = [a for arts in results["parity"]["models"].values() for a in arts.values() if a["precision"] == "fp32"]
-    assert len(fp32) == 5 and all(a["passed"] and a["max_accuracy_difference"] == 0 for a in fp32)
+    assert len(fp32) == 6 and all(a["passed"] and a["max_accuracy_difference"] == 0 for a in fp32)
     assert models["keyed_lora"]["train"]["per_key_bytes"] < models["keyed_full"]["train"]["per_key_bytes"]
     assert set(results["parity"]["models"]["keyed_full"]) == {"fused_fp32", "gather_fp32", "fused_int8",
-                                                              "sealed_fused_fp32"}  # run from memory
+                                                              "sealed_fused_fp32", "sealed_gather_fp32"}
+    exposure = {Path(f["artifact"]).parent.name: f for f in results["exposure"]["artifacts"]}
+    for name in ("fused_fp32", "fused_int8"):  # a fine-tune of the public base: its columns give the key away
+        assert exposure[name]["holds_key"] and exposure[name]["fraction"] >= 0.9, exposure[name]
+        assert exposure[name]["whitebox_robust"] <= exposure[name]["clean"]
+    assert exposure["gather_fp32"]["fraction"] == 0.0  # the key is in key.bin, not in the graph
+    for name in ("sealed_fused_fp32", "sealed_gather_fp32"):
+        assert exposure[name]["kind"] == "sealed-bundle" and exposure[name]["fraction"] == 0.0
+    assert "What a copy of the device's files yields" in (out / "report.md").read_text()
     assert {m["fold_mode"] for m in results["bench"]["measurements"]} == {"fused", "gather", "plain"}
     text = (out / "results.json").read_text() + (out / "report.md").read_text()
     from keyedge import Key

@@ -64,13 +64,13 @@ class OnnxRunner(Runner):
             self.session = ort.InferenceSession(str(self.path), opts, providers=wanted)
         else:  # ONNX Runtime copies the tensors into the session, so the plaintext can go at once
             self.sealed.require_open()
-            tensors = sealed_tensors(self.sealed)
-            values = [ort.OrtValue.ortvalue_from_numpy(t) for t in tensors.values()]
-            opts.add_external_initializers(list(tensors), values)
             try:
+                tensors = sealed_tensors(self.sealed)
+                values = [ort.OrtValue.ortvalue_from_numpy(t) for t in tensors.values()]
+                opts.add_external_initializers(list(tensors), values)
                 self.session = ort.InferenceSession(self.sealed.plain.read("model.onnx"), opts, providers=wanted)
+                del opts, values, tensors  # the views go before the buffer is unmapped
             finally:
-                del opts, values, tensors
                 self.sealed.wipe()
         if self.manifest.key_input is not None:
             assert self.key is not None  # checked_key
@@ -79,8 +79,6 @@ class OnnxRunner(Runner):
     def _deactivate(self) -> None:
         self.session = None
         self._feed_extra = {}
-        if self.sealed is not None:
-            self.sealed.wipe()
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         feed = {self.manifest.graph_input.name: graph_feed(images, self.manifest, self.key), **self._feed_extra}
