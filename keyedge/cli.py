@@ -419,9 +419,12 @@ def build(
     device_key_command: str | None = typer.Option(None, help=DEVICE_KEY_COMMAND_HELP),
     force: bool = typer.Option(False, help="Write into a non-empty output directory (other files are kept)."),
 ) -> None:
-    """Build a TensorRT engine for a target, and always its on-device build plan. A sealed bundle is
-    built on the device itself, in memory, into an engine bundle sealed to the same device (model.kes):
-    no plan, since a plan is plaintext."""
+    """Build a TensorRT engine for a target: with its on-device build plan, or from a sealed bundle.
+
+    An exported artifact always gets its build plan (model.onnx, build_engine.sh with the exact trtexec
+    command), and the engine where TensorRT and the target's GPU are here. A sealed bundle is built on
+    the device itself, in memory, into an engine bundle sealed to the same device (model.kes): no plan,
+    since a plan is the model in plaintext."""
     from .io import check_output_dir, staged_dir
     from .targets import load_target
     from .tensorrt import build_engine, write_build_plan
