@@ -349,7 +349,7 @@ def test_inline_layout_undoes_the_bundle_layout(sealed):
         inline_layout(graph, memoryview(data)[:len(data) // 2])
 
 
-def test_a_bundle_is_built_into_an_engine_on_its_device_only(sealed, tmp_path):
+def test_a_bundle_is_built_into_an_engine_on_its_device_only(sealed, tmp_path, trained_keyed):
     """keyedge build on a bundle: an engine built in memory and sealed again to the device, where
     TensorRT and the target's GPU are; elsewhere one line, exit 2, nothing written (never a plan:
     a plan is plaintext)."""
@@ -358,7 +358,11 @@ def test_a_bundle_is_built_into_an_engine_on_its_device_only(sealed, tmp_path):
     from keyedge.tensorrt import local_gpu_capability, tensorrt_available
 
     root, _ = sealed
-    args = ("build", root / "fused.kes", "--device-key", root / "device.key", "--target", "desktop")
+    run, key_path, _, _ = trained_keyed
+    assert keyedge("export", run, "--key", key_path, "-o", tmp_path / "fp16", "--precision", "fp16").returncode == 0
+    r = keyedge("seal", tmp_path / "fp16", "--to", root / "device.pub", "-o", tmp_path / "fp16.kes")
+    assert r.returncode == 0, r.stderr  # the desktop target is strongly typed, fp16
+    args = ("build", tmp_path / "fp16.kes", "--device-key", root / "device.key", "--target", "desktop")
     r = keyedge(*args, "--plan-only", "-o", tmp_path / "plan")
     assert r.returncode == 2 and "--plan-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "plan").exists()
