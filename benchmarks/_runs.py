@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from keyedge import Key, attach_lora, create_vit
-from keyedge.artifacts import BaseCheckpoint, DataInfo, LoraSpec, ModelSpec, RunInput, RunManifest, library_versions
-from keyedge.lora import DEFAULT_TARGETS, count_parameters, save_adapter
-from keyedge.models import file_sha256, model_input_spec
-from keyedge.runs import ADAPTER, MANIFEST, WEIGHTS
+from keyedge.core.manifests import MANIFEST, DEFAULT_LORA_TARGETS, BaseCheckpoint, DataInfo, LoraSpec, ModelSpec, RunInput, RunManifest, library_versions
+from keyedge.core.lora import count_parameters, save_adapter
+from keyedge.core.models import file_sha256, model_input_spec
+from keyedge.core.runs import ADAPTER, WEIGHTS
 
 
 def make_run(root: Path, model_name: str, key: Key | None, mode: str = "full", num_classes: int = 1000) -> Path:
@@ -38,7 +38,7 @@ def make_run(root: Path, model_name: str, key: Key | None, mode: str = "full", n
     RunManifest(
         model=ModelSpec(model_name, {"num_classes": num_classes, "img_size": spec["img_size"][0],
                                      "patch_size": spec["patch_size"][0]}),
-        mode=mode, lora=LoraSpec(8, 16.0, 0.0, DEFAULT_TARGETS, False) if mode == "lora" else None,
+        mode=mode, lora=LoraSpec(8, 16.0, 0.0, DEFAULT_LORA_TARGETS, False) if mode == "lora" else None,
         input=RunInput(size=tuple(spec["img_size"]), channels=3, mean=tuple(spec["mean"]), std=tuple(spec["std"])),
         block_size=key.block_size if key else None, key_fingerprint=key.fingerprint if key else None,
         base_checkpoint=BaseCheckpoint(str(base_path), file_sha256(base_path)) if mode == "lora" else None,

@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from keyedge.evaluate import THREAT_ROWS
-from keyedge.report import ATTACK_LABELS
+from keyedge.redteam.config import ATTACK_LABELS, THREAT_ROWS
 
 MODELS = ["plain", "keyed_full", "keyed_lora"]
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from _runs import make_run
 from keyedge import Key
-from keyedge.bench import bench_markdown, run_bench
-from keyedge.pipeline import export_run
-from keyedge.onnx_export import ExportOptions
+from keyedge.checks.bench import bench_markdown, run_bench
+from keyedge.checks.config import BenchConfig
+from keyedge.workflows.export import export_run
+from keyedge.deploy.config import ExportOptions
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
                     ("plain_int8", plain_run, None, ExportOptions(batch=None, precision="int8"))):
                 export_run(run, k, root / model / name, opts, echo=quiet)
                 arts.append(root / model / name)
-            results = run_bench(arts, key=key, batches=batches, rounds=args.rounds, iters=args.iters,
+            results = run_bench(arts, BenchConfig(batches=batches, rounds=args.rounds, iters=args.iters), key=key,
                                 status=lambda s: print(model, s, flush=True))
             for m in results["measurements"]:
                 m["artifact"] = Path(m["artifact"]).name

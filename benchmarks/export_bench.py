@@ -25,10 +25,11 @@ import torch
 
 from _runs import make_run
 from keyedge import Key, KeyedClassifier
-from keyedge.bench import interleaved, machine_info, ratio
-from keyedge.pipeline import export_run
-from keyedge.onnx_export import ExportOptions
-from keyedge.runners import OnnxRunner
+from keyedge.checks.bench import interleaved, ratio
+from keyedge.workflows.export import export_run
+from keyedge.deploy.config import ExportOptions
+from keyedge.runtime.platform import machine_info
+from keyedge.runtime.runners import OnnxRunner
 
 
 def main() -> None:
@@ -57,8 +58,9 @@ def main() -> None:
         export_run(run, root / "key.bin", root / "int8", ExportOptions(mode="fused", precision="int8"), echo=quiet)
 
         # the plain (un-keyed) model: same weights, no key, normalisation folded alike
-        from keyedge.onnx_export import export_onnx
-        from keyedge.runs import load_run, read_run
+        from keyedge.deploy.onnx_export import export_onnx
+        from keyedge.core.manifests import read_run
+        from keyedge.core.runs import load_run
 
         keyed = load_run(run, key)
         plain = KeyedClassifier(keyed.model, None, keyed.mean.flatten().tolist(), keyed.std.flatten().tolist())

@@ -21,11 +21,12 @@ import numpy as np
 
 from _runs import make_run
 from keyedge import Key
-from keyedge.bench import interleaved, ratio
-from keyedge.onnx_export import ExportOptions
-from keyedge.pipeline import export_run
-from keyedge.runners import open_runner
-from keyedge.seal import EXTERNAL_DATA, DeviceKey, external_layout, open_bundle, seal_artifact
+from keyedge.checks.bench import interleaved, ratio
+from keyedge.deploy.config import ExportOptions
+from keyedge.deploy.seal import seal_artifact
+from keyedge.workflows.export import export_run
+from keyedge.runtime.runners import open_runner
+from keyedge.runtime.bundle import EXTERNAL_DATA, DeviceKey, external_layout, open_bundle
 
 
 def main() -> None:

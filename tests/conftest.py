@@ -21,8 +21,8 @@ def key4():
 @pytest.fixture(scope="session")
 def trained_plain(tmp_path_factory):
     """A tiny plain ViT trained on digits (16x16): the undefended model attacks must break."""
-    from keyedge.runs import load_run
-    from keyedge.train import train
+    from keyedge.core.runs import load_run
+    from keyedge.training.train import train
 
     out = tmp_path_factory.mktemp("plain_run")
     manifest = train(tiny_train_config(out, epochs=8, lr=2e-3, batch_size=32, max_shift=0, warmup_epochs=0.5))
@@ -30,8 +30,8 @@ def trained_plain(tmp_path_factory):
 
 
 def _train_keyed(tmp_path_factory, name, seed, block=4, **overrides):
-    from keyedge.runs import load_run
-    from keyedge.train import train
+    from keyedge.core.runs import load_run
+    from keyedge.training.train import train
 
     out = tmp_path_factory.mktemp(name)
     key = Key.generate(block, seed=seed)

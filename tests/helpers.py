@@ -65,7 +65,7 @@ TINY = dict(model="vit_tiny_patch16_224", img_size=16, patch_size=4, num_classes
 
 
 def tiny_train_config(out, **overrides):
-    from keyedge.train import TrainConfig
+    from keyedge.training.config import TrainConfig
 
     kwargs = dict(TINY, out=str(out), epochs=2, lr=3e-3, batch_size=64, force=True)
     kwargs.update(overrides)
@@ -107,9 +107,9 @@ def listing(root: Path) -> set[str]:
 def fake_engine(export_dir: Path, dest: Path, tensorrt_version: str = "10.3.0") -> Path:
     """A file that is *not* a TensorRT engine, with a valid engine manifest beside it (the manifest
     an on-device build of ``export_dir`` for jetson-orin would write)."""
-    from keyedge.artifacts import EngineManifest, read_onnx_manifest
-    from keyedge.targets import load_target
-    from keyedge.tensorrt import trtexec_bench_args, trtexec_build_args, target_info
+    from keyedge.core.manifests import EngineManifest, read_onnx_manifest
+    from keyedge.deploy.targets import load_target
+    from keyedge.deploy.tensorrt import trtexec_bench_args, trtexec_build_args, target_info
 
     manifest = read_onnx_manifest(export_dir / "model.onnx")
     target = load_target("jetson-orin")

@@ -2,6 +2,7 @@
 checkout: the packaged target profiles, C++ templates and kernel sources are found."""
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -32,19 +33,22 @@ def installed(tmp_path_factory):
     return py, env, root
 
 
-def test_wheel_holds_the_package_data(installed):
+def test_wheel_holds_the_top_level_data_folders(installed):
+    """Every file of kernels/ and export/ ships, as the data packages keyedge.share.kernels / .export."""
     import zipfile
 
     _, _, root = installed
-    names = zipfile.ZipFile(next((root / "dist").glob("keyedge-*.whl"))).namelist()
-    for needed in ("keyedge/resources/targets/desktop.toml", "keyedge/resources/targets/jetson-orin.toml",
-                   "keyedge/resources/cpp/CMakeLists.txt", "keyedge/resources/cpp/src/backend_tensorrt.cpp",
-                   "keyedge/resources/cpp/cmake/PackageConfig.cmake.in",
-                   "keyedge/resources/kernels/preprocess.cu", "keyedge/resources/kernels/include/keyedge_preprocess.h"):
-        assert needed in names, needed
+    names = set(zipfile.ZipFile(next((root / "dist").glob("keyedge-*.whl"))).namelist())
+    for area in ("kernels", "export"):
+        files = [f for f in (ROOT / area).rglob("*") if f.is_file() and "__pycache__" not in f.parts]
+        assert len(files) >= 5
+        for f in files:
+            assert f"keyedge/share/{area}/{f.relative_to(ROOT / area).as_posix()}" in names, f
 
 
-def test_build_and_bindings_from_the_installed_wheel(installed, tmp_path, trained_keyed):
+def test_build_bindings_and_the_kernel_build_from_the_installed_wheel(installed, tmp_path, trained_keyed):
+    """keyedge build and keyedge bindings, and the kernel's CMake build directory (python -m keyedge.kernels),
+    from the wheel installed outside the checkout."""
     py, env, root = installed
     run, key_path, _, _ = trained_keyed
     assert keyedge("export", run, "--key", key_path, "-o", tmp_path / "art", "--precision", "fp16",
@@ -56,10 +60,20 @@ def test_build_and_bindings_from_the_installed_wheel(installed, tmp_path, traine
     for args, made in ((["build", tmp_path / "art", "--target", "desktop", "-o", tmp_path / "plan"],
                         ["build_engine.sh", "bench_engine.sh", "manifest.json", "model.onnx"]),
                        (["bindings", tmp_path / "art", "-o", tmp_path / "cpp"],
-                        ["CMakeLists.txt", "package.cmake", "src/backend_tensorrt.cpp", "kernels/preprocess.cu",
-                         "kernels/include/keyedge_preprocess.h", "model/model.onnx"])):
+                        ["CMakeLists.txt", "package.cmake", "src/model.cpp", "src/backend_tensorrt.cpp",
+                         "kernels/preprocess.cu", "kernels/include/keyedge_preprocess.h",
+                         "kernels/include/keyedge_preprocess_math.h", "model/model.onnx"])):
         r = subprocess.run([str(cli), *map(str, args)], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
         out = args[args.index("-o") + 1]
         for name in made:
             assert (out / name).is_file(), name
+    assert not (tmp_path / "cpp" / "kernels" / "__init__.py").exists()  # what makes the folder a package stays behind
+    if shutil.which("nvcc") is None or shutil.which("cmake") is None:
+        pytest.skip("the kernel's CMake build needs nvcc and cmake")
+    r = subprocess.run([str(py), "-m", "keyedge.kernels", str(tmp_path / "kernel-build")], capture_output=True,
+                       text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "kernel-build" / "CMakeCache.txt").is_file()
+    assert (tmp_path / "kernel-build" / "libkeyedge_preprocess.so").is_file()
+    assert str(root / "venv") in (tmp_path / "kernel-build" / "CMakeCache.txt").read_text()  # the wheel's sources

@@ -1,0 +1,123 @@
+// keyedge C++ runtime: the artifact / build-plan / engine manifest (nlohmann-json), and engine identity.
+#include <fstream>
+#include <iterator>
+#include <sstream>
+
+#include "internal.hpp"
+#include "json_fields.hpp"
+
+namespace keyedge {
+
+namespace jf = json_fields;
+
+Manifest Manifest::from_file(const std::string& path) {
+  const std::vector<uint8_t> bytes = read_bytes(path, "manifest");
+  return from_text(std::string(bytes.begin(), bytes.end()), path);
+}
+
+Manifest Manifest::from_text(const std::string& text, const std::string& path) {
+  const std::string where = "manifest " + path;
+  const jf::json root = jf::parse(text, where);
+  if (!root.is_object()) throw Error(where + " is not a JSON object");
+  Manifest m;
+  m.format = jf::text(root, "format", where);
+  if (m.format != "keyedge-artifact" && m.format != "keyedge-build-plan" && m.format != "keyedge-engine")
+    throw Error(where + " is not a keyedge artifact manifest (format '" + m.format + "')");
+  if (!root.contains("version") || !root.at("version").is_number_integer() || root.at("version").get<long long>() < 1)
+    throw Error(where + " has no valid format version");
+  if (root.at("version").get<long long>() > kManifestVersion)
+    throw Error(where + " is " + m.format + " version " + root.at("version").dump() +
+                ", newer than this runtime reads (" + std::to_string(kManifestVersion) + "): regenerate the package");
+  m.version = static_cast<int>(root.at("version").get<long long>());
+  const jf::json& input = jf::field(root, "input", where);
+  const jf::json& output = jf::field(root, "output", where);
+  const jf::json& size = jf::field(input, "size", where);
+  if (!size.is_array() || size.size() != 2) throw Error(where + ": input.size is not [height, width]");
+  m.input.height = static_cast<int>(jf::integer(size[0], where + ": input height", 1, 65535));
+  m.input.width = static_cast<int>(jf::integer(size[1], where + ": input width", 1, 65535));
+  m.input.channels = static_cast<int>(jf::integer(jf::field(input, "channels", where), where + ": input.channels", 1, 16));
+  m.input.uint8 = jf::text(input, "dtype", where) == "uint8";
+  m.input.nhwc = jf::text(input, "layout", where) == "NHWC";
+  const jf::json& batch = jf::field(input, "batch", where);
+  m.input.batch = batch.is_string() && batch.get<std::string>() == "dynamic"
+                      ? -1 : static_cast<int>(jf::integer(batch, where + ": input.batch", 1, 1 << 20));
+  m.input_name = jf::text(input, "name", where);
+  m.output_name = jf::text(output, "name", where);
+  m.num_classes = static_cast<int>(jf::integer(jf::field(output, "num_classes", where), where + ": output.num_classes",
+                                               1, 1 << 24));
+  const jf::json* block = root.contains("block_size") ? &root.at("block_size") : nullptr;
+  m.block_size = block == nullptr || block->is_null() ? 0 : static_cast<int>(jf::integer(*block, where + ": block_size",
+                                                                                         1, 64));
+  m.key_fingerprint = jf::text(root, "key_fingerprint", where);
+  m.key_input = jf::text(root, "key_input", where);
+  m.fold_mode = jf::text(root, "fold_mode", where);
+  m.precision = jf::text(root, "precision", where);
+  m.tensorrt_version = jf::text(root, "tensorrt_version", where);
+  m.compute_capability = jf::text(root, "compute_capability", where);
+  m.l4t_release = jf::text(root, "l4t_release", where);
+  if (root.contains("preprocess") && root.at("preprocess").is_object()) {
+    const jf::json& pre = root.at("preprocess");
+    m.kernel_preprocess = true;
+    m.pixels_name = jf::text(jf::field(pre, "graph_input", where), "name", where);
+    for (const char* name : {"mean", "std"}) {
+      const jf::json& v = jf::field(pre, name, where);
+      if (!v.is_array() || static_cast<int>(v.size()) != m.input.channels)
+        throw Error(where + ": preprocess." + name + " needs one value per channel");
+      for (const jf::json& x : v) {
+        if (!x.is_number()) throw Error(where + ": preprocess." + name + " holds a value that is not a number");
+        (name[0] == 'm' ? m.mean : m.std).push_back(x.get<float>());
+      }
+    }
+  }
+  if (root.contains("classes") && root.at("classes").is_array())
+    for (const jf::json& c : root.at("classes")) m.classes.push_back(c.is_string() ? c.get<std::string>() : c.dump());
+  return m;
+}
+
+namespace {
+
+// "10.3.0" or trtexec's "100300" -> "10.3.0"; "" when unknown.
+std::string version_triplet(const std::string& v) {
+  if (v.size() >= 5 && v.size() <= 9 && v.find_first_not_of("0123456789") == std::string::npos) {
+    const long n = std::stol(v);
+    return std::to_string(n / 10000) + "." + std::to_string(n / 100 % 100) + "." + std::to_string(n % 100);
+  }
+  std::string out;
+  int parts = 0;
+  std::istringstream in(v);
+  for (std::string part; parts < 3 && std::getline(in, part, '.'); ++parts) {
+    if (part.empty() || part.find_first_not_of("0123456789") != std::string::npos) return parts ? out : "";
+    out += (parts ? "." : "") + part;
+  }
+  return out;
+}
+
+}  // namespace
+
+void check_engine_identity(const Manifest& m, const std::string& tensorrt_version, const std::string& capability,
+                           const std::string& l4t_release, const std::string& where) {
+  const std::string built = version_triplet(m.tensorrt_version), here = version_triplet(tensorrt_version);
+  if (!built.empty() && !here.empty() && built != here)
+    throw Error(where + " was built with TensorRT " + built + ", this machine has TensorRT " + here +
+                ": rebuild it here (build_engine.sh)");
+  if (!m.compute_capability.empty() && !capability.empty() && m.compute_capability != capability)
+    throw Error(where + " was built for a GPU of compute capability " + m.compute_capability + ", this GPU is " +
+                capability + ": rebuild it on the target");
+  if (!m.l4t_release.empty() && !l4t_release.empty() && m.l4t_release != l4t_release)
+    throw Error(where + " was built on Jetson Linux " + m.l4t_release + ", this device runs " + l4t_release +
+                ": rebuild it on the target");
+}
+
+std::string local_l4t_release(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line)) return "";
+  // "# R36 (release), REVISION: 3.0, GCID: ..."
+  const size_t r = line.find("# R"), rev = line.find("REVISION: ");
+  if (r != 0 || rev == std::string::npos) return "";
+  const std::string major = line.substr(3, line.find(' ', 3) - 3);
+  const std::string revision = line.substr(rev + 10, line.find(',', rev) - rev - 10);
+  return "R" + major + "." + revision;
+}
+
+}  // namespace keyedge

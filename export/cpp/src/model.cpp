@@ -1,0 +1,149 @@
+// keyedge C++ runtime: loading a model (a plain artifact or a sealed bundle), the key rule, batching, top-k.
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <numeric>
+#include <optional>
+
+#include <sodium.h>
+
+#include "internal.hpp"
+#include "keyedge_model_config.hpp"  // generated: what this package was made for
+
+namespace keyedge {
+
+// The key rule (as keyedge.core.manifests.check_key with strict=True): an artifact that takes the key
+// needs the right one; a key given for any artifact must be its own (a plain model takes none), and of
+// the artifact's block size and channel count.
+void attach_key(Model& model, const KeyFile* key_file) {
+  const Manifest& m = model.manifest_;
+  if (key_file == nullptr) {
+    if (m.needs_key()) throw Error("this artifact takes the key at run time: pass the key file");
+    return;
+  }
+  const KeyFile& key = *key_file;
+  if (m.key_fingerprint.empty()) throw Error("this artifact is a plain (un-keyed) model: do not pass a key");
+  if (key.fingerprint != m.key_fingerprint)
+    throw Error("key fingerprint " + key.fingerprint + " does not match the artifact's (" + m.key_fingerprint + ")");
+  if (key.block_size != m.block_size || key.channels != m.input.channels)
+    throw Error("the key's block size or channel count does not match the artifact's manifest");
+  if (m.needs_key()) {
+    model.key_perm_ = key.perm;
+    model.key_perm32_.assign(key.perm.begin(), key.perm.end());
+  }
+  model.key_attached();
+}
+
+namespace {
+
+// The package was generated for one artifact: refuse another one dropped in its place.
+void check_expected(const Manifest& manifest, const std::string& where) {
+  if (std::string(KEYEDGE_EXPECTED_FINGERPRINT) != manifest.key_fingerprint ||
+      manifest.input.height != KEYEDGE_EXPECTED_HEIGHT || manifest.input.width != KEYEDGE_EXPECTED_WIDTH ||
+      manifest.num_classes != KEYEDGE_EXPECTED_CLASSES)
+    throw Error("manifest " + where + " does not describe the artifact this package was generated for");
+}
+
+std::unique_ptr<Model> make_model(bool engine, Bytes model_bytes, Bytes data, const std::string& where,
+                                  Manifest manifest, const KeyFile* key, const Options& options) {
+  std::unique_ptr<Model> model = engine ? make_tensorrt_model(model_bytes, where, std::move(manifest), options)
+                                        : make_onnxruntime_model(model_bytes, data, where, std::move(manifest));
+  attach_key(*model, key);
+  return model;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::load(const std::string& model_path, const std::string& key_path,
+                                   const Options& options) {
+  init_sodium();
+  std::ifstream probe(model_path, std::ios::binary);
+  if (!probe) throw Error("model file " + model_path + " does not exist");
+  const bool engine = ends_with(model_path, ".engine");
+  const std::string manifest_path = engine ? model_path + ".json"
+                                           : model_path.substr(0, model_path.find_last_of('/') + 1) + "manifest.json";
+  Manifest manifest = Manifest::from_file(manifest_path);
+  check_expected(manifest, manifest_path);
+  std::optional<KeyFile> key;
+  if (!key_path.empty()) key = KeyFile::load(key_path);
+  const std::vector<uint8_t> blob = read_bytes(model_path, "model file");
+  return make_model(engine, Bytes{blob.data(), blob.size()}, Bytes{}, model_path, std::move(manifest),
+                    key ? &*key : nullptr, options);
+}
+
+std::unique_ptr<Model> Model::load_sealed(const std::string& bundle_path, const std::string& device_key_path,
+                                          const Options& options) {
+  Plaintext plain;
+  unseal_bundle(bundle_path, device_key_path, plain);
+  const bool engine = plain.files.count("model.engine") != 0;
+  const Bytes model = plain.file(engine ? "model.engine" : "model.onnx");
+  const Bytes text = plain.file(engine ? "model.engine.json" : "manifest.json");
+  if (model.data == nullptr || text.data == nullptr) throw Error(bundle_path + " holds no model and manifest");
+  Manifest manifest = Manifest::from_text(std::string(text.data, text.data + text.size),
+                                          bundle_path + " (sealed manifest)");
+  check_expected(manifest, bundle_path);
+  std::optional<KeyFile> key;
+  if (const Bytes k = plain.file("key.bin"); k.data != nullptr) {
+    std::vector<uint8_t> bytes(k.data, k.data + k.size);
+    key = KeyFile::from_bytes(bytes, bundle_path + " (sealed key)");
+    sodium_memzero(bytes.data(), bytes.size());
+  }
+  return make_model(engine, model, plain.file("model.onnx.data"), bundle_path, std::move(manifest),
+                    key ? &*key : nullptr, options);
+}
+
+void Model::infer(const uint8_t* hwc, int batch, float* logits) {
+  if (hwc == nullptr || logits == nullptr || batch < 1) throw Error("infer: null buffer or batch < 1");
+  const int fixed = manifest_.input.batch;
+  if (fixed < 0) {
+    run(hwc, batch, logits);
+    return;
+  }
+  const size_t image = size_t(manifest_.input.height) * manifest_.input.width * manifest_.input.channels;
+  std::vector<uint8_t> pad;
+  std::vector<float> out(size_t(fixed) * manifest_.num_classes);
+  for (int start = 0; start < batch; start += fixed) {
+    const int n = std::min(fixed, batch - start);
+    const uint8_t* src = hwc + size_t(start) * image;
+    if (n < fixed) {  // pad the last chunk by repeating its last image
+      pad.assign(src, src + size_t(n) * image);
+      for (int i = n; i < fixed; ++i) pad.insert(pad.end(), src + size_t(n - 1) * image, src + size_t(n) * image);
+      src = pad.data();
+    }
+    run(src, fixed, out.data());
+    std::copy(out.begin(), out.begin() + size_t(n) * manifest_.num_classes,
+              logits + size_t(start) * manifest_.num_classes);
+  }
+}
+
+std::vector<std::pair<int, float>> Model::top_k(const float* logits, int k) const {
+  const int n = manifest_.num_classes;
+  const float mx = *std::max_element(logits, logits + n);
+  std::vector<float> p(n);
+  double sum = 0;
+  for (int i = 0; i < n; ++i) sum += (p[i] = std::exp(logits[i] - mx));
+  std::vector<int> idx(n);
+  std::iota(idx.begin(), idx.end(), 0);
+  k = std::max(0, std::min(k, n));
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) { return p[a] > p[b]; });
+  std::vector<std::pair<int, float>> out;
+  for (int i = 0; i < k; ++i) out.emplace_back(idx[i], static_cast<float>(p[idx[i]] / sum));
+  return out;
+}
+
+#ifndef KEYEDGE_WITH_ONNXRUNTIME
+std::unique_ptr<Model> make_onnxruntime_model(Bytes, Bytes, const std::string&, Manifest) {
+  throw Error("this build has no ONNX Runtime backend (cmake -DKEYEDGE_WITH_ONNXRUNTIME=ON)");
+}
+#endif
+#ifndef KEYEDGE_WITH_TENSORRT
+std::unique_ptr<Model> make_tensorrt_model(Bytes, const std::string&, Manifest, const Options&) {
+  throw Error("this build has no TensorRT backend (cmake -DKEYEDGE_WITH_TENSORRT=ON)");
+}
+#endif
+
+}  // namespace keyedge

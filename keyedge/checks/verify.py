@@ -1,0 +1,42 @@
+"""The check after every export: the file, run by ONNX Runtime through keyedge's runner, against the PyTorch
+keyed model on random and real images (logits, and top-1 agreement on the real ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.manifests import ArtifactManifest, Precision
+from ..core.models import KeyedClassifier
+from ..runtime.runners import OnnxRunner
+
+VERIFY_IMAGES = 16  # random and real images checked after every export (at least)
+# relative logit error allowed, and least top-1 agreement on the real images, by precision
+TOLERANCE: dict[Precision, tuple[float, float]] = {"fp32": (1e-4, 1.0), "fp16": (1e-2, 0.97), "int8": (0.1, 0.9)}
+
+
+def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None, *,
+           n: int = VERIFY_IMAGES, seed: int = 0) -> dict[str, Any]:
+    """ONNX Runtime vs the PyTorch keyed model on ``n`` random and ``n`` real images, through the
+    runner's own batching (a fixed-batch artifact gets them in chunks)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = manifest.input.size
+    sets = {"random": torch.rand(n, manifest.input.channels, h, w, generator=gen)}
+    if real is not None:
+        sets["real"] = real[:n] if len(real) >= n else real.repeat(-(-n // len(real)), 1, 1, 1)[:n]
+    tol, min_agree = TOLERANCE[manifest.precision]
+    report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree, "images": n}
+    with OnnxRunner(path, keyed.key, manifest=manifest) as runner:
+        for name, images in sets.items():
+            feed = manifest.input.from_canonical(images)
+            got = torch.as_tensor(runner(feed))
+            with torch.no_grad():
+                want = keyed(torch.as_tensor(manifest.input.to_canonical(feed)))
+            rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
+            agree = float((got.argmax(1) == want.argmax(1)).float().mean())
+            report[name] = {"rel_error": rel, "top1_agreement": agree}
+    report["passed"] = all(report[s]["rel_error"] <= tol and
+                           (s == "random" or report[s]["top1_agreement"] >= min_agree) for s in sets)
+    return report

@@ -1,0 +1,37 @@
+"""Sealing an artifact for one device: the files a device gets (model, manifest and, for gather /
+kernel artifacts, the key), as one bundle encrypted to the device's public key
+(:mod:`keyedge.runtime.bundle` holds the format and the cryptography)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import KeyedgeError
+from ..core.keys import Key
+from ..core.manifests import ArtifactManifest, check_key, needs_key
+from ..runtime.artifacts import open_artifact
+from ..runtime.bundle import EXTERNAL_DATA, DevicePublicKey, external_layout, seal
+
+
+def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey,
+                  key: Key | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The bundle for an export or build directory, and a summary of what it holds."""
+    art = open_artifact(artifact_dir)
+    if art.kind == "run":
+        raise KeyedgeError(f"{artifact_dir} is a training run: export it first; a device gets an artifact")
+    manifest = art.manifest
+    assert isinstance(manifest, ArtifactManifest)
+    check_key(manifest, key, f"artifact {artifact_dir}", strict=True)
+    if art.kind == "onnx":  # graph + tensors, so that runners load the tensors where they are decrypted
+        graph, data = external_layout(art.path.read_bytes())
+        files = {"model.onnx": graph, **({EXTERNAL_DATA: data} if data else {}),
+                 "manifest.json": manifest.to_json().encode()}
+    else:
+        files = {"model.engine": art.path.read_bytes(), "model.engine.json": manifest.to_json().encode()}
+    if needs_key(manifest):
+        assert key is not None  # check_key
+        files["key.bin"] = key.to_bytes()
+    summary = {"model": art.path.name, "fold_mode": manifest.fold_mode, "precision": manifest.precision,
+               "holds_key": needs_key(manifest) or manifest.contains_key, "recipient": recipient.fingerprint}
+    return seal(files, recipient), summary

@@ -1,0 +1,134 @@
+"""TensorRT target profiles (``export/targets/*.toml``, shipped in the wheel), validated on load."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import KeyedgeError
+from ..core.manifests import PRECISIONS
+from ..core.resources import resource
+
+
+@dataclass(frozen=True)
+class Peak:
+    device: str
+    fp32_tflops: float
+    fp16_tflops: float
+    int8_tops: float
+    memory_gbs: float
+
+    def compute_tflops(self, precision: str) -> float:
+        return {"fp32": self.fp32_tflops, "fp16": self.fp16_tflops, "int8": self.int8_tops}[precision]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    tensorrt: int
+    strongly_typed: bool
+    precision: str
+    compute_capabilities: tuple[str, ...]
+    experimental: bool
+    workspace_mib: int
+    builder_optimization_level: int
+    timing_cache: str
+    batch_min: int
+    batch_opt: int
+    batch_max: int
+    dla_enabled: bool
+    dla_core: int
+    dla_gpu_fallback: bool
+    peak: Peak
+    path: Path
+
+    @property
+    def is_jetson(self) -> bool:
+        return "8.7" in self.compute_capabilities
+
+
+def available_targets() -> list[str]:
+    profiles = resource("export", "targets").iterdir()
+    return sorted(p.name.removesuffix(".toml") for p in profiles if p.name.endswith(".toml"))
+
+
+def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in table:
+        raise KeyedgeError(f"{where}: missing field '{key}'")
+    value = table[key]
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise KeyedgeError(f"{where}: field '{key}' must be {getattr(kind, '__name__', kind)}, not a boolean")
+    if not isinstance(value, kind):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise KeyedgeError(f"{where}: field '{key}' must be {names}, got {type(value).__name__}")
+    return value
+
+
+def parse_target(data: dict[str, Any], path: Path) -> Target:
+    where = str(path)
+    num = (int, float)
+    name = _get(data, "name", str, where)
+    trt_major = _get(data, "tensorrt", int, where)
+    if trt_major not in (10, 11):
+        raise KeyedgeError(f"{where}: tensorrt must be 10 or 11, got {trt_major}")
+    strongly = _get(data, "strongly_typed", bool, where)
+    if trt_major >= 11 and not strongly:
+        raise KeyedgeError(f"{where}: TensorRT 11 has no precision builder flags; set strongly_typed = true")
+    precision = _get(data, "precision", str, where)
+    if precision not in PRECISIONS:
+        raise KeyedgeError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    batch = _get(data, "batch", dict, where)
+    bmin, bopt, bmax = (_get(batch, k, int, f"{where} [batch]") for k in ("min", "opt", "max"))
+    if not 1 <= bmin <= bopt <= bmax:
+        raise KeyedgeError(f"{where}: [batch] needs 1 <= min <= opt <= max, got {bmin}/{bopt}/{bmax}")
+    ccs = _get(data, "compute_capabilities", list, where)
+    if not ccs or not all(isinstance(c, str) and c.replace(".", "").isdigit() for c in ccs):
+        raise KeyedgeError(f"{where}: compute_capabilities must be a list like [\"8.7\"]")
+    dla = data.get("dla", {})
+    dla_enabled = bool(dla.get("enabled", False))
+    experimental = _get(data, "experimental", bool, where)
+    if dla_enabled:
+        if "8.7" not in ccs:
+            raise KeyedgeError(f"{where}: the DLA exists only on Jetson (compute capability 8.7)")
+        if not experimental:
+            raise KeyedgeError(f"{where}: DLA targets must be marked experimental (GELU is not a DLA layer)")
+    level = _get(data, "builder_optimization_level", int, where)
+    if not 0 <= level <= 5:
+        raise KeyedgeError(f"{where}: builder_optimization_level must be 0..5")
+    workspace = _get(data, "workspace_mib", int, where)
+    if workspace < 1:
+        raise KeyedgeError(f"{where}: workspace_mib must be >= 1")
+    peak = _get(data, "peak", dict, where)
+    pw = f"{where} [peak]"
+    peak_obj = Peak(_get(peak, "device", str, pw), *(float(_get(peak, k, num, pw)) for k in
+                                                     ("fp32_tflops", "fp16_tflops", "int8_tops", "memory_gbs")))
+    if min(peak_obj.fp32_tflops, peak_obj.fp16_tflops, peak_obj.int8_tops, peak_obj.memory_gbs) <= 0:
+        raise KeyedgeError(f"{pw}: peak numbers must be > 0")
+    return Target(name=name, description=_get(data, "description", str, where), tensorrt=trt_major,
+                  strongly_typed=strongly, precision=precision, compute_capabilities=tuple(ccs),
+                  experimental=experimental, workspace_mib=workspace, builder_optimization_level=level,
+                  timing_cache=_get(data, "timing_cache", str, where), batch_min=bmin, batch_opt=bopt,
+                  batch_max=bmax, dla_enabled=dla_enabled, dla_core=int(dla.get("core", 0)),
+                  dla_gpu_fallback=bool(dla.get("gpu_fallback", True)), peak=peak_obj, path=path)
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A packaged target by name (``desktop``, ``jetson-orin``, ...) or a path to a TOML profile."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise KeyedgeError(f"target profile {path} does not exist")
+        text = path.read_text()
+    else:
+        packaged = resource("export", "targets", f"{name_or_path}.toml")
+        if not packaged.is_file():
+            raise KeyedgeError(f"unknown target {name_or_path!r} (available: {', '.join(available_targets())})")
+        text, path = packaged.read_text(), Path(f"{name_or_path}.toml")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise KeyedgeError(f"{path}: not valid TOML: {exc}") from None
+    return parse_target(data, path)

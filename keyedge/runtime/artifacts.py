@@ -1,0 +1,90 @@
+"""The one place that turns a path into an artifact: a run directory, an export or build directory,
+an ``.onnx``, an ``.engine``, or a sealed ``.kes`` bundle of one of the last two."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..core.errors import KeyedgeError
+from ..core.manifests import (ENGINE_FILE, MANIFEST, ONNX_FILE, ArtifactManifest, EngineManifest, RunManifest,
+                              engine_manifest_path, read_deployed, read_json_file, read_onnx_manifest)
+from .bundle import SUFFIX, DeviceKey, SealedLoader
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a path points at. ``sealed``: for a ``.kes`` bundle, the loader that opens it in memory at
+    each activation of a runner (nothing of it stays in plaintext in between)."""
+    kind: Literal["run", "onnx", "engine"]
+    path: Path  # the run directory, the .onnx or .engine file, or the .kes bundle
+    manifest: RunManifest | ArtifactManifest
+    sealed: SealedLoader | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.kind == "run" else self.path.parent.name or self.path.name
+
+    @property
+    def manifest_path(self) -> Path:
+        if self.kind == "run":
+            return self.path / MANIFEST
+        if self.kind == "engine":
+            return engine_manifest_path(self.path)
+        return self.path.parent / MANIFEST
+
+
+def _open_sealed(path: Path, device_key: DeviceKey | None) -> Artifact:
+    if device_key is None:
+        raise KeyedgeError(f"{path} is a sealed bundle: pass its device's private key (--device-key)")
+    loader = SealedLoader(path, device_key)
+    bundle = loader()  # authenticated here, once, so that a bad bundle is refused before any work
+    try:
+        manifest = read_deployed(json.loads(bundle.manifest_text), f"{path} (sealed manifest)")
+        kind: Literal["onnx", "engine"] = "engine" if bundle.model_name == ENGINE_FILE else "onnx"
+    finally:
+        bundle.wipe()
+    return Artifact(kind, path, manifest, loader)
+
+
+def open_artifact(path: str | Path, *, prefer_engine: bool = True, device_key: DeviceKey | None = None) -> Artifact:
+    """Resolve a path (see the module docstring); a sealed bundle needs its device's private key.
+
+    A build directory holding both an engine and its ONNX resolves to the engine
+    (``prefer_engine=False``: to the ONNX).
+    """
+    path = Path(path)
+    if path.suffix == SUFFIX and not path.is_dir():
+        return _open_sealed(path, device_key)
+    if path.is_dir():
+        engine, onnx_file = path / ENGINE_FILE, path / ONNX_FILE
+        if prefer_engine and engine.is_file() and engine_manifest_path(engine).is_file():
+            return open_artifact(engine)
+        if onnx_file.is_file():
+            return open_artifact(onnx_file)
+        if (path / MANIFEST).is_file():
+            data = read_json_file(path / MANIFEST, "manifest")
+            if data.get("format") == RunManifest.FORMAT:
+                return Artifact("run", path, RunManifest.from_dict(data, str(path / MANIFEST)))
+        raise KeyedgeError(f"{path} holds no keyedge artifact (a run directory, model.onnx, "
+                           "or model.engine with model.engine.json)")
+    if not path.exists():
+        raise KeyedgeError(f"artifact {path} does not exist")
+    if path.suffix == ".onnx":
+        return Artifact("onnx", path, read_onnx_manifest(path))
+    if path.suffix in (".engine", ".plan"):
+        sidecar = engine_manifest_path(path)
+        if not sidecar.is_file():
+            raise KeyedgeError(f"engine {path} has no manifest {sidecar.name} beside it")
+        return Artifact("engine", path, EngineManifest.read(sidecar))
+    raise KeyedgeError(f"{path}: unknown artifact type (expected a run directory, .onnx or .engine)")
+
+
+def open_export(path: str | Path) -> Artifact:
+    """An exported ONNX artifact (an export or build directory, or its model.onnx), never an engine or a run."""
+    art = open_artifact(path, prefer_engine=False)
+    if art.kind != "onnx" or art.sealed is not None:
+        raise KeyedgeError(f"{path} is not an exported artifact (no model.onnx); run keyedge export")
+    return art

@@ -1,0 +1,40 @@
+"""One interface, several backends: ``with open_runner(path, key) as r: logits = r(images)``.
+
+``images`` are plain images exactly as the artifact's input spec describes; logits
+come back as a float32 numpy array. Parity, bench and verification only use this
+interface and never special-case a backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...core.keys import Key
+from ...core.manifests import ArtifactManifest, EngineManifest
+from ..artifacts import Artifact, open_artifact
+from ..bundle import DeviceKey
+from .base import Runner
+from .onnxruntime import OnnxRunner
+from .tensorrt import TensorRTRunner
+from .torch import TorchRunner
+
+__all__ = ["Runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "open_runner", "runner_for"]
+
+
+def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu") -> Runner:
+    """The runner of a resolved artifact: torch for runs, ONNX Runtime for .onnx, TensorRT for engines.
+    A sealed artifact is opened in memory at each activation, with the key its bundle holds (if any)."""
+    if artifact.kind == "run":
+        return TorchRunner(artifact.path, key, device=device)
+    if artifact.kind == "onnx":
+        assert isinstance(artifact.manifest, ArtifactManifest)
+        return OnnxRunner(artifact.path, key, device=device, manifest=artifact.manifest, sealed=artifact.sealed)
+    assert isinstance(artifact.manifest, EngineManifest)
+    return TensorRTRunner(artifact.path, key, manifest=artifact.manifest, sealed=artifact.sealed)
+
+
+def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu",
+                device_key: DeviceKey | None = None) -> Runner:
+    """A runner (not yet active) for a run directory, an export/build directory, .onnx, .engine or a
+    sealed .kes bundle (``device_key``: the device's private key)."""
+    return runner_for(open_artifact(path, device_key=device_key), key, device=device)
