@@ -37,8 +37,9 @@ app.add_typer(key_app, name="key")
 app.add_typer(device_app, name="device")
 
 OUT = dict(help="Output directory.")
-FORCE = typer.Option(False, help="Write into a non-empty output directory (only the files keyedge writes are "
-                                 "replaced) or over an existing file.")
+FORCE = typer.Option(False, help="Write into a non-empty output directory (only the files keyedge writes there "
+                                 "are replaced; the others are kept).")
+OVERWRITE = typer.Option(False, "--force", help="Overwrite an existing file.")
 KEY = typer.Option(None, help="The key file (checked against the artifact's fingerprint).")
 DEVICE_KEY = typer.Option(None, help="The device's private key for sealed .kes bundles: a file, or - for stdin.")
 DEVICE_KEY_COMMAND = typer.Option(None, help="A command printing the device's private key (e.g. from OP-TEE secure "
@@ -75,19 +76,12 @@ def csv(values: tuple[int, ...]) -> str:
     return ",".join(map(str, values))
 
 
-def sealed_key(artifacts: list[Path], path: Path | None, cmd: str | None) -> Any:
-    """The device's private key, read only when a sealed bundle is among the artifacts."""
-    from .runtime.bundle import device_key_for
-
-    return device_key_for(artifacts, path, cmd)
-
-
 @command(app)
 def keygen(out: Path = typer.Option(..., "-o", "--out", help="Key file to write (0600, atomic)."),
            block_size: int = typer.Option(..., "--block-size", "-m", min=1, max=64,
                                           help="Block size M: the key permutes the M*M*C values of each block."),
            channels: int = typer.Option(3, min=1, max=16, help="Image channels C."),
-           force: bool = FORCE,
+           force: bool = OVERWRITE,
            insecure_seed: int | None = typer.Option(None, help="Draw from a seeded generator (tests only; recorded "
                                                                "as insecure).")) -> None:
     """Generate a new secret key from the operating system's CSPRNG."""
@@ -107,7 +101,7 @@ def key_inspect(path: Path = typer.Argument(..., help="Key file.")) -> None:
 @command(key_app, "export-perm")
 def key_export_perm(path: Path = typer.Argument(..., help="Key file."),
                     out: Path = typer.Option(..., "--out", "-o", help="Raw little-endian int64 permutation (0600)."),
-                    force: bool = FORCE) -> None:
+                    force: bool = OVERWRITE) -> None:
     """Write the permutation as raw int64 (a gather engine's key_perm input for trtexec); secret, 0600."""
     from .workflows.keys import export_perm
 
@@ -183,7 +177,8 @@ def evaluate_cmd(
         steps: int | None = typer.Option(None, help="PGD steps."),
         step_size: float | None = typer.Option(None, help="l_inf PGD step."),
         random_start: bool = typer.Option(E.random_start),
-        autoattack: AutoAttackVersion = typer.Option(E.autoattack, help="quick: APGD-CE + APGD-DLR; standard: all."),
+        autoattack: AutoAttackVersion | None = typer.Option(None, help="quick: APGD-CE + APGD-DLR; standard: all "
+                                                                       "(default: the threat's)."),
         eot_samples: int = typer.Option(E.eot_samples, min=1, help="Random keys per EOT step."),
         key_search_random: int = typer.Option(E.key_search_random, min=0, help="Random keys the key search tries."),
         key_search_swaps: int = typer.Option(E.key_search_swaps, min=0, help="Greedy pair swaps after it."),
@@ -204,10 +199,11 @@ def evaluate_cmd(
     from .workflows.evaluation import evaluate_run
 
     overrides: dict[str, Any] = {k: v for k, v in (("linf_eps", eps), ("l2_eps", l2_eps), ("steps", steps),
-                                                   ("step_size", step_size)) if v is not None}
-    cfg = EvalConfig.for_threat(threat, **overrides, n=n, random_start=random_start, autoattack=autoattack,
-                                eot_samples=eot_samples, key_search_random=key_search_random,
-                                key_search_swaps=key_search_swaps, seed=seed, restarts=restarts,
+                                                   ("step_size", step_size), ("autoattack", autoattack))
+                                 if v is not None}
+    cfg = EvalConfig.for_threat(threat, **overrides, n=n, random_start=random_start, eot_samples=eot_samples,
+                                key_search_random=key_search_random, key_search_swaps=key_search_swaps, seed=seed,
+                                restarts=restarts,
                                 whitebox_steps=ints(whitebox_steps, "--whitebox-steps"),
                                 query_budgets=ints(queries, "--queries") if queries.strip() else (), query_n=query_n)
     evaluate_run(run, key, out, cfg, data=data, base=base, plain_ft=plain_ft, own_keys=own_key, artifact=artifact,
@@ -233,7 +229,8 @@ def export_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (model.onnx, manifest.json)."),
         mode: FoldMode | None = typer.Option(None, help="fused: fold the key into the patch embedding (default when "
                                                         "M divides the patch size); gather: an ONNX Gather; kernel: "
-                                                        "the runtime's CUDA kernel (or its CPU twin) gathers."),
+                                                        "the runtime's CUDA kernel (or its CPU twin) gathers, with "
+                                                        "--input uint8 --layout nhwc."),
         embed_key: bool = typer.Option(X.embed_key, help="gather: bake the key in as a constant (default: an input)."),
         input: InputKind = typer.Option(X.input, help="float ([0,1]) or uint8 ([0,255]) images."),
         layout: Layout = typer.Option(X.layout),
@@ -273,7 +270,7 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
 
     cfg = ParityConfig(n=n).with_accuracy({"fp32": tolerance_fp32, "fp16": tolerance_fp16, "int8": tolerance_int8})
     report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg, force=force,
-                        device_key=sealed_key(artifacts, device_key, device_key_command))
+                        device_key=device_key, device_key_command=device_key_command)
     if not report["passed"]:
         raise typer.Exit(1)
 
@@ -320,7 +317,7 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
         workflow.estimate(artifacts, target, batches)
         return
     workflow.bench(artifacts, out, BenchConfig(device=device, batches=batches, rounds=rounds, iters=iters),
-                   key_path=key, device_key=sealed_key(artifacts, device_key, device_key_command), force=force)
+                   key_path=key, device_key=device_key, device_key_command=device_key_command, force=force)
 
 
 @command(app)
@@ -360,16 +357,15 @@ def audit(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export/bu
     """
     from .workflows.audit import audit_release
 
-    dk = sealed_key(artifacts, device_key, device_key_command) if (device_key or device_key_command) else None
     audit_release(artifacts, base, key, out, AuditConfig(queries=queries, n=n, seed=seed, fail_above=fail_above),
-                  data=data, device_key=dk, force=force)
+                  data=data, device_key=device_key, device_key_command=device_key_command, force=force)
 
 
 @command(device_app, "keygen")
 def device_keygen(out: Path = typer.Option(..., "--out", "-o", help="Private key file to write (0600); the public "
                                                                    "key goes beside it as .pub."),
                   pub: Path | None = typer.Option(None, help="Public key file (default: OUT with suffix .pub)."),
-                  force: bool = FORCE) -> None:
+                  force: bool = OVERWRITE) -> None:
     """Make a device key pair; prints its fingerprint, never the private key."""
     from .workflows.keys import device_keygen as run
 
@@ -382,13 +378,11 @@ def seal(artifact: Path = typer.Argument(..., help="An export or build directory
          out: Path = typer.Option(..., "--out", "-o", help="The sealed bundle to write (.kes, 0600)."),
          key: Path | None = typer.Option(None, help="The artifact's key: sealed with gather / kernel artifacts, "
                                                     "which take it at run time."),
-         force: bool = FORCE) -> None:
+         force: bool = OVERWRITE) -> None:
     """Seal an artifact to one device: libsodium sealed box (content key) + AES-256-GCM STREAM (payload)."""
-    from .core.keys import Key
-    from .runtime.bundle import DevicePublicKey
     from .workflows.sealing import seal_to
 
-    seal_to(artifact, DevicePublicKey.load(to), out, Key.load(key) if key else None, force=force)
+    seal_to(artifact, to, out, key, force=force)
 
 
 @command(app)

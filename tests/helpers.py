@@ -107,16 +107,13 @@ def listing(root: Path) -> set[str]:
 def fake_engine(export_dir: Path, dest: Path, tensorrt_version: str = "10.3.0") -> Path:
     """A file that is *not* a TensorRT engine, with a valid engine manifest beside it (the manifest
     an on-device build of ``export_dir`` for jetson-orin would write)."""
-    from keyedge.core.manifests import EngineManifest, read_onnx_manifest
+    from keyedge.core.manifests import BuildPlan, EngineManifest, read_onnx_manifest
     from keyedge.deploy.targets import load_target
-    from keyedge.deploy.tensorrt import trtexec_bench_args, trtexec_build_args, target_info
+    from keyedge.deploy.tensorrt import build_plan
 
-    manifest = read_onnx_manifest(export_dir / "model.onnx")
-    target = load_target("jetson-orin")
+    plan = build_plan(read_onnx_manifest(export_dir / "model.onnx"), load_target("jetson-orin"))
     engine = dest / "model.engine"
     engine.write_bytes(b"not an engine")
-    EngineManifest(**manifest.fields_of(type(manifest)), target=target_info(target),
-                   trtexec_build=("trtexec", *trtexec_build_args(manifest, target)),
-                   trtexec_bench=("trtexec", *trtexec_bench_args(manifest, target)),
-                   tensorrt_version=tensorrt_version, compute_capability="8.7").write(dest / "model.engine.json")
+    EngineManifest(**plan.fields_of(BuildPlan), tensorrt_version=tensorrt_version,
+                   compute_capability="8.7").write(dest / "model.engine.json")
     return engine

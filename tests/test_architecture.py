@@ -26,7 +26,9 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
-    """The keyedge modules ``name`` imports (a ``from X import y`` of a module y counts as y)."""
+    """The keyedge modules ``name`` imports (a ``from X import y`` of a module y counts as y), and those it
+    names in a string (``importlib.import_module("keyedge...")``, ``resources.files("keyedge...")``). A
+    module's own enclosing packages do not count, but the top package ``keyedge`` (the entry layer) does."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -39,9 +41,12 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
             else:
                 module = node.module or ""
             targets = [module] + [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("keyedge."):
+            targets = [node.value]
         else:
             continue
-        found |= {t for t in targets if t in mods and t != name and not name.startswith(t + ".")}
+        found |= {t for t in targets
+                  if t in mods and t != name and (t == "keyedge" or not name.startswith(t + "."))}
     return found
 
 
@@ -122,6 +127,8 @@ def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
     """Positive control: the walk finds what it must refuse."""
     pkg = tmp_path / "keyedge"
     for rel, text in {"__init__.py": "", "core/__init__.py": "", "core/a.py": "from ..runtime import b\n",
+                      "core/c.py": "from .. import cli\n", "core/d.py": "import keyedge\n", "cli.py": "",
+                      "core/e.py": "AREA = 'keyedge.runtime.b'\n",
                       "runtime/__init__.py": "", "runtime/b.py": "def f():\n    from ..core import a\n"}.items():
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(text)
@@ -133,7 +140,9 @@ def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
     try:
         test_imports_point_down_the_layers()
     except AssertionError as exc:
-        assert "keyedge.core.a -> keyedge.runtime.b" in str(exc)
+        for edge in ("keyedge.core.a -> keyedge.runtime.b", "keyedge.core.c -> keyedge.cli",
+                     "keyedge.core.d -> keyedge", "keyedge.core.e -> keyedge.runtime.b"):
+            assert edge in str(exc), edge
     else:
         raise AssertionError("the upward import was not found")
     try:

@@ -6,11 +6,11 @@ fingerprint), and the *same tensors* are replayed through every artifact. An
 artifact that takes uint8 images gets them rounded to the uint8 grid, and is
 compared with the reference on exactly that rounded input.
 
-The rule (:class:`~keyedge.checks.config.Tolerance`, per precision): on every set the accuracy
-difference is within the tolerance -- or, for reduced precision, McNemar's exact test on the
-images where artifact and reference disagree about correctness cannot tell the difference from
-chance -- and on the clean images the top-1 agreement is at least the precision's floor. int8
-kernels differ between x86 CPUs (VNNI or not, AMX): check int8 parity on the CPU that deploys it.
+The rule (:class:`~keyedge.checks.config.Tolerance`, per precision), on every set: the top-1
+agreement with the reference is at least the precision's floor, and the accuracy difference is
+within the tolerance -- or, for reduced precision, within twice it where McNemar's exact test on
+the images only one of the two gets right cannot tell it from chance. int8 kernels differ
+between x86 CPUs (VNNI or not, AMX): check int8 parity on the CPU that deploys it.
 """
 
 from __future__ import annotations
@@ -77,13 +77,15 @@ def compare(logits: np.ndarray, ref: np.ndarray, labels: np.ndarray, tol: Tolera
     right, ref_right = logits.argmax(1) == labels, ref.argmax(1) == labels
     wins, losses = int((right & ~ref_right).sum()), int((~right & ref_right).sum())
     difference = float(right.mean() - ref_right.mean())
+    agreement = float((logits.argmax(1) == ref.argmax(1)).mean())
     p_value = mcnemar_p(wins, losses)
+    within = abs(difference) <= tol.accuracy + 1e-12 or (
+        tol.paired_test and abs(difference) <= tol.excusable + 1e-12 and p_value >= tol.alpha)
     err = np.abs(logits - ref)
     return {"accuracy": float(right.mean()), "reference_accuracy": float(ref_right.mean()), "difference": difference,
-            "wins": wins, "losses": losses, "mcnemar_p": p_value,
-            "top1_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
+            "wins": wins, "losses": losses, "mcnemar_p": p_value, "top1_agreement": agreement,
             "max_abs_logit_error": float(err.max()), "mean_abs_logit_error": float(err.mean()),
-            "passed": abs(difference) <= tol.accuracy + 1e-12 or (tol.paired_test and p_value >= tol.alpha)}
+            "passed": within and agreement >= tol.agreement}
 
 
 def check_artifact(runner: Runner, reference: KeyedClassifier, sets: dict[str, torch.Tensor], y: torch.Tensor,
@@ -101,11 +103,9 @@ def check_artifact(runner: Runner, reference: KeyedClassifier, sets: dict[str, t
         feed = spec.from_canonical(x)
         ref = _reference_logits(reference, torch.as_tensor(spec.to_canonical(feed)))
         result["sets"][name] = compare(runner(feed), ref, labels, tol)
-    clean = result["sets"]["clean"]
     result["max_accuracy_difference"] = max(abs(s["difference"]) for s in result["sets"].values())
-    result["agreement_passed"] = clean["top1_agreement"] >= tol.agreement
-    result["passed"] = (all(s["passed"] for s in result["sets"].values()) and result["agreement_passed"]
-                        and result["key_fingerprint_match"])
+    result["agreement_passed"] = all(s["top1_agreement"] >= tol.agreement for s in result["sets"].values())
+    result["passed"] = all(s["passed"] for s in result["sets"].values()) and result["key_fingerprint_match"]
     return result
 
 
@@ -125,12 +125,12 @@ def parity_markdown(report: dict[str, Any]) -> str:
         verdict = "pass" if r["passed"] else ("FAIL: other key" if not r["key_fingerprint_match"] else
                                               "FAIL: agreement" if not r["agreement_passed"] else "FAIL")
         rows.append([name, r["runner"], r["precision"], r["input"], *(_cell(s) for s in r["sets"].values()),
-                     f"{100 * r['sets']['clean']['top1_agreement']:.1f}%",
+                     f"{100 * min(s['top1_agreement'] for s in r['sets'].values()):.1f}%",
                      f"{max(s['max_abs_logit_error'] for s in r['sets'].values()):.2e}", verdict])
-    rules = "; ".join(f"{k}: {100 * t['accuracy']:.1f} point" + (f", or McNemar p >= {t['alpha']}" if t["paired_test"]
-                                                                 else "")
-                      + f", clean agreement >= {100 * t['agreement']:.0f}%" for k, t in report["tolerance"].items())
-    lines += [markdown_table(["artifact", "runner", "precision", "input", *sets, "clean agreement",
+    rules = "; ".join(f"{k}: {100 * t['accuracy']:.1f} point"
+                      + (f" (up to {200 * t['accuracy']:.1f} with McNemar p >= {t['alpha']})" if t["paired_test"] else "")
+                      + f", agreement >= {100 * t['agreement']:.0f}%" for k, t in report["tolerance"].items())
+    lines += [markdown_table(["artifact", "runner", "precision", "input", *sets, "least agreement",
                               "max abs logit err", "verdict"], rows),
               "", "Cells: accuracy of the artifact (difference to the reference on the same input, in points; "
               "McNemar's exact test on the images only one of them gets right). Rule: " + rules + ".", ""]

@@ -8,13 +8,10 @@ from typing import Any
 
 import torch
 
-from ..core.manifests import ArtifactManifest, Precision
+from ..core.manifests import ArtifactManifest
 from ..core.models import KeyedClassifier
 from ..runtime.runners import OnnxRunner
-
-VERIFY_IMAGES = 16  # random and real images checked after every export (at least)
-# relative logit error allowed, and least top-1 agreement on the real images, by precision
-TOLERANCE: dict[Precision, tuple[float, float]] = {"fp32": (1e-4, 1.0), "fp16": (1e-2, 0.97), "int8": (0.1, 0.9)}
+from .config import VERIFY_IMAGES, VERIFY_TOLERANCE
 
 
 def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None, *,
@@ -26,7 +23,7 @@ def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real:
     sets = {"random": torch.rand(n, manifest.input.channels, h, w, generator=gen)}
     if real is not None:
         sets["real"] = real[:n] if len(real) >= n else real.repeat(-(-n // len(real)), 1, 1, 1)[:n]
-    tol, min_agree = TOLERANCE[manifest.precision]
+    tol, min_agree = VERIFY_TOLERANCE[manifest.precision]
     report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree, "images": n}
     with OnnxRunner(path, keyed.key, manifest=manifest) as runner:
         for name, images in sets.items():

@@ -32,7 +32,7 @@ from ..core.manifests import (METADATA_KEY, PRECISIONS, ArtifactInput, ArtifactM
                               OutputSpec, Preprocess, RunManifest, library_versions)
 from ..core.models import KeyedClassifier
 from ..core.shuffle import permute_blocks
-from ..runtime.kernel import reference_preprocess
+from ..runtime.kernel import MAX_CHANNELS, reference_preprocess
 from .config import ExportOptions
 
 INPUT_NAME, KEY_INPUT_NAME, OUTPUT_NAME, PIXELS_NAME = "images", "key_perm", "logits", "pixels"
@@ -198,6 +198,9 @@ def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run:
     if mode == "kernel" and (opts.input != "uint8" or opts.layout != "nhwc" or keyed.key is None):
         raise KeyedgeError("--mode kernel is for keyed models and takes what the CUDA kernel reads: "
                            "pass --input uint8 --layout nhwc")
+    if mode == "kernel" and keyed.key is not None and keyed.key.channels > MAX_CHANNELS:
+        raise KeyedgeError(f"--mode kernel takes images of 1 to {MAX_CHANNELS} channels (the CUDA kernel's), not "
+                           f"{keyed.key.channels}: use --mode gather")
     manifest = build_manifest(keyed, mode, opts, run, source)
     module = ExportModule(keyed, mode, opts).eval()
     graph = manifest.graph_input

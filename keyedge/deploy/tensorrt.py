@@ -106,14 +106,21 @@ def target_info(target: Target) -> TargetInfo:
                       dla=target.dla_enabled)
 
 
+def build_plan(manifest: ArtifactManifest, target: Target, *, commands: bool = True) -> BuildPlan:
+    """The artifact's manifest for ``target``, with the exact trtexec commands that build and bench it on the
+    device (``commands=False``: none, for an engine built in memory)."""
+    check_artifact_for_target(manifest, target)
+    build = ("trtexec", *trtexec_build_args(manifest, target)) if commands else ()
+    bench = ("trtexec", *trtexec_bench_args(manifest, target)) if commands else ()
+    return BuildPlan(**manifest.fields_of(ArtifactManifest), target=target_info(target), trtexec_build=build,
+                     trtexec_bench=bench)
+
+
 def write_build_plan(onnx_path: Path, manifest: ArtifactManifest, target: Target, out: Path) -> BuildPlan:
     """Write model.onnx, manifest.json, build_engine.sh and bench_engine.sh into ``out``."""
-    check_artifact_for_target(manifest, target)
+    plan = build_plan(manifest, target)
     shutil.copyfile(onnx_path, out / "model.onnx")
-    build = trtexec_build_args(manifest, target)
-    bench = trtexec_bench_args(manifest, target)
-    plan = BuildPlan(**manifest.fields_of(ArtifactManifest), target=target_info(target),
-                     trtexec_build=("trtexec", *build), trtexec_bench=("trtexec", *bench))
+    build, bench = plan.trtexec_build[1:], plan.trtexec_bench[1:]
     plan.write(out / "manifest.json")
     header = [f"# keyedge on-device build plan: target {target.name} ({target.description})",
               "# Run on the target device. Engines are specific to the GPU and TensorRT version that built them.",
@@ -225,9 +232,7 @@ def build_sealed(bundle: Bundle, device: DeviceKey, target: Target, timing_cache
     if bundle.model_name != "model.onnx":
         raise BundleError(f"{bundle.path} already holds an engine: it runs as it is")
     manifest = ArtifactManifest.from_json(bundle.manifest_text, f"{bundle.path} (sealed manifest)")
-    check_artifact_for_target(manifest, target)
-    plan = BuildPlan(**manifest.fields_of(ArtifactManifest), target=target_info(target),
-                     trtexec_build=(), trtexec_bench=())
+    plan = build_plan(manifest, target, commands=False)
     plain = bundle.plain
     try:  # TensorRT's parser takes one protobuf: the tensors go back inside it, in memory
         if EXTERNAL_DATA in plain.spans:

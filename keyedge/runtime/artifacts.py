@@ -39,14 +39,14 @@ class Artifact:
 def _open_sealed(path: Path, device_key: DeviceKey | None) -> Artifact:
     if device_key is None:
         raise KeyedgeError(f"{path} is a sealed bundle: pass its device's private key (--device-key)")
-    loader = SealedLoader(path, device_key)
-    bundle = loader()  # authenticated here, once, so that a bad bundle is refused before any work
+    bundle = SealedLoader(path, device_key)()  # authenticated here, so that a bad bundle is refused before any work
     try:
-        manifest = read_deployed(json.loads(bundle.manifest_text), f"{path} (sealed manifest)")
+        text = bundle.manifest_text
+        manifest = read_deployed(json.loads(text), f"{path} (sealed manifest)")
         kind: Literal["onnx", "engine"] = "engine" if bundle.model_name == ENGINE_FILE else "onnx"
     finally:
-        bundle.wipe()
-    return Artifact(kind, path, manifest, loader)
+        bundle.wipe()  # a runner decrypts it again at each activation: no plaintext is kept in between
+    return Artifact(kind, path, manifest, SealedLoader(path, device_key, text))
 
 
 def open_artifact(path: str | Path, *, prefer_engine: bool = True, device_key: DeviceKey | None = None) -> Artifact:

@@ -463,9 +463,16 @@ def open_bundle(path: Path, device: DeviceKey) -> Bundle:
 @dataclass(frozen=True)
 class SealedLoader:
     """Opens a sealed bundle each time it is called, as Polygraphy's loaders build what a runner needs:
-    a runner calls it at every activation and wipes what it returned once its model is loaded."""
+    a runner calls it at every activation and wipes what it returned once its model is loaded.
+    ``manifest_text``: the manifest the bundle was resolved with; a bundle that no longer holds it (the
+    file was replaced since) is refused."""
     path: Path
     device: DeviceKey
+    manifest_text: str | None = None
 
     def __call__(self) -> Bundle:
-        return open_bundle(self.path, self.device)
+        bundle = open_bundle(self.path, self.device)
+        if self.manifest_text is not None and bundle.manifest_text != self.manifest_text:
+            bundle.wipe()
+            raise BundleError(f"{self.path} changed since it was opened (another manifest): open it again")
+        return bundle

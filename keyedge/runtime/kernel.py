@@ -24,6 +24,7 @@ from ..core.resources import as_path
 
 LIB_NAME = "libkeyedge_preprocess.so"
 OUT_FP32, OUT_FP16 = 0, 1
+MAX_CHANNELS = 4  # KEYEDGE_MAX_CHANNELS of include/keyedge_preprocess.h: the kernel and its CPU twins
 DEFAULT_ARCHS = ("86", "87", "89", "90")
 
 

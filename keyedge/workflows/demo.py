@@ -37,7 +37,6 @@ from ..redteam.attacks.query import runner_model
 from ..redteam.config import AuditConfig
 from ..redteam.evaluate import blast_radius, evaluate
 from ..redteam.report import eps_plot, eval_markdown, query_plot
-from ..runtime.bundle import DeviceKey
 from ..runtime.runners import OnnxRunner
 from ..training.config import TrainConfig
 from ..training.train import train
@@ -158,19 +157,20 @@ ARTIFACTS = {  # name: export options (dynamic batch, so bench can sweep batch s
 SEALED = ("fused_fp32", "gather_fp32")  # the keyed full model's artifacts sealed to the demo device
 
 
-def _seal_for_demo_device(out: Path, artifacts: list[Path], key: Key, console: Console) -> tuple[DeviceKey, list[Path]]:
+def _seal_for_demo_device(out: Path, artifacts: list[Path], key_path: Path, console: Console) -> tuple[Path, list[Path]]:
     """A demo device key pair, and each artifact sealed to it (with the key, for the gather one); the
     private key stays in the demo's out/device/, as a stand-in for the device's secure storage."""
     (out / "device").mkdir(exist_ok=True)
-    device = device_keygen(out / "device" / "device.key", force=True, echo=quiet)
+    device_key = out / "device" / "device.key"
+    device = device_keygen(device_key, force=True, echo=quiet)
     bundles = []
     for artifact in artifacts:
         bundle = artifact.parent / f"sealed_{artifact.name}" / "model.kes"
         bundle.parent.mkdir(exist_ok=True)
-        seal_to(artifact, device.public, bundle, key, force=True, echo=quiet)
+        seal_to(artifact, device_key.with_suffix(".pub"), bundle, key_path, force=True, echo=quiet)
         console.print(f"[bold]seal[/]: {artifact.name} sealed to demo device {device.fingerprint} -> {bundle}")
         bundles.append(bundle)
-    return device, bundles
+    return device_key, bundles
 
 
 def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Console) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
         device_key = None
         if model == "keyed_full":  # one device's bundles: sealed to a demo device key, run from memory
             device_key, bundles = _seal_for_demo_device(out, [out / "artifacts" / model / n for n in SEALED],
-                                                        Key.load(key_path), console)
+                                                        key_path, console)
             paths += bundles
         console.print(f"[bold]parity[/]: {model}, {len(paths)} artifacts on {cfg.parity_n} images")
         pcfg = ParityConfig(n=cfg.parity_n, attack=cfg.eval, seed=cfg.seed)

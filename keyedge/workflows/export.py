@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checks.verify import VERIFY_IMAGES, verify
+from ..checks.config import VERIFY_IMAGES
+from ..checks.verify import verify
 from ..core.data import run_images
 from ..core.errors import KeyedgeError
 from ..core.io import check_output_dir, staged_dir

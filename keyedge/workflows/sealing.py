@@ -14,14 +14,15 @@ from ..deploy.seal import seal_artifact
 from ..runtime.bundle import SUFFIX, DevicePublicKey, open_bundle, read_device_key
 
 
-def seal_to(artifact: Path, recipient: DevicePublicKey, out: Path, key: Key | None = None, *, force: bool = False,
+def seal_to(artifact: Path, recipient: Path, out: Path, key_path: Path | None = None, *, force: bool = False,
             echo: Echo = echo) -> dict[str, Any]:
-    """Seal an export or build directory to one device (with the key, for gather / kernel artifacts)."""
+    """Seal an export or build directory to the device whose public key is ``recipient`` (with the key, for
+    gather / kernel artifacts)."""
     if out.suffix != SUFFIX:
         raise KeyedgeError(f"a sealed bundle is named *{SUFFIX}, not {out.name}")
     if out.exists() and not force:
         raise KeyedgeError(f"{out} exists; pass --force to overwrite it")
-    data, summary = seal_artifact(artifact, recipient, key)
+    data, summary = seal_artifact(artifact, DevicePublicKey.load(recipient), Key.load(key_path) if key_path else None)
     atomic_write_bytes(out, data, mode=0o600, overwrite=force)
     echo(f"wrote {out} ({len(data):,} bytes): {summary['model']} ({summary['fold_mode']}, "
          f"{summary['precision']}) sealed to device {summary['recipient']}"

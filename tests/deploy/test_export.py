@@ -106,9 +106,10 @@ def test_precision_variants_keep_parity(tmp_path, trained_keyed, precision, meth
     art = report["artifacts"][str(out / "model.onnx")]
     tol = art["tolerance"]
     assert art["precision"] == precision and art["passed"] and art["agreement_passed"]
-    assert art["sets"]["clean"]["top1_agreement"] >= tol["agreement"] >= 0.95
-    for s in art["sets"].values():  # each set within a point, or a difference that chance explains
-        assert abs(s["difference"]) <= tol["accuracy"] or s["mcnemar_p"] >= tol["alpha"]
+    for s in art["sets"].values():  # each set within a point, or within two that chance explains
+        assert s["top1_agreement"] >= tol["agreement"] >= 0.95
+        assert abs(s["difference"]) <= tol["accuracy"] or (abs(s["difference"]) <= 2 * tol["accuracy"]
+                                                           and s["mcnemar_p"] >= tol["alpha"])
         assert abs(s["difference"]) == pytest.approx(abs(s["wins"] - s["losses"]) / report["n"])
 
 
@@ -170,6 +171,19 @@ def test_kernel_mode_export_holds_no_key_and_keeps_parity(tmp_path, trained_keye
     with pytest.raises(Exception, match="--input uint8 --layout nhwc"):
         (tmp_path / "k2").mkdir()
         _export(tmp_path / "k2", trained_keyed, mode="kernel")
+
+
+def test_kernel_mode_refuses_more_channels_than_the_kernel_takes(tmp_path, trained_keyed):
+    from keyedge import KeyedClassifier
+    from keyedge.core.errors import KeyedgeError
+
+    from ..helpers import tiny_vit
+
+    run, _, _, _ = trained_keyed
+    keyed = KeyedClassifier(tiny_vit(in_chans=5), Key.generate(4, 5, seed=0), mean=(0.5,) * 5, std=(0.5,) * 5)
+    with pytest.raises(KeyedgeError, match="1 to 4 channels"):
+        export_onnx(keyed, tmp_path, ExportOptions(mode="kernel", input="uint8", layout="nhwc"), read_run(run))
+    assert not any(tmp_path.iterdir())
 
 
 def test_newer_or_foreign_manifest_is_refused_in_one_line(tmp_path, trained_keyed):

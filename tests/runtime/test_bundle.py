@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 from keyedge import Key
 from keyedge.core.errors import KeyedgeError
 from keyedge.runtime.artifacts import open_artifact
-from keyedge.runtime.bundle import CHUNK, HEADER, TAG, BundleError, DeviceKey, DevicePublicKey, read_device_key, seal, unseal
+from keyedge.runtime.bundle import (CHUNK, HEADER, TAG, BundleError, DeviceKey, DevicePublicKey, open_bundle,
+                                    read_device_key, seal, unseal)
 from keyedge.runtime.runners import open_runner, runner_for
 
 from ..helpers import keyedge
@@ -70,6 +72,48 @@ def test_a_sealed_bundle_runs_from_memory_like_the_plain_file(sealed, name):
             assert opened[-1].plain.wiped and opened[-1].plain.buffer.closed  # gone once the model is loaded
             assert np.array_equal(runner(x), want)
         assert runner.key is None
+
+
+def test_a_failed_activation_leaves_no_sealed_key_behind(sealed, monkeypatch):
+    """The bundle is opened, then ONNX Runtime fails: the plaintext is wiped and the key dropped."""
+    import onnxruntime
+
+    root, _ = sealed
+    art = open_artifact(root / "gather.kes", device_key=read_device_key(root / "device.key"))
+    opened = []
+
+    def loader():
+        opened.append(art.sealed())
+        return opened[-1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no session today")
+
+    runner = runner_for(dataclasses.replace(art, sealed=loader), None)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", broken)
+    with pytest.raises(RuntimeError, match="no session today"):
+        runner.activate()
+    assert opened and opened[0].plain.wiped and runner.key is None and not runner.is_active
+
+
+def test_a_bundle_replaced_after_it_was_opened_is_refused(sealed, tmp_path):
+    root, key = sealed
+    shutil.copyfile(root / "gather.kes", tmp_path / "model.kes")
+    runner = open_runner(tmp_path / "model.kes", None, device_key=read_device_key(root / "device.key"))
+    shutil.copyfile(root / "fused.kes", tmp_path / "model.kes")  # another artifact, same device
+    with pytest.raises(BundleError, match="changed since it was opened"):
+        runner.activate()
+
+
+def test_a_keyed_bundle_without_its_key_says_so(sealed, tmp_path):
+    root, _ = sealed
+    device = read_device_key(root / "device.key")
+    bundle = open_bundle(root / "gather.kes", device)
+    files = {name: bundle.plain.read(name) for name in bundle.plain.spans if name != "key.bin"}
+    bundle.wipe()
+    (tmp_path / "nokey.kes").write_bytes(seal(files, device.public))
+    with pytest.raises(BundleError, match="holds no key but its artifact takes one"):
+        open_runner(tmp_path / "nokey.kes", None, device_key=device).activate()
 
 
 def test_the_bundle_bytes_hold_neither_key_nor_model(sealed):
@@ -180,7 +224,6 @@ def test_an_onnx_bundle_holds_the_graph_and_its_tensors_aligned(sealed):
     import onnx
 
     from keyedge.runtime.runners.onnxruntime import sealed_tensors
-    from keyedge.runtime.bundle import open_bundle
 
     root, _ = sealed
     bundle = open_bundle(root / "fused.kes", read_device_key(root / "device.key"))
@@ -310,8 +353,6 @@ def test_a_bundle_opened_but_never_run_is_wiped_when_dropped(sealed):
     import ctypes
     import gc
 
-    from keyedge.runtime.bundle import open_bundle
-
     root, _ = sealed
     bundle = open_bundle(root / "gather.kes", read_device_key(root / "device.key"))
     buffer = bundle.plain.buffer
@@ -365,7 +406,6 @@ def test_a_bundle_is_built_into_an_engine_on_its_device_only(sealed, tmp_path, t
     """keyedge build on a bundle: an engine built in memory and sealed again to the device, where
     TensorRT and the target's GPU are; elsewhere one line, exit 2, nothing written (never a plan:
     a plan is plaintext)."""
-    from keyedge.runtime.bundle import open_bundle
     from keyedge.deploy.targets import load_target
     from keyedge.runtime.platform import local_gpu_capability, tensorrt_available
 

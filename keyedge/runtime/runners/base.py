@@ -16,7 +16,7 @@ import numpy as np
 from ...core.errors import KeyedgeError
 from ...core.keys import Key
 from ...core.manifests import ArtifactInput, ArtifactManifest, Precision, RunManifest, check_key, needs_key
-from ..bundle import Bundle, SealedLoader
+from ..bundle import Bundle, BundleError, SealedLoader
 from ..kernel import reference_preprocess
 
 
@@ -44,7 +44,11 @@ class Runner(ABC):
         bundle = self.sealed()
         if needs_key(self.manifest):
             try:
-                self.key = checked_key(self.manifest, bundle.key(), where)
+                key = bundle.key()
+                if key is None:
+                    raise BundleError(f"{where}: the bundle holds no key but its artifact takes one at run time "
+                                      "(seal it again with --key)")
+                self.key = checked_key(self.manifest, key, where)
             except BaseException:
                 bundle.wipe()
                 raise
@@ -70,7 +74,7 @@ class Runner(ABC):
         try:
             self._activate()
         except BaseException:
-            self._deactivate()  # free what a half-done activation acquired
+            self._release()  # free what a half-done activation acquired
             raise
         self._active = True
 
@@ -78,9 +82,12 @@ class Runner(ABC):
         """Free everything ``activate`` acquired. Idempotent."""
         if self._active:
             self._active = False
-            self._deactivate()
-            if self.sealed is not None and needs_key(self.manifest):
-                self.key = None  # a sealed key lives only while the model is loaded
+            self._release()
+
+    def _release(self) -> None:
+        self._deactivate()
+        if self.sealed is not None and needs_key(self.manifest):
+            self.key = None  # a sealed key lives only while the model is loaded
 
     def __enter__(self) -> "Runner":
         self.activate()

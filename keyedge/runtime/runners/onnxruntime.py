@@ -71,10 +71,12 @@ class OnnxRunner(Runner):
                 bundle.wipe()
         if self.manifest.key_input is not None:
             assert self.key is not None  # checked_key
-            self._feed_extra = {self.manifest.key_input: np.ascontiguousarray(self.key.perm, dtype=np.int64)}
+            self._feed_extra = {self.manifest.key_input: np.array(self.key.perm, dtype=np.int64)}  # our copy
 
     def _deactivate(self) -> None:
         self.session = None
+        for array in self._feed_extra.values():
+            array.fill(0)
         self._feed_extra = {}
 
     def infer(self, images: np.ndarray) -> np.ndarray:
