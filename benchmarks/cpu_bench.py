@@ -16,6 +16,7 @@ from keyedge import Key
 from keyedge.checks.bench import bench_markdown, run_bench
 from keyedge.checks.config import BenchConfig
 from keyedge.workflows.export import export_run
+from keyedge.core.progress import quiet
 from keyedge.deploy.config import ExportOptions
 
 
@@ -28,7 +29,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     batches = tuple(int(b) for b in args.batch.split(","))
-    quiet = lambda *a, **k: None  # noqa: E731
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

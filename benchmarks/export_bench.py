@@ -27,6 +27,7 @@ from _runs import make_run
 from keyedge import Key, KeyedClassifier
 from keyedge.checks.bench import interleaved, ratio
 from keyedge.workflows.export import export_run
+from keyedge.core.progress import quiet
 from keyedge.deploy.config import ExportOptions
 from keyedge.runtime.platform import machine_info
 from keyedge.runtime.runners import OnnxRunner
@@ -41,7 +42,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    quiet = lambda *a, **k: None  # noqa: E731
     results: dict = {"model": args.model, "block_size": args.block_size, "batch": 1,
                      "machine": machine_info(), "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:

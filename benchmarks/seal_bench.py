@@ -24,6 +24,7 @@ import numpy as np
 from _runs import make_run
 from keyedge import Key
 from keyedge.checks.bench import interleaved, ratio
+from keyedge.core.progress import quiet
 from keyedge.deploy.config import ExportOptions
 from keyedge.deploy.seal import seal_artifact
 from keyedge.workflows.export import export_run
@@ -43,7 +44,7 @@ def main() -> None:
         key = Key.generate(16)
         key.save(root / "key.bin")
         run = make_run(root, args.model, key)
-        export_run(run, root / "key.bin", root / "fused", ExportOptions(mode="fused"), echo=lambda *a, **k: None)
+        export_run(run, root / "key.bin", root / "fused", ExportOptions(mode="fused"), echo=quiet)
         device = DeviceKey.generate()
         t0 = time.perf_counter()
         data, _ = seal_artifact(root / "fused", device.public)
