@@ -254,10 +254,15 @@ def audit(paths: list[Path], base: Path, key: Key | None = None, cfg: AuditConfi
             "passed": not leaks}
 
 
+def _label(path: Path) -> str:
+    """``export-dir/model.onnx``: a file with the folder that names it."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def audit_markdown(report: dict[str, Any]) -> str:
     fail_above = report["fail_above"]
-    rows = [[Path(f["artifact"]).parent.name + "/" + Path(f["artifact"]).name if f["kind"] != "run-unfused"
-             else f["artifact"], f["kind"], {True: "yes", False: "no", None: "?"}[f["holds_key"]], f["method"],
+    rows = [[_label(Path(f["artifact"])) if f["kind"] != "run-unfused" else f["artifact"], f["kind"],
+             {True: "yes", False: "no", None: "?"}[f["holds_key"]], f["method"],
              pct(f["fraction"]), pct(f["agreement"]), pct(f["clean"]), pct(f["whitebox_robust"]), f["note"]]
             for f in report["artifacts"]]
     gate = "" if fail_above is None else f" Release gate: leaked fraction above {fail_above:.2f} fails (exit 3)."

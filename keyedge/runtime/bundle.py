@@ -263,6 +263,12 @@ def read_header(data, where: str = "bundle") -> tuple[int, str]:
     return version, fp.hex()
 
 
+def bundle_recipient(path: Path) -> str:
+    """The recipient fingerprint of a bundle file, after the checks that need no key (its header only)."""
+    with _reading(path, "bundle"), open(path, "rb") as fh:
+        return read_header(fh.read(HEADER.size), str(path))[1]
+
+
 def _secret_buffer(size: int) -> mmap.mmap:
     """Private anonymous memory for plaintext: page-aligned, not shared with child processes, on huge
     pages where the kernel allows (far fewer page faults), and left out of core dumps."""

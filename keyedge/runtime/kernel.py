@@ -48,8 +48,16 @@ def build_library(build_dir: str | Path, *, archs: tuple[str, ...] = DEFAULT_ARC
     if shutil.which("nvcc") is None or shutil.which("cmake") is None:
         raise KeyedgeError("building the CUDA kernels needs nvcc and cmake on PATH")
     build_dir = Path(build_dir)
+    if build_dir.exists() and not build_dir.is_dir():
+        raise KeyedgeError(f"{build_dir} exists and is not a directory")
     env = {**os.environ, "CUDACXX": os.environ.get("CUDACXX", shutil.which("nvcc") or "nvcc")}
     with as_path("kernels") as source_dir:
+        cache = build_dir / "CMakeCache.txt"
+        home = next((line.split("=", 1)[1] for line in (cache.read_text(errors="replace").splitlines()
+                                                         if cache.is_file() else ())
+                     if line.startswith("CMAKE_HOME_DIRECTORY:")), None)
+        if home is not None and Path(home).resolve() != source_dir.resolve():
+            raise KeyedgeError(f"{build_dir} holds a CMake build of other sources ({home}): use a new directory")
         for cmd in (["cmake", "-S", str(source_dir), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                      f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"],
                     ["cmake", "--build", str(build_dir), "-j", "2"]):

@@ -12,7 +12,7 @@ from ..core.progress import Echo, echo
 from ..deploy.targets import Target, load_target
 from ..deploy.tensorrt import build_engine, build_sealed, engine_blockers, write_build_plan
 from ..runtime.artifacts import open_export
-from ..runtime.bundle import SUFFIX, open_bundle, read_device_key
+from ..runtime.bundle import SUFFIX, bundle_recipient, open_bundle, read_device_key
 
 
 def build(artifact: Path, target: str | Path, out: Path, *, timing_cache: Path | None = None,
@@ -46,6 +46,7 @@ def build(artifact: Path, target: str | Path, out: Path, *, timing_cache: Path |
 
 def _build_sealed(bundle: Path, tgt: Target, out: Path, timing_cache: Path | None, plan_only: bool,
                   device_key: Path | None, device_key_command: str | None, force: bool, echo: Echo) -> Path:
+    bundle_recipient(bundle)  # a file that is no bundle is refused as such
     reasons = engine_blockers(tgt, plan_only)
     if reasons:
         raise KeyedgeError(f"a sealed bundle is built on its device, in memory, with TensorRT's Python API "

@@ -157,7 +157,8 @@ ARTIFACTS = {  # name: export options (dynamic batch, so bench can sweep batch s
 SEALED = ("fused_fp32", "gather_fp32")  # the keyed full model's artifacts sealed to the demo device
 
 
-def _seal_for_demo_device(out: Path, artifacts: list[Path], key_path: Path, console: Console) -> tuple[Path, list[Path]]:
+def _seal_for_demo_device(out: Path, artifacts: list[Path], key_path: Path,
+                          console: Console) -> tuple[Path, list[Path]]:
     """A demo device key pair, and each artifact sealed to it (with the key, for the gather one); the
     private key stays in the demo's out/device/, as a stand-in for the device's secure storage."""
     (out / "device").mkdir(exist_ok=True)
@@ -199,6 +200,11 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
                                   "sets": r["sets"]}
             for p, r in report["artifacts"].items()}
     section["passed"] = all(a["passed"] for m in section["models"].values() for a in m.values())
+    failed = [f"{model}/{name}" for model, arts in section["models"].items() for name, a in arts.items()
+              if not a["passed"]]
+    if failed:
+        console.print(f"[bold red]parity[/]: {', '.join(failed)} FAILED on {cfg.parity_n} images "
+                      f"(see {out / 'parity'}): the report says so too")
     export_run(out / "runs" / "plain", None, out / "artifacts" / "plain" / "fused_fp32", ExportOptions(batch=None),
                force=True, echo=quiet)
     return section

@@ -58,7 +58,12 @@ def test_int8_flips_either_way_pass_and_a_real_loss_fails():
     labels, ref, art = _pair(200, wins=0, losses=5)          # -2.5 points: chance cannot be ruled out, but
     r = compare(art, ref, labels, int8)                     # it is beyond twice the tolerance
     assert r["mcnemar_p"] >= int8.alpha and not r["passed"]
-    labels, ref, art = _pair(32, wins=0, losses=1)           # one image of 32 is 3 points: too many
+    labels, ref, art = _pair(32, wins=0, losses=1)           # one image of 32 is 3 points: up to two pass
+    r = compare(art, ref, labels, int8)
+    assert r["difference"] == pytest.approx(-1 / 32) and r["passed"]
+    labels, ref, art = _pair(32, wins=0, losses=2)           # two of 32 one way: 93.75% agreement
+    assert not compare(art, ref, labels, int8)["passed"]
+    labels, ref, art = _pair(100, wins=0, losses=3)          # three of 100, one way: 3 points > 2
     assert not compare(art, ref, labels, int8)["passed"]
     labels, ref, art = _pair(2000, wins=0, losses=15)        # -0.75 point: inside the tolerance
     assert compare(art, ref, labels, int8)["passed"]

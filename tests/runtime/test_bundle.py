@@ -402,6 +402,15 @@ def test_inline_layout_undoes_the_bundle_layout(sealed):
         inline_layout(graph, memoryview(data)[:len(data) // 2])
 
 
+def test_build_refuses_a_file_that_is_no_bundle_as_such(sealed, tmp_path):
+    root, _ = sealed
+    (tmp_path / "junk.kes").write_bytes(b"not a bundle at all")
+    r = keyedge("build", tmp_path / "junk.kes", "--target", "desktop", "-o", tmp_path / "out",
+                "--device-key", root / "device.key")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a keyedge" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bundle_is_built_into_an_engine_on_its_device_only(sealed, tmp_path, trained_keyed):
     """keyedge build on a bundle: an engine built in memory and sealed again to the device, where
     TensorRT and the target's GPU are; elsewhere one line, exit 2, nothing written (never a plan:

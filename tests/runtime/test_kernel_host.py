@@ -152,3 +152,15 @@ def test_kernel_has_no_stack_no_spills_no_64bit_division(tmp_path, arch):
     assert text.count(".entry") == 8
     assert not re.search(r"\b(div|rem)\.[us]64\b", text)
     assert "ld.local" not in text and "st.local" not in text
+
+
+def test_the_kernel_build_refuses_another_sources_build_directory(tmp_path, capsys):
+    """python -m keyedge.kernels into a directory CMake configured for other sources: one line, exit 2,
+    before CMake runs."""
+    from keyedge.kernels import main
+
+    (tmp_path / "CMakeCache.txt").write_text("CMAKE_HOME_DIRECTORY:INTERNAL=/elsewhere/kernels\n")
+    assert main([str(tmp_path), "--arch", "90"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a CMake build of other sources" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CMakeCache.txt"]

@@ -1,6 +1,7 @@
 // classify: read a PPM (P6/P3) or PNG image, print the top-5 classes of a keyedge model.
 //
-//   classify MODEL IMAGE [--key key.bin] [--dump-logits FILE]
+//   classify MODEL|BUNDLE.kes IMAGE [--key key.bin] [--device-key device.key] [--dump-logits FILE]
+//            [--device N] [--cuda-graph]
 //
 // The image must have the model's input size. Errors: one line on stderr, exit code 1.
 #include <cstdio>
