@@ -9,8 +9,9 @@ compared with the reference on exactly that rounded input.
 The rule (:class:`~keyedge.checks.config.Tolerance`, per precision), on every set: the top-1
 agreement with the reference is at least the precision's floor, and the accuracy difference is
 within the tolerance -- or, for reduced precision, within twice it (or two images, on few images)
-where McNemar's exact test on the images only one of the two gets right cannot tell it from chance. int8 kernels differ
-between x86 CPUs (VNNI or not, AMX): check int8 parity on the CPU that deploys it.
+where McNemar's exact test on the images only one of the two gets right cannot tell it from
+chance. int8 kernels differ between x86 CPUs (VNNI or not, AMX): check int8 parity on the CPU that
+deploys it.
 """
 
 from __future__ import annotations

@@ -240,11 +240,11 @@ def build_sealed(bundle: Bundle, device: DeviceKey, target: Target, timing_cache
                 onnx = inline_layout(plain.read("model.onnx"), data)
         else:
             onnx = plain.read("model.onnx")
-        key = bundle.plain.read("key.bin") if "key.bin" in plain.spans else None
+        key = bundle.key()
     finally:
         bundle.wipe()
     engine, cache, engine_manifest = serialize_engine(onnx, plan, target, timing_cache)
     files = {"model.engine": engine, "model.engine.json": engine_manifest.to_json().encode()}
     if key is not None:
-        files["key.bin"] = key
+        files["key.bin"] = key.to_bytes()
     return seal(files, device.public), cache

@@ -79,24 +79,23 @@ def is_jetson_orin() -> bool:
     return Path(TEGRA_RELEASE).exists() and "orin" in model.lower()
 
 
-def cpu_flags() -> list[str]:
-    """The x86 ISA extensions that decide int8 and bf16 kernels (from /proc/cpuinfo)."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu() -> tuple[str, list[str]]:
+    """The CPU's name, and the x86 ISA extensions among :data:`ISA_FLAGS` it has (those that decide the int8
+    and bf16 kernels), from one read of /proc/cpuinfo."""
+    fields: dict[str, str] = {}
     for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in wanted if f in have]
-    return []
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    have = set(fields.get("flags", "").split())
+    return fields.get("model name") or platform.processor() or platform.machine(), [f for f in ISA_FLAGS if f in have]
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = None
-    for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    info: dict[str, Any] = {"cpu": cpu or platform.processor() or platform.machine(),
-                            "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "platform": platform.platform(),
+    name, flags = cpu()
+    info: dict[str, Any] = {"cpu": name, "cpu_flags": flags, "cores": os.cpu_count(), "platform": platform.platform(),
                             "versions": library_versions()}
     smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem",
                 "--format=csv,noheader"])

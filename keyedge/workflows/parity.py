@@ -17,7 +17,7 @@ from ..core.manifests import read_run, write_json
 from ..core.progress import Echo, echo
 from ..core.runs import base_checkpoint_path, load_run, load_surrogate
 from ..runtime.bundle import device_key_for
-from ..runtime.platform import machine_info
+from ..runtime.platform import cpu
 from ..runtime.runners import open_runner
 
 
@@ -42,12 +42,12 @@ def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], ou
     base_path = base if base is not None else base_checkpoint_path(manifest, verify=False)
     base_model = load_surrogate(base_path, manifest) if base_path is not None else None
     sets = craft(ref, x, y, cfg, base_model)
-    machine = machine_info()
+    cpu_name, cpu_flags = cpu()  # int8 results depend on the ISA: the report names it
     report: dict[str, Any] = {
         "reference": str(reference), "key_fingerprint": manifest.key_fingerprint,
         "data": manifest.data.spec if data is None else data, "n": len(y),
         "tolerance": {p: asdict(t) for p, t in cfg.tolerance.items()}, "attack": cfg.attack.linf().describe(),
-        "cpu": f"{machine['cpu']} ({', '.join(machine['cpu_flags']) or 'no AVX2'})", "artifacts": {}}
+        "cpu": f"{cpu_name} ({', '.join(cpu_flags) or 'no AVX2'})", "artifacts": {}}
     for artifact, runner in zip(artifacts, runners):
         with runner:
             result = check_artifact(runner, ref, sets, y, cfg.tolerance)
