@@ -29,7 +29,8 @@ from keyedge.deploy.config import ExportOptions
 from keyedge.deploy.seal import seal_artifact
 from keyedge.workflows.export import export_run
 from keyedge.runtime.runners import open_runner
-from keyedge.runtime.bundle import EXTERNAL_DATA, DeviceKey, external_layout, open_bundle
+from keyedge.runtime.bundle import (EXTERNAL_DATA, DeviceKey, Opener, PublisherKey, Trust, external_layout,
+                                    open_bundle)
 
 
 def main() -> None:
@@ -47,7 +48,9 @@ def main() -> None:
         export_run(run, root / "key.bin", root / "fused", ExportOptions(mode="fused"), echo=quiet)
         device = DeviceKey.generate()
         t0 = time.perf_counter()
-        data, _ = seal_artifact(root / "fused", device.public)
+        publisher = PublisherKey.generate()
+        opener = Opener(device, Trust((publisher.public,)))
+        data, _ = seal_artifact(root / "fused", device.public, signer=publisher)
         seal_s = time.perf_counter() - t0
         (root / "model.kes").write_bytes(data)
         layout = root / "layout"
@@ -58,11 +61,11 @@ def main() -> None:
         (layout / "manifest.json").write_bytes((root / "fused" / "manifest.json").read_bytes())
         x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
 
-        def load(path, device_key=None):
-            with open_runner(path, device_key=device_key) as r:  # open (decrypt) + session creation
+        def load(path, opener=None):
+            with open_runner(path, opener=opener) as r:  # open (decrypt) + session creation
                 return r
 
-        resolved = open_runner(root / "model.kes", device_key=device)
+        resolved = open_runner(root / "model.kes", opener=opener)
 
         def activate():
             with resolved:  # decrypt + session + wipe
@@ -70,11 +73,11 @@ def main() -> None:
 
         timings = interleaved({"plain_load": lambda: load(root / "fused"),
                                "unsealed_layout_load": lambda: load(layout),
-                               "sealed_open_only": lambda: open_bundle(root / "model.kes", device).wipe(),
-                               "sealed_open_and_load": lambda: load(root / "model.kes", device),
+                               "sealed_open_only": lambda: open_bundle(root / "model.kes", opener).wipe(),
+                               "sealed_open_and_load": lambda: load(root / "model.kes", opener),
                                "sealed_activation": activate},
                               warmup=1, rounds=args.rounds, iters=args.iters, status=lambda s: print(s, flush=True))
-        with open_runner(root / "model.kes", device_key=device) as r, open_runner(root / "fused") as p:
+        with open_runner(root / "model.kes", opener=opener) as r, open_runner(root / "fused") as p:
             assert np.array_equal(r(x), p(x))  # the same model
     results = {"model": args.model, "artifact_bytes": len(data), "seal_s": seal_s,
                "load_ms": {n: t.summary() for n, t in timings.items()},

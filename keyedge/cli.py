@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import Abort, TyperException
 
 from .checks.config import DEFAULT_TOLERANCE, BenchConfig, BenchDevice, ParityConfig
 from .core.errors import KeyedgeError
@@ -27,14 +29,44 @@ from .workflows.config import DemoConfig
 T, E, X, P = TrainConfig(), EvalConfig(), ExportOptions(), ParityConfig()
 A, B, D = AuditConfig(), BenchConfig(), DemoConfig()
 
+def one_line(message: str) -> str:
+    return "; ".join(filter(None, map(str.strip, str(message).splitlines())))
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a bad option value, a missing argument) are one line on stderr and
+    exit code 2, like every other bad input; help, ``--help`` and exit codes are unchanged."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except TyperException as exc:
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a group without a command: its help
+                typer.echo(exc.format_message(), err=True)
+            else:
+                where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                typer.echo(f"keyedge: error: {one_line(exc.format_message())}{where}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(help="keyedge: key-based adversarially defended ViTs, from secret key to edge-GPU engine.",
-                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 key_app = typer.Typer(help="Key files: inspect (never prints the key), export-perm for gather engines.",
                       no_args_is_help=True)
 device_app = typer.Typer(help="Device identity: the key pair a sealed bundle is encrypted to.", no_args_is_help=True)
 app.add_typer(key_app, name="key")
 app.add_typer(device_app, name="device")
+publisher_app = typer.Typer(help="Publisher identity: the Ed25519 key that signs every sealed bundle.",
+                            no_args_is_help=True)
+app.add_typer(publisher_app, name="publisher")
 
 OUT = dict(help="Output directory.")
 FORCE = typer.Option(False, help="Write into a non-empty output directory (only the files keyedge writes there "
@@ -44,6 +76,18 @@ KEY = typer.Option(None, help="The key file (checked against the artifact's fing
 DEVICE_KEY = typer.Option(None, help="The device's private key for sealed .kes bundles: a file, or - for stdin.")
 DEVICE_KEY_COMMAND = typer.Option(None, help="A command printing the device's private key (e.g. from OP-TEE secure "
                                              "storage or a TPM); default: $KEYEDGE_DEVICE_KEY_COMMAND.")
+TRUST = typer.Option([], "--trust", help="A publisher's public key (publisher.pub) whose signed bundles open here; "
+                                         "repeatable (key rotation); also $KEYEDGE_TRUSTED_PUBLISHERS.")
+ALLOW_UNSIGNED = typer.Option(False, help="Also open bundles no publisher signed: DEVELOPMENT ONLY (anyone holding "
+                                          "the device's public key can make one).")
+SIGN_WITH = typer.Option(None, help="The publisher's signing key (keyedge publisher keygen; - for stdin).")
+
+
+def access(device_key: Path | None, device_key_command: str | None, trust: list[Path], allow_unsigned: bool):
+    """What opens sealed bundles, from the options of a command that reads them."""
+    from .runtime.bundle import DeviceAccess
+
+    return DeviceAccess(device_key, device_key_command, tuple(trust), allow_unsigned)
 
 
 def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -53,8 +97,8 @@ def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[.
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except KeyedgeError as exc:
-                typer.echo(f"keyedge: error: {exc}", err=True)
+            except KeyedgeError as exc:  # one line, whatever a library put in the message
+                typer.echo(f"keyedge: error: {one_line(str(exc))}", err=True)
                 raise typer.Exit(exc.exit_code) from None
         group.command(name)(wrapper)
         return fn
@@ -83,11 +127,13 @@ def keygen(out: Path = typer.Option(..., "-o", "--out", help="Key file to write 
            channels: int = typer.Option(3, min=1, max=16, help="Image channels C."),
            force: bool = OVERWRITE,
            insecure_seed: int | None = typer.Option(None, help="Draw from a seeded generator (tests only; recorded "
-                                                               "as insecure).")) -> None:
-    """Generate a new secret key from the operating system's CSPRNG."""
+                                                               "as insecure)."),
+           insecure_small_key: bool = typer.Option(False, help="Allow a key space below 2^128 keys (experiments "
+                                                               "only: a search finds such a key; recorded).")) -> None:
+    """Generate a new secret key (and its random key ID) from the operating system's CSPRNG."""
     from .workflows.keys import keygen as run
 
-    run(out, block_size, channels, force=force, insecure_seed=insecure_seed)
+    run(out, block_size, channels, force=force, insecure_seed=insecure_seed, insecure_small_key=insecure_small_key)
 
 
 @command(key_app, "inspect")
@@ -263,6 +309,7 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
            tolerance_fp16: float = typer.Option(100 * DEFAULT_TOLERANCE["fp16"].accuracy),
            tolerance_int8: float = typer.Option(100 * DEFAULT_TOLERANCE["int8"].accuracy),
            device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
+           trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
            force: bool = FORCE) -> None:
     """Prove that artifacts (sealed bundles too) keep the reference's clean and adversarial accuracy
     (exit 1 if not). int8 differs between CPUs: check it on the deploying one."""
@@ -270,7 +317,7 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
 
     cfg = ParityConfig(n=n).with_accuracy({"fp32": tolerance_fp32, "fp16": tolerance_fp16, "int8": tolerance_int8})
     report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg, force=force,
-                        device_key=device_key, device_key_command=device_key_command)
+                        access=access(device_key, device_key_command, trust, allow_unsigned))
     if not report["passed"]:
         raise typer.Exit(1)
 
@@ -283,6 +330,9 @@ def build(artifact: Path = typer.Argument(..., help="An exported artifact (direc
           timing_cache: Path | None = typer.Option(None, help="A timing cache to reuse (and update)."),
           plan_only: bool = typer.Option(False, help="Write the on-device build plan only."),
           device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
+          trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
+          sign_with: Path | None = typer.Option(None, help="The publisher's signing key for the engine bundle built "
+                                                            "from a sealed one (build it where that key is)."),
           force: bool = FORCE) -> None:
     """Build a TensorRT engine for a target: with its on-device build plan, or from a sealed bundle.
 
@@ -292,8 +342,8 @@ def build(artifact: Path = typer.Argument(..., help="An exported artifact (direc
     since a plan is the model in plaintext."""
     from .workflows.build import build as run
 
-    run(artifact, target, out, timing_cache=timing_cache, plan_only=plan_only, device_key=device_key,
-        device_key_command=device_key_command, force=force)
+    run(artifact, target, out, timing_cache=timing_cache, plan_only=plan_only,
+        access=access(device_key, device_key_command, trust, allow_unsigned), sign_with=sign_with, force=force)
 
 
 @command(app)
@@ -307,6 +357,7 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
           estimate: bool = typer.Option(False, help="Roofline floor for --target instead of measuring."),
           target: str = typer.Option("desktop", help="Target profile for --estimate."),
           device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
+          trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
           force: bool = FORCE) -> None:
     """Latency (p50/p90/p99) and throughput per backend, models interleaved, ratios vs plain
     (sealed bundles run from memory)."""
@@ -317,7 +368,7 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
         workflow.estimate(artifacts, target, batches)
         return
     workflow.bench(artifacts, out, BenchConfig(device=device, batches=batches, rounds=rounds, iters=iters),
-                   key_path=key, device_key=device_key, device_key_command=device_key_command, force=force)
+                   key_path=key, access=access(device_key, device_key_command, trust, allow_unsigned), force=force)
 
 
 @command(app)
@@ -327,11 +378,15 @@ def bindings(artifact_dir: Path = typer.Argument(..., help="An export (model.onn
                                                         "(default keyedge_<mode>_<fingerprint prefix>)."),
              bundle: Path | None = typer.Option(None, help="The artifact sealed to its device (keyedge seal): the "
                                                            "package ships it instead of the plaintext model."),
+             trust: list[Path] = typer.Option([], "--trust", help="A publisher's public key compiled into the package: "
+                                                                  "load_sealed opens bundles it signed; repeatable."),
              force: bool = FORCE) -> None:
     """Generate a C++17 package (keyedge::Model, CMake package, classify example) for an artifact."""
     from .deploy.bindings import write_package
+    from .runtime.bundle import PublisherPublicKey
 
-    write_package(artifact_dir, out, name, bundle, force=force)
+    write_package(artifact_dir, out, name, bundle, trusted=[PublisherPublicKey.load(t).raw for t in trust],
+                  force=force)
 
 
 @command(app)
@@ -350,6 +405,7 @@ def audit(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export/bu
           device_key: Path | None = typer.Option(None, help="The device's private key (a file, or -): a bundle is "
                                                             "also audited as opened on its device."),
           device_key_command: str | None = DEVICE_KEY_COMMAND,
+          trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
           force: bool = FORCE) -> None:
     """Key-leakage red team of the files a device holds; gates a release (exit 3 above --fail-above).
 
@@ -358,7 +414,8 @@ def audit(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export/bu
     from .workflows.audit import audit_release
 
     audit_release(artifacts, base, key, out, AuditConfig(queries=queries, n=n, seed=seed, fail_above=fail_above),
-                  data=data, device_key=device_key, device_key_command=device_key_command, force=force)
+                  data=data, access=access(device_key, device_key_command, trust, allow_unsigned)
+                  if device_key or device_key_command else None, force=force)
 
 
 @command(device_app, "keygen")
@@ -372,31 +429,48 @@ def device_keygen(out: Path = typer.Option(..., "--out", "-o", help="Private key
     run(out, pub, force=force)
 
 
+@command(publisher_app, "keygen")
+def publisher_keygen(out: Path = typer.Option(..., "--out", "-o", help="Signing key file to write (0600); the public "
+                                                                       "key goes beside it as .pub."),
+                     pub: Path | None = typer.Option(None, help="Public key file (default: OUT with suffix .pub)."),
+                     force: bool = OVERWRITE) -> None:
+    """Make the publisher's Ed25519 key pair (signs bundles); prints its fingerprint, never the private key."""
+    from .workflows.keys import publisher_keygen as run
+
+    run(out, pub, force=force)
+
+
 @command(app)
 def seal(artifact: Path = typer.Argument(..., help="An export or build directory (model.onnx or model.engine)."),
          to: Path = typer.Option(..., "--to", help="The device's public key (device.pub)."),
          out: Path = typer.Option(..., "--out", "-o", help="The sealed bundle to write (.kes, 0600)."),
          key: Path | None = typer.Option(None, help="The artifact's key: sealed with gather / kernel artifacts, "
                                                     "which take it at run time."),
+         sign_with: Path | None = SIGN_WITH,
+         allow_unsigned: bool = typer.Option(False, help="Seal without a signature: DEVELOPMENT ONLY (devices refuse "
+                                                         "it unless they allow unsigned bundles)."),
          force: bool = OVERWRITE) -> None:
-    """Seal an artifact to one device: libsodium sealed box (content key) + AES-256-GCM STREAM (payload)."""
+    """Seal an artifact to one device, signed by its publisher: libsodium sealed box (content key) +
+    AES-256-GCM STREAM (payload) + Ed25519 signature (publisher)."""
     from .workflows.sealing import seal_to
 
-    seal_to(artifact, to, out, key, force=force)
+    seal_to(artifact, to, out, key, sign_with=sign_with, allow_unsigned=allow_unsigned, force=force)
 
 
 @command(app)
 def unseal(bundle: Path = typer.Argument(..., help="A sealed .kes bundle."),
            device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
-           out: Path | None = typer.Option(None, "--out", "-o", help="Directory for the plaintext files."),
+           trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
+           out: Path | None = typer.Option(None, "--out", "-o", help="A new or empty directory for the plaintext "
+                                                                     "files (never overwritten)."),
            write_plaintext: bool = typer.Option(False, help="Really write the model (and key) in plaintext to --out "
-                                                            "(debugging only)."),
-           force: bool = FORCE) -> None:
-    """Debugging: check a bundle opens with this device key and list it; write plaintext only when asked."""
+                                                            "(debugging only).")) -> None:
+    """Debugging: check a bundle's publisher and that it opens with this device key, and list it; write
+    plaintext only when asked."""
     from .workflows.sealing import unseal as run
 
-    run(bundle, out, device_key=device_key, device_key_command=device_key_command, write_plaintext=write_plaintext,
-        force=force)
+    run(bundle, out, access=access(device_key, device_key_command, trust, allow_unsigned),
+        write_plaintext=write_plaintext)
 
 
 def main() -> None:

@@ -80,7 +80,7 @@ def malformed_key_files() -> dict[str, tuple[bytes, str]]:
     """Broken key files, each with the words its refusal must contain."""
     good = Key.generate(2, seed=0).to_bytes()
     body = good[:-32]
-    perm_offset = 20
+    perm_offset = 36  # after the 20-byte header and the 16-byte key ID
     not_perm = bytearray(body)
     not_perm[perm_offset:perm_offset + 4] = not_perm[perm_offset + 4:perm_offset + 8]  # duplicate value
     bad_dims = bytearray(body)

@@ -35,17 +35,17 @@ def test_keygen_and_inspect(tmp_path):
 
 def test_keygen_refuses_overwrite_and_records_insecure_seed(tmp_path):
     path = tmp_path / "key.bin"
-    assert keyedge("keygen", "-o", path, "-m", "2", "--insecure-seed", "7").returncode == 0
+    assert keyedge("keygen", "-o", path, "-m", "2", "--insecure-seed", "7", "--insecure-small-key").returncode == 0
     assert Key.load(path).insecure
     before = path.read_bytes()
-    r = keyedge("keygen", "-o", path, "-m", "2")
+    r = keyedge("keygen", "-o", path, "-m", "4")
     assert r.returncode == 2 and "--force" in r.stderr and path.read_bytes() == before
-    assert keyedge("keygen", "-o", path, "-m", "2", "--force").returncode == 0
+    assert keyedge("keygen", "-o", path, "-m", "2", "--force", "--insecure-small-key").returncode == 0
     assert path.read_bytes() != before
 
 
 def test_keygen_into_missing_directory(tmp_path):
-    r = keyedge("keygen", "-o", tmp_path / "nope" / "key.bin", "-m", "2")
+    r = keyedge("keygen", "-o", tmp_path / "nope" / "key.bin", "-m", "4")
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 

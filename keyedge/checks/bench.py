@@ -23,7 +23,7 @@ from ..core.keys import Key
 from ..core.models import create_vit
 from ..core.tables import markdown_table
 from ..runtime.artifacts import open_artifact
-from ..runtime.bundle import DeviceKey
+from ..runtime.bundle import Opener
 from ..runtime.kernel import PreprocessKernel, find_library
 from ..runtime.platform import is_jetson_orin, machine_info
 from ..runtime.runners import Runner, runner_for
@@ -132,13 +132,13 @@ def _measure_batch(runners: list, batch: int, *, warmup: int, rounds: int, iters
 
 
 def _runners(artifacts: list[Path], key: Key | None, runner_device: str,
-             device_key: DeviceKey | None = None) -> list[tuple[str, Runner]]:
+             opener: Opener | None = None) -> list[tuple[str, Runner]]:
     """Every backend that runs each artifact here: on a GPU, ONNX artifacts on the CPU *and* on every
     GPU execution provider ONNX Runtime has (CUDA, TensorRT-RTX), so they are compared side by side
     (a sealed bundle is opened in memory once per backend)."""
     runners = []
     for a in artifacts:
-        art = open_artifact(a, prefer_engine=runner_device != "cpu", device_key=device_key)
+        art = open_artifact(a, prefer_engine=runner_device != "cpu", opener=opener)
         devices = [runner_device]
         if art.kind == "onnx" and runner_device == "cuda":
             import onnxruntime
@@ -178,10 +178,10 @@ def kernel_timings(runners: list[tuple[str, Any]], batches: tuple[int, ...], ite
 
 
 def run_bench(artifacts: list[Path], cfg: BenchConfig | None = None, *, key: Key | None = None,
-              status: Callable[[str], None] = lambda s: None, device_key: DeviceKey | None = None) -> dict[str, Any]:
+              status: Callable[[str], None] = lambda s: None, opener: Opener | None = None) -> dict[str, Any]:
     cfg = cfg or BenchConfig()
     runner_device = check_device(cfg.device)
-    runners = _runners(artifacts, key, runner_device, device_key)
+    runners = _runners(artifacts, key, runner_device, opener)
     batches, rounds, iters, warmup = cfg.batches, cfg.rounds, cfg.iters, cfg.warmup
     results: dict[str, Any] = {"device": cfg.device, "machine": machine_info(), "batches": list(batches),
                                "rounds": rounds, "iters": iters, "measurements": []}

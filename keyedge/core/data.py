@@ -133,7 +133,7 @@ def run_images(run_manifest, n: int, *, seed: int = 0, data: str | None = None,
     """``n`` real images for a run (a :class:`~keyedge.core.manifests.RunManifest`): its own data set
     (or ``data``), None where it is not here."""
     spec = data or run_manifest.data.spec
-    if spec is None or (spec != DIGITS and not Path(spec).is_dir()):
-        return None
+    if data is None and (spec is None or (spec != DIGITS and not Path(spec).is_dir())):
+        return None  # the run's own data set is not on this machine (``data`` given: refused if it is not)
     splits = load_data(spec, run_manifest.input.size[0], run_manifest.input.channels)
     return sample(splits.train if train else splits.test, n, seed=seed)

@@ -6,10 +6,11 @@ A crash or a refused input never leaves a half-written artifact behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import KeyedgeError
@@ -18,12 +19,8 @@ from .errors import KeyedgeError
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644,
                        overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` through a temp file + rename, with file ``mode``."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise KeyedgeError(f"{path} exists; pass --force to overwrite it")
+    path = check_output_file(path, overwrite)
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise KeyedgeError(f"directory {parent} does not exist")
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
@@ -44,21 +41,114 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o64
     return path
 
 
+SECRET = 0o600  # every file that holds a key or a model's weights
+
+
+def wipe(buffer) -> None:
+    """Overwrite a writable buffer keyedge owns (immutable copies made by libraries cannot be wiped)."""
+    if len(buffer):
+        view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+        ctypes.memset(view, 0, len(buffer))
+        del view
+
+
+@contextlib.contextmanager
+def secret_bytes(readinto: Callable[[memoryview], int | None], limit: int, too_large: str) -> Iterator[memoryview]:
+    """Read a secret (``readinto`` of a raw file, a pipe or standard input) into one buffer keyedge owns,
+    with no intermediate ``bytes`` copy; yields a view of what was read; the buffer is wiped afterwards.
+    More than ``limit`` bytes is refused with the message ``too_large``."""
+    buf = bytearray(limit + 1)
+    got = 0
+    try:
+        with memoryview(buf) as view:
+            while got <= limit:
+                n = readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got > limit:
+                raise KeyedgeError(too_large)
+            with view[:got] as data:
+                yield data
+    finally:
+        wipe(buf)
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """File errors while reading ``what`` at ``path`` as one line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise KeyedgeError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise KeyedgeError(f"{what} {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise KeyedgeError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def read_secret_file(path: str | os.PathLike, what: str, limit: int, kind: str = "key file") -> Iterator[memoryview]:
+    """:func:`secret_bytes` of a file, read unbuffered; file errors as one line."""
+    path = Path(path)
+    with reading(path, what):
+        fh = open(path, "rb", buffering=0)
+    with fh, secret_bytes(fh.readinto, limit, f"{path} is not a keyedge {kind} (more than {limit:,} bytes)") as data:
+        yield data
+
+
+def make_secret(*paths: str | os.PathLike) -> None:
+    """Files a library wrote with the umask's mode (ONNX, safetensors, peft): readable by their owner only."""
+    for path in paths:
+        os.chmod(path, SECRET)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, mode: int = 0o644) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def _check_writable(path: Path) -> None:
+    """``path``, or the nearest directory above it that exists, can be written (checked before any work)."""
+    target = path
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise KeyedgeError(f"cannot write under {path}: {target} is not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise KeyedgeError(f"cannot write to {target}: permission denied")
 
 
 def check_output_dir(path: str | os.PathLike, force: bool, *, alternative: str = "") -> Path:
     """The one rule for an output directory: a missing or empty one is used; a non-empty one
     only with ``force`` (and even then only the files the command writes are replaced); a
-    path that is a file is refused."""
+    path that is a file is refused, and so is one where this user cannot write."""
     path = Path(path)
     if path.exists():
         if not path.is_dir():
             raise KeyedgeError(f"{path} exists and is not a directory")
-        if not force and any(path.iterdir()):
+        try:
+            entries = any(path.iterdir())
+        except OSError as exc:
+            raise KeyedgeError(f"cannot read output directory {path}: {exc.strerror}") from None
+        if not force and entries:
             raise KeyedgeError(f"{path} exists and is not empty; pass {alternative}--force to write into it "
                                "(files keyedge does not write there are kept)")
+    _check_writable(path)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, force: bool) -> Path:
+    """An output file: refused when it exists (without ``force``) or is a directory, or when its directory
+    is missing or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise KeyedgeError(f"{path} is a directory, not a file to write")
+    if path.exists() and not force:
+        raise KeyedgeError(f"{path} exists; pass --force to overwrite it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise KeyedgeError(f"directory {parent} does not exist")
+    _check_writable(parent)
     return path
 
 

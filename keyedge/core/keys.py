@@ -1,21 +1,27 @@
 """Secret keys: a permutation of the M*M*C values of an M x M pixel block.
 
-Key file format (version 1, all integers little-endian)::
+Key file format (version 2, all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"KEYEDGE\\x00"
-    8       2     version (uint16) = 1
-    10      2     flags (uint16); bit 0 = insecure (drawn from a seeded generator)
+    8       2     version (uint16) = 2
+    10      2     flags (uint16); bit 0 = insecure (drawn from a seeded generator),
+                  bit 1 = small key space (below 2**128 keys, allowed with --insecure-small-key)
     12      2     block size M (uint16)
     14      2     channels C (uint16)
     16      4     n = M*M*C (uint32)
-    20      4n    permutation (uint32 each)
-    20+4n   32    SHA-256 over bytes [0, 20+4n)
+    20      16    key ID: random bytes drawn with the permutation
+    36      4n    permutation (uint32 each)
+    36+4n   32    SHA-256 over bytes [0, 36+4n)
 
-The file is written 0600 and atomically. The *fingerprint* is a domain-separated
-SHA-256 of (M, C, permutation), truncated to 128 bits: it identifies a key in
-manifests and reports and cannot be inverted (for a key space far larger than
-2**128 it cannot be brute-forced either; ``log10_keyspace`` says how large it is).
+The file is written 0600 and atomically. The *fingerprint* that names a key in manifests,
+reports, bundles and C++ packages is a domain-separated SHA-256 of the key ID, truncated to
+128 bits: it says nothing about the permutation, so two keys of the same permutation have
+unrelated fingerprints and no key space, however small, can be searched from it. "This key
+made this model" compares fingerprints (so key IDs) after the key file's own SHA-256 check.
+
+Version 1 files (no key ID; the fingerprint was a hash of M, C and the permutation, which a
+search of a small key space inverts) are still read, with a warning to re-key.
 """
 
 from __future__ import annotations
@@ -30,15 +36,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KeyFileError
-from .io import atomic_write_bytes
+from .errors import KeyedgeError, KeyFileError
+from .io import atomic_write_bytes, read_secret_file, wipe
+from .progress import echo
 
 MAGIC = b"KEYEDGE\x00"
-VERSION = 1
-FLAG_INSECURE = 0x1
+VERSION = 2
+FLAG_INSECURE, FLAG_SMALL = 0x1, 0x2
 _HEADER = struct.Struct("<8sHHHHI")
+_ID = 16
 _DIGEST = 32
-_FINGERPRINT_DOMAIN = b"keyedge-key-fingerprint-v1\x00"
+_FINGERPRINT_V1 = b"keyedge-key-fingerprint-v1\x00"
+_FINGERPRINT_V2 = b"keyedge-key-fingerprint-v2\x00"
+MIN_KEYSPACE_BITS = 128
+MAX_FILE = _HEADER.size + _ID + 4 * 64 * 64 * 16 + _DIGEST  # the largest key: M = 64, C = 16
+_warned: set[str] = set()
 
 
 def can_fold(block_size: int | None, patch_size: int) -> bool:
@@ -47,25 +59,45 @@ def can_fold(block_size: int | None, patch_size: int) -> bool:
     return block_size is None or patch_size % block_size == 0
 
 
-def _draw_permutation(n: int, seed: int | None) -> np.ndarray:
+def keyspace_bits(block_size: int, channels: int) -> float:
+    """log2 of the number of keys of this shape, (M*M*C)!."""
+    return math.lgamma(block_size * block_size * channels + 1) / math.log(2)
+
+
+def check_keyspace(block_size: int, channels: int) -> None:
+    """Refuse a key shape whose key space is below 2**128 keys."""
+    bits = keyspace_bits(block_size, channels)
+    if bits < MIN_KEYSPACE_BITS:
+        raise KeyFileError(
+            f"block size {block_size} with {channels} channel(s) gives ({block_size * block_size * channels})! "
+            f"~ 2^{bits:.0f} keys, below 2^{MIN_KEYSPACE_BITS}: a search would find the key; use a larger block "
+            "(or --insecure-small-key for experiments, recorded in the key file)")
+
+
+def _draw(n: int, seed: int | None) -> tuple[np.ndarray, bytes]:
+    """A permutation of n values and a key ID, from the OS CSPRNG (or, for tests, from ``seed``)."""
     if seed is not None:
-        return np.random.default_rng(seed).permutation(n).astype(np.int64)
+        rng = np.random.default_rng(seed)
+        return rng.permutation(n).astype(np.int64), rng.bytes(_ID)
     perm = list(range(n))
     secrets.SystemRandom().shuffle(perm)  # Fisher-Yates on the OS CSPRNG
-    return np.asarray(perm, dtype=np.int64)
+    return np.asarray(perm, dtype=np.int64), secrets.token_bytes(_ID)
 
 
 @dataclass(frozen=True, eq=False)
 class Key:
     """A block-shuffle key. ``perm[i]`` is the source index of output value ``i``.
 
-    A block flattened in (C, M, M) order as ``v`` becomes ``v[perm]``.
+    A block flattened in (C, M, M) order as ``v`` becomes ``v[perm]``. ``key_id``: the random
+    ID its fingerprint derives from (None for a version 1 file or a permutation built in memory,
+    e.g. an attacker's estimate: their fingerprint is the version 1 hash of the permutation).
     """
 
     perm: np.ndarray
     block_size: int
     channels: int = 3
     insecure: bool = False
+    key_id: bytes | None = field(default=None, repr=False)
     _fingerprint: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,22 +112,32 @@ class Key:
         if not np.issubdtype(perm.dtype, np.integer) or not np.array_equal(
                 np.sort(perm), np.arange(n)):
             raise KeyFileError("the key's values are not a permutation of 0..n-1")
+        if self.key_id is not None and len(self.key_id) != _ID:
+            raise KeyFileError(f"a key ID has {_ID} bytes, not {len(self.key_id)}")
         perm = perm.astype(np.int64)
         perm.setflags(write=False)
         object.__setattr__(self, "perm", perm)
-        digest = hashlib.sha256(
-            _FINGERPRINT_DOMAIN + struct.pack("<HH", self.block_size, self.channels)
-            + perm.astype("<u4").tobytes()).hexdigest()[:32]
+        if self.key_id is not None:
+            digest = hashlib.sha256(_FINGERPRINT_V2 + self.key_id).hexdigest()[:32]
+        else:
+            digest = hashlib.sha256(
+                _FINGERPRINT_V1 + struct.pack("<HH", self.block_size, self.channels)
+                + perm.astype("<u4").tobytes()).hexdigest()[:32]
         object.__setattr__(self, "_fingerprint", digest)
 
     # -- construction -------------------------------------------------------------
     @classmethod
-    def generate(cls, block_size: int, channels: int = 3, *, seed: int | None = None) -> "Key":
-        """A uniformly random key from the OS CSPRNG (or, for tests only, from ``seed``)."""
+    def generate(cls, block_size: int, channels: int = 3, *, seed: int | None = None,
+                 allow_small: bool | None = None) -> "Key":
+        """A uniformly random key and key ID from the OS CSPRNG (or, for tests only, from ``seed``).
+        A shape with fewer than 2**128 keys is refused unless ``allow_small`` (recorded in the file; by
+        default allowed only for a seeded key, which is insecure anyway)."""
         if block_size < 1 or channels < 1:
             raise KeyFileError("block size and channels must be >= 1")
-        n = block_size * block_size * channels
-        return cls(_draw_permutation(n, seed), block_size, channels, insecure=seed is not None)
+        if not (seed is not None if allow_small is None else allow_small):
+            check_keyspace(block_size, channels)
+        perm, key_id = _draw(block_size * block_size * channels, seed)
+        return cls(perm, block_size, channels, insecure=seed is not None, key_id=key_id)
 
     @classmethod
     def identity(cls, block_size: int, channels: int = 3) -> "Key":
@@ -110,6 +152,16 @@ class Key:
     @property
     def size(self) -> int:
         return int(self.perm.size)
+
+    @property
+    def version(self) -> int:
+        """The key file format it was read from or will be written in (1: no key ID)."""
+        return 1 if self.key_id is None else VERSION
+
+    @property
+    def small(self) -> bool:
+        """Fewer than 2**128 keys of this shape (only drawn with ``allow_small``)."""
+        return keyspace_bits(self.block_size, self.channels) < MIN_KEYSPACE_BITS
 
     @property
     def log10_keyspace(self) -> float:
@@ -133,15 +185,28 @@ class Key:
         return hash(self.fingerprint)
 
     # -- file I/O -----------------------------------------------------------------
-    def to_bytes(self) -> bytes:
-        body = _HEADER.pack(MAGIC, VERSION, FLAG_INSECURE if self.insecure else 0,
-                            self.block_size, self.channels, self.size)
-        body += self.perm.astype("<u4").tobytes()
-        return body + hashlib.sha256(body).digest()
+    def to_bytes(self) -> bytearray:
+        """The version 2 key file, in a buffer the caller can wipe (a key without a key ID cannot be
+        written: draw a new one)."""
+        if self.key_id is None:
+            raise KeyFileError("this key has no key ID (a version 1 key, or a permutation built in memory): "
+                               "draw a new key with keyedge keygen")
+        flags = (FLAG_INSECURE if self.insecure else 0) | (FLAG_SMALL if self.small else 0)
+        body = _HEADER.pack(MAGIC, VERSION, flags, self.block_size, self.channels, self.size)
+        out = bytearray(len(body) + _ID + 4 * self.size + _DIGEST)
+        out[:len(body)] = body
+        out[len(body):len(body) + _ID] = self.key_id
+        np.frombuffer(out, dtype="<u4", count=self.size, offset=len(body) + _ID)[:] = self.perm
+        out[-_DIGEST:] = hashlib.sha256(memoryview(out)[:-_DIGEST]).digest()
+        return out
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the key file 0600 and atomically; refuse to replace a file unless asked."""
-        return atomic_write_bytes(path, self.to_bytes(), mode=0o600, overwrite=overwrite)
+        data = self.to_bytes()
+        try:
+            return atomic_write_bytes(path, data, mode=0o600, overwrite=overwrite)
+        finally:
+            wipe(data)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "key file") -> "Key":
@@ -152,9 +217,11 @@ class Key:
         magic, version, flags, m, c, n = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise KeyFileError(f"{source} is not a keyedge key (wrong magic)")
-        if version != VERSION:
-            raise KeyFileError(f"{source} has unknown key format version {version} (this keyedge reads {VERSION})")
-        expected = _HEADER.size + 4 * n + _DIGEST
+        if version not in (1, VERSION):
+            raise KeyFileError(f"{source} has unknown key format version {version} (this keyedge reads 1 and "
+                               f"{VERSION})")
+        start = _HEADER.size + (_ID if version == VERSION else 0)
+        expected = start + 4 * n + _DIGEST
         if len(data) < expected:
             raise KeyFileError(f"{source} is truncated ({len(data)} of {expected} bytes)")
         if len(data) > expected:
@@ -164,18 +231,31 @@ class Key:
             raise KeyFileError(f"{source} failed its integrity check (corrupted or tampered with)")
         if n != m * m * c:
             raise KeyFileError(f"{source}: length {n} does not match block size {m} x {m} x {c} channels")
-        perm = np.frombuffer(body, dtype="<u4", count=n, offset=_HEADER.size).astype(np.int64)
-        return cls(perm, m, c, insecure=bool(flags & FLAG_INSECURE))
+        if flags & ~(FLAG_INSECURE | FLAG_SMALL):
+            raise KeyFileError(f"{source} has unknown flags {flags:#x}")
+        perm = np.frombuffer(body, dtype="<u4", count=n, offset=start).astype(np.int64)
+        key_id = bytes(body[_HEADER.size:start]) if version == VERSION else None
+        key = cls(perm, m, c, insecure=bool(flags & FLAG_INSECURE), key_id=key_id)
+        if version == 1 and source not in _warned:
+            _warned.add(source)
+            echo(f"WARNING: {source} is a version 1 key file, whose fingerprint (in every manifest) is a hash of "
+                 "the permutation: re-key (keyedge keygen) and fine-tune again", err=True)
+        return key
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Key":
-        path = Path(path)
+        """Read into a buffer that is wiped once the key is parsed (the permutation then lives in the Key
+        only, until :meth:`wipe`)."""
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist") from None
-        except IsADirectoryError:
-            raise KeyFileError(f"key file {path} is a directory") from None
-        except OSError as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-        return cls.from_bytes(data, source=f"key file {path}")
+            with read_secret_file(path, "key file", MAX_FILE) as data:
+                return cls.from_bytes(data, source=f"key file {path}")
+        except KeyFileError:
+            raise
+        except KeyedgeError as exc:
+            raise KeyFileError(str(exc)) from None
+
+    def wipe(self) -> None:
+        """Overwrite the permutation in place (a key dropped after use: a sealed runner's, at deactivation)."""
+        self.perm.setflags(write=True)
+        self.perm.fill(0)
+        self.perm.setflags(write=False)

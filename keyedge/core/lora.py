@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import KeyedgeError
+from .io import make_secret
 from .manifests import DEFAULT_LORA_TARGETS
 from .models import KeyedClassifier
 
@@ -48,8 +49,9 @@ def attach_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout
 
 
 def save_adapter(peft_model: nn.Module, directory: str | Path) -> Path:
-    """``save_pretrained``: adapter_config.json + adapter_model.safetensors."""
+    """``save_pretrained``: adapter_config.json + adapter_model.safetensors (0600: keyed weights)."""
     peft_model.save_pretrained(str(directory))
+    make_secret(*(p for p in Path(directory).iterdir() if p.is_file()))
     return Path(directory)
 
 

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 
 from .errors import KeyedgeError
-from .io import atomic_write_text
+from .io import atomic_write_text, reading
 from .keys import Key
 
 METADATA_KEY = "keyedge_manifest"  # the ONNX metadata_props entry holding the artifact manifest
@@ -65,18 +65,34 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 # ---- generic (de)serialisation of nested frozen dataclasses ---------------------------------
 
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
+    """``value`` as the field's type hint: nested dataclasses, tuples, dicts, literals and scalars, each
+    checked (a bool is no integer; an integer is a number); a mismatch is one line naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
-        options = [o for o in typing.get_args(hint) if o is not type(None)]
-        if value is None and len(options) < len(typing.get_args(hint)):
+        if value is None and type(None) in args:
             return None
-        for option in options:
-            if (dataclasses.is_dataclass(option) and isinstance(value, dict)) or \
-                    (typing.get_origin(option) is tuple and isinstance(value, (list, tuple))):
+        for option in (a for a in args if a is not type(None)):
+            try:
                 return _convert(option, value, where)
+            except KeyedgeError:
+                continue
+        raise KeyedgeError(f"{where}: {json.dumps(value)[:40]} is not one of the values this field takes")
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise KeyedgeError(f"{where}: expected one of {', '.join(map(json.dumps, args))}")
         return value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
@@ -85,7 +101,22 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise KeyedgeError(f"{where}: expected a list")
-        return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise KeyedgeError(f"{where}: expected a list of {len(args)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KeyedgeError(f"{where}: expected an object")
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if hint in _SCALARS:
+        ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise KeyedgeError(f"{where}: expected {_SCALARS[hint]}")
+        return value
     return value
 
 
@@ -118,16 +149,28 @@ def _to_dict(obj: Any) -> Any:
     return obj
 
 
-def read_json_file(path: Path, what: str) -> dict[str, Any]:
+def parse_json(text: str | bytes, where: str) -> dict[str, Any]:
+    """The one parser of manifests, from files, ONNX metadata and sealed bundles alike: a JSON object of
+    at most 64 MiB, or one line saying why not (not UTF-8, not JSON, nested too deep, not an object)."""
+    if len(text) > 64 << 20:
+        raise KeyedgeError(f"{where} is too large for a manifest ({len(text):,} bytes)")
     try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise KeyedgeError(f"{what} {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KeyedgeError(f"{what} {path} is not valid JSON: {exc}") from None
+        data = json.loads(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
+    except UnicodeDecodeError:
+        raise KeyedgeError(f"{where} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise KeyedgeError(f"{where} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise KeyedgeError(f"{where} is nested too deeply to be a manifest") from None
     if not isinstance(data, dict):
-        raise KeyedgeError(f"{what} {path} is not a JSON object")
+        raise KeyedgeError(f"{where} is not a JSON object")
     return data
+
+
+def read_json_file(path: Path, what: str) -> dict[str, Any]:
+    with reading(path, what):
+        raw = Path(path).read_bytes()
+    return parse_json(raw, f"{what} {path}")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -161,14 +204,8 @@ class Manifest:
         return _from_dict(cls, data, where)
 
     @classmethod
-    def from_json(cls: type[M], text: str, where: str = "manifest") -> M:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise KeyedgeError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise KeyedgeError(f"{where} is not a JSON object")
-        return cls.from_dict(data, where)
+    def from_json(cls: type[M], text: str | bytes, where: str = "manifest") -> M:
+        return cls.from_dict(parse_json(text, where), where)
 
     @classmethod
     def read(cls: type[M], path: Path) -> M:
@@ -223,6 +260,11 @@ class ArtifactInput:
     range: tuple[float, float]
     batch: int | Literal["dynamic"]
 
+    def __post_init__(self) -> None:
+        _require(all(1 <= v <= 65535 for v in self.size), f"input size {self.size} is out of range")
+        _require(1 <= self.channels <= 16, f"input channels {self.channels} is out of range")
+        _require(self.batch == "dynamic" or 1 <= self.batch <= 1 << 20, f"input batch {self.batch} is out of range")
+
     @property
     def fixed_batch(self) -> int | None:
         return self.batch if isinstance(self.batch, int) else None
@@ -252,6 +294,9 @@ class OutputSpec:
     name: str
     num_classes: int
 
+    def __post_init__(self) -> None:
+        _require(1 <= self.num_classes <= 1 << 24, f"num_classes {self.num_classes} is out of range")
+
 
 @dataclass(frozen=True)
 class GraphInput:
@@ -268,6 +313,10 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     graph_input: GraphInput
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.block_size <= 64 and len(self.mean) == len(self.std),
+                 "preprocess block_size or mean / std is out of range")
 
 
 @dataclass(frozen=True)
@@ -352,6 +401,17 @@ class ArtifactManifest(Manifest):
     source_run: str
     versions: dict[str, str]
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        c = self.input.channels
+        _require(len(self.mean) == c and len(self.std) == c, f"mean and std need {c} values (one per channel)")
+        _require(self.block_size is None or 1 <= self.block_size <= 64, f"block_size {self.block_size} is out of range")
+        _require((self.key_fingerprint is None) == (self.block_size is None),
+                 "a keyed artifact names both its key's fingerprint and block size")
+        _require(self.preprocess is None or (self.preprocess.block_size == self.block_size
+                                             and len(self.preprocess.mean) == c),
+                 "preprocess does not match the artifact's block size and channels")
+
     @property
     def graph_input(self) -> ArtifactInput:
         """The spec of the graph's first input: the images, or kernel mode's keyed NCHW pixels."""
@@ -406,11 +466,7 @@ def read_onnx_manifest(path: Path) -> ArtifactManifest:
         raise KeyedgeError(f"{path} is not a readable ONNX file: {exc}") from None
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            try:
-                data = json.loads(prop.value)
-            except json.JSONDecodeError:
-                raise KeyedgeError(f"{path}: its keyedge manifest is not valid JSON") from None
-            return read_deployed(data, str(path))
+            return read_deployed(parse_json(prop.value, f"{path}: its keyedge manifest"), str(path))
     raise KeyedgeError(f"{path} carries no keyedge manifest")
 
 

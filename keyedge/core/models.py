@@ -38,6 +38,23 @@ def _head_keys(model: nn.Module) -> set[str]:
     return {f"{n}.{p}" for n in names for p in ("weight", "bias")}
 
 
+def read_weights(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors / .pth / .pt / .bin file (timm's reader: weights only, no pickled code);
+    a missing, foreign or corrupted file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise KeyedgeError(f"{what} {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path))
+    except Exception as exc:  # corrupted or foreign file
+        raise KeyedgeError(f"cannot read {what} {path}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KeyedgeError(f"{what} {path} holds no tensors by name")
+    return state
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     """Load a local checkpoint (.safetensors / .pth / .pt / .bin / .npz) into a timm ViT.
 
@@ -54,14 +71,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise KeyedgeError(f"{type(model).__name__} cannot read .npz checkpoints")
-        model.load_pretrained(str(path))
+        try:
+            model.load_pretrained(str(path))
+        except Exception as exc:  # corrupted or foreign file
+            raise KeyedgeError(f"cannot read checkpoint {path}: {exc}") from None
         return []
-    from timm.models import load_state_dict
-
-    try:
-        state = load_state_dict(str(path))
-    except Exception as exc:  # corrupted or foreign file
-        raise KeyedgeError(f"cannot read checkpoint {path}: {exc}") from None
+    state = read_weights(path)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)

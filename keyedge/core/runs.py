@@ -22,7 +22,7 @@ from .errors import KeyedgeError
 from .keys import Key
 from .lora import load_adapter, merge_lora
 from .manifests import RunManifest, check_key, read_run
-from .models import KeyedClassifier, create_vit, file_sha256, load_checkpoint
+from .models import KeyedClassifier, create_vit, file_sha256, load_checkpoint, read_weights
 
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter"
@@ -47,13 +47,12 @@ def build_model(manifest: RunManifest, run_dir: Path) -> torch.nn.Module:
     if manifest.mode == "lora":
         base = create_vit(spec.name, checkpoint=base_checkpoint_path(manifest), **spec.kwargs)
         return load_adapter(base, run_dir / ADAPTER)
-    from safetensors.torch import load_file
-
     model = create_vit(spec.name, **spec.kwargs)
-    weights = run_dir / WEIGHTS
-    if not weights.is_file():
-        raise KeyedgeError(f"{weights} is missing")
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        model.load_state_dict(read_weights(run_dir / WEIGHTS, "run weights"))
+    except RuntimeError as exc:  # tensors of other names or shapes
+        raise KeyedgeError(f"{run_dir / WEIGHTS} does not fit the run's model {spec.name}: "
+                           f"{str(exc).splitlines()[0]}") from None
     return model
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..core.errors import KeyedgeError
+from ..core.io import make_secret
 from ..core.fold import fold_key
 from ..core.manifests import (METADATA_KEY, PRECISIONS, ArtifactInput, ArtifactManifest, FoldMode, GraphInput,
                               OutputSpec, Preprocess, RunManifest, library_versions)
@@ -180,6 +181,7 @@ def _attach_manifest(path: Path, manifest: ArtifactManifest) -> None:
     prop.key, prop.value = METADATA_KEY, manifest.to_json()
     model.producer_name = "keyedge"
     onnx.save(model, str(path), save_as_external_data=False)
+    make_secret(path)  # a keyed model's weights (a fused one is the key itself)
 
 
 def export_onnx(keyed: KeyedClassifier, out_dir: Path, opts: ExportOptions, run: RunManifest, *,

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyedgeError
+from ..core.io import wipe
 from ..core.keys import Key
 from ..core.manifests import ArtifactManifest, check_key, needs_key
 from ..runtime.artifacts import open_artifact
-from ..runtime.bundle import EXTERNAL_DATA, DevicePublicKey, external_layout, seal
+from ..runtime.bundle import EXTERNAL_DATA, DevicePublicKey, PublisherKey, external_layout, seal
 
 
-def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey,
-                  key: Key | None = None) -> tuple[bytes, dict[str, Any]]:
-    """The bundle for an export or build directory, and a summary of what it holds."""
+def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey, key: Key | None = None,
+                  signer: PublisherKey | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The bundle for an export or build directory, signed by ``signer``, and a summary of what it holds."""
     art = open_artifact(artifact_dir)
     if art.kind == "run":
         raise KeyedgeError(f"{artifact_dir} is a training run: export it first; a device gets an artifact")
@@ -34,4 +35,8 @@ def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey,
         files["key.bin"] = key.to_bytes()
     summary = {"model": art.path.name, "fold_mode": manifest.fold_mode, "precision": manifest.precision,
                "holds_key": needs_key(manifest) or manifest.contains_key, "recipient": recipient.fingerprint}
-    return seal(files, recipient), summary
+    try:
+        return seal(files, recipient, signer), summary
+    finally:
+        if "key.bin" in files:
+            wipe(files["key.bin"])

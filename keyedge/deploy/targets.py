@@ -88,6 +88,10 @@ def parse_target(data: dict[str, Any], path: Path) -> Target:
     if not ccs or not all(isinstance(c, str) and c.replace(".", "").isdigit() for c in ccs):
         raise KeyedgeError(f"{where}: compute_capabilities must be a list like [\"8.7\"]")
     dla = data.get("dla", {})
+    if not isinstance(dla, dict) or not all(isinstance(dla.get(k, d), t) and not (t is int and isinstance(
+            dla.get(k, d), bool)) for k, t, d in (("enabled", bool, False), ("core", int, 0),
+                                                 ("gpu_fallback", bool, True))):
+        raise KeyedgeError(f"{where}: [dla] takes enabled = true|false, core = 0|1, gpu_fallback = true|false")
     dla_enabled = bool(dla.get("enabled", False))
     experimental = _get(data, "experimental", bool, where)
     if dla_enabled:
@@ -107,10 +111,13 @@ def parse_target(data: dict[str, Any], path: Path) -> Target:
                                                      ("fp32_tflops", "fp16_tflops", "int8_tops", "memory_gbs")))
     if min(peak_obj.fp32_tflops, peak_obj.fp16_tflops, peak_obj.int8_tops, peak_obj.memory_gbs) <= 0:
         raise KeyedgeError(f"{pw}: peak numbers must be > 0")
+    cache = _get(data, "timing_cache", str, where)
+    if not cache or Path(cache).name != cache or cache in (".", ".."):
+        raise KeyedgeError(f"{where}: timing_cache must be a plain file name (it is written into the build directory)")
     return Target(name=name, description=_get(data, "description", str, where), tensorrt=trt_major,
                   strongly_typed=strongly, precision=precision, compute_capabilities=tuple(ccs),
                   experimental=experimental, workspace_mib=workspace, builder_optimization_level=level,
-                  timing_cache=_get(data, "timing_cache", str, where), batch_min=bmin, batch_opt=bopt,
+                  timing_cache=cache, batch_min=bmin, batch_opt=bopt,
                   batch_max=bmax, dla_enabled=dla_enabled, dla_core=int(dla.get("core", 0)),
                   dla_gpu_fallback=bool(dla.get("gpu_fallback", True)), peak=peak_obj, path=path)
 
@@ -121,7 +128,12 @@ def load_target(name_or_path: str | Path) -> Target:
     if path.suffix == ".toml":
         if not path.is_file():
             raise KeyedgeError(f"target profile {path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise KeyedgeError(f"target profile {path} is not UTF-8 text (not a TOML profile)") from None
+        except OSError as exc:
+            raise KeyedgeError(f"cannot read target profile {path}: {exc.strerror}") from None
     else:
         packaged = resource("export", "targets", f"{name_or_path}.toml")
         if not packaged.is_file():

@@ -18,8 +18,9 @@ import shutil
 from pathlib import Path
 
 from ..core.errors import KeyedgeError
+from ..core.io import SECRET, atomic_write_bytes, make_secret, wipe
 from ..core.manifests import ENGINE_FILE, ArtifactInput, ArtifactManifest, BuildPlan, EngineManifest, TargetInfo
-from ..runtime.bundle import EXTERNAL_DATA, Bundle, BundleError, DeviceKey, inline_layout, seal
+from ..runtime.bundle import EXTERNAL_DATA, Bundle, BundleError, DevicePublicKey, PublisherKey, inline_layout, seal
 from ..runtime.platform import import_tensorrt, local_gpu_capability, local_l4t_release, tensorrt_available
 from .targets import Target
 
@@ -120,6 +121,7 @@ def write_build_plan(onnx_path: Path, manifest: ArtifactManifest, target: Target
     """Write model.onnx, manifest.json, build_engine.sh and bench_engine.sh into ``out``."""
     plan = build_plan(manifest, target)
     shutil.copyfile(onnx_path, out / "model.onnx")
+    make_secret(out / "model.onnx")
     build, bench = plan.trtexec_build[1:], plan.trtexec_bench[1:]
     plan.write(out / "manifest.json")
     header = [f"# keyedge on-device build plan: target {target.name} ({target.description})",
@@ -219,16 +221,18 @@ def build_engine(onnx_path: Path, plan: BuildPlan, target: Target, out: Path,
     engine, cache, manifest = serialize_engine(onnx_path, plan, target,
                                                cache_path.read_bytes() if cache_path.is_file() else b"")
     engine_path = out / ENGINE
-    engine_path.write_bytes(engine)
+    atomic_write_bytes(engine_path, engine, mode=SECRET)
     (out / target.timing_cache).write_bytes(cache)
     manifest.write(out / (ENGINE + ".json"))
     return engine_path
 
 
-def build_sealed(bundle: Bundle, device: DeviceKey, target: Target, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
-    """A sealed ONNX bundle built into an engine on the device itself, in memory, and the engine (with
-    its manifest and, for gather / kernel artifacts, the key) sealed again to the same device; returns
-    (the engine bundle, the timing cache). Neither the model nor the engine touches the disk."""
+def build_sealed(bundle: Bundle, device: DevicePublicKey, target: Target, timing_cache: bytes = b"",
+                 signer: PublisherKey | None = None) -> tuple[bytes, bytes]:
+    """A sealed ONNX bundle built into an engine on a GPU of the target's kind, in memory, and the engine
+    (with its manifest and, for gather / kernel artifacts, the key) sealed again to the same device and
+    signed by ``signer``; returns (the engine bundle, the timing cache). Neither the model nor the engine
+    touches the disk."""
     if bundle.model_name != "model.onnx":
         raise BundleError(f"{bundle.path} already holds an engine: it runs as it is")
     manifest = ArtifactManifest.from_json(bundle.manifest_text, f"{bundle.path} (sealed manifest)")
@@ -245,6 +249,11 @@ def build_sealed(bundle: Bundle, device: DeviceKey, target: Target, timing_cache
         bundle.wipe()
     engine, cache, engine_manifest = serialize_engine(onnx, plan, target, timing_cache)
     files = {"model.engine": engine, "model.engine.json": engine_manifest.to_json().encode()}
-    if key is not None:
-        files["key.bin"] = key.to_bytes()
-    return seal(files, device.public), cache
+    if key is None:
+        return seal(files, device, signer), cache
+    files["key.bin"] = key.to_bytes()
+    try:
+        return seal(files, device, signer), cache
+    finally:
+        wipe(files["key.bin"])
+        key.wipe()

@@ -33,11 +33,11 @@ from ..core.errors import KeyedgeError
 from ..core.keys import Key
 from ..core.lora import merge_lora
 from ..core.manifests import ArtifactManifest, RunManifest, read_run
-from ..core.models import KeyedClassifier, file_sha256
+from ..core.models import KeyedClassifier, file_sha256, read_weights
 from ..core.runs import build_model, load_run
 from ..core.tables import markdown_table, pct
 from ..runtime.artifacts import Artifact, open_artifact
-from ..runtime.bundle import SUFFIX, DeviceKey, open_bundle, read_header
+from ..runtime.bundle import SIGNED, SUFFIX, Opener, open_bundle, read_header
 from ..runtime.runners import TorchRunner, runner_for
 from .attacks import keyrecovery
 from .attacks.pgd import ce_loss, pgd
@@ -84,17 +84,11 @@ class Finding:
 
 def base_weight_and_hash(base: Path) -> tuple[torch.Tensor, str | None]:
     """The public base's patch embedding, and the SHA-256 of its weights file."""
-    from safetensors.torch import load_file
-
     path = base / "model.safetensors" if base.is_dir() else base
     if not path.is_file():
         raise KeyedgeError(f"base {base} does not exist (a checkpoint file or a run directory)")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    weight = state.get("patch_embed.proj.weight") if isinstance(state, dict) else None
+    state = read_weights(path, "base")
+    weight = state.get("patch_embed.proj.weight")
     if weight is None:
         raise KeyedgeError(f"{base} holds no patch_embed.proj.weight: not a ViT base")
     return weight, file_sha256(path)
@@ -175,23 +169,23 @@ def _find(artifact: Artifact, base_weight: torch.Tensor, key: Key | None, querie
     return finding
 
 
-def find_sealed(path: Path, key: Key | None, device_key=None) -> Finding:
+def find_sealed(path: Path, key: Key | None, opener: Opener | None = None) -> Finding:
     """A sealed bundle, as a copy of it stands: ciphertext. The bytes are scanned for the key (as
     uint32 and int64, and its inverse) and for the model's plaintext (ONNX strings)."""
     data = path.read_bytes()
-    _, recipient = read_header(data, str(path))
+    _, recipient, flags = read_header(data, str(path))
     needles = [b"keyedge_manifest", b"patch_embed", b"onnx", b"LayerNormalization", b"key_fingerprint"]
     if key is not None:
         for perm in (key.perm, key.inverse):
             needles += [np.asarray(perm, dtype="<u4").tobytes(), np.asarray(perm, dtype="<i8").tobytes()]
     found = [n for n in needles if n in data]
-    note = (f"sealed to device {recipient}: a copy without that device's private key yields ciphertext only "
-            "(no key, no model, no manifest in its bytes)")
+    note = (f"sealed to device {recipient}{'' if flags & SIGNED else ' (UNSIGNED: a device that allows it cannot tell it from a forgery)'}: "
+            "a copy without that device's private key yields ciphertext only (no key, no model, no manifest in its bytes)")
     if found:
         note = f"PLAINTEXT FOUND in the bundle's bytes ({len(found)} patterns)"
-    if device_key is not None:
-        open_bundle(path, device_key).wipe()  # authenticated: it is this device's, intact
-        note += "; it opens, authenticated, with the given device key (in memory)"
+    if opener is not None:
+        open_bundle(path, opener).wipe()  # authenticated: it is this device's, intact
+        note += "; it opens, authenticated, with the given device key and trusted publishers (in memory)"
     return Finding(str(path), "sealed-bundle", bool(found), "bundle bytes scanned for the key and the model",
                    note, fraction=1.0 if found else 0.0, chance=None)
 
@@ -222,7 +216,7 @@ def _score(finding: Finding, artifact: Artifact, key: Key, images: tuple[torch.T
 
 
 def audit(paths: list[Path], base: Path, key: Key | None = None, cfg: AuditConfig | None = None, *,
-          data: str | None = None, device_key: DeviceKey | None = None) -> dict[str, Any]:
+          data: str | None = None, opener: Opener | None = None) -> dict[str, Any]:
     """Audit every artifact; returns the JSON-ready report (findings in ``artifacts``) with the release
     gate's verdict (``passed``: no artifact leaks more than ``cfg.fail_above``)."""
     cfg = cfg or AuditConfig()
@@ -246,7 +240,7 @@ def audit(paths: list[Path], base: Path, key: Key | None = None, cfg: AuditConfi
             images = run_images(read_run(run), cfg.n, seed=cfg.seed, data=data) if run is not None else None
             _score(finding, art, key, images, cfg.attack)
         findings.append(finding)
-    findings += [find_sealed(p, key, device_key) for p in sealed]
+    findings += [find_sealed(p, key, opener) for p in sealed]
     leaks = [f.artifact for f in findings if cfg.fail_above is not None and f.leaked > cfg.fail_above]
     return {"base": str(base), "base_sha256": base_sha, "key_fingerprint": key.fingerprint if key else None,
             "queries": cfg.queries, "n_images": cfg.n, "attack": cfg.attack.describe(),

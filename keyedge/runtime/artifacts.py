@@ -3,15 +3,15 @@ an ``.onnx``, an ``.engine``, or a sealed ``.kes`` bundle of one of the last two
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..core.errors import KeyedgeError
 from ..core.manifests import (ENGINE_FILE, MANIFEST, ONNX_FILE, ArtifactManifest, EngineManifest, RunManifest,
-                              engine_manifest_path, read_deployed, read_json_file, read_onnx_manifest)
-from .bundle import SUFFIX, DeviceKey, SealedLoader
+                              engine_manifest_path, parse_json, read_deployed, read_json_file,
+                              read_onnx_manifest)
+from .bundle import SUFFIX, Opener, SealedLoader
 
 
 @dataclass(frozen=True)
@@ -36,28 +36,30 @@ class Artifact:
         return self.path.parent / MANIFEST
 
 
-def _open_sealed(path: Path, device_key: DeviceKey | None) -> Artifact:
-    if device_key is None:
-        raise KeyedgeError(f"{path} is a sealed bundle: pass its device's private key (--device-key)")
-    bundle = SealedLoader(path, device_key)()  # authenticated here, so that a bad bundle is refused before any work
+def _open_sealed(path: Path, opener: Opener | None) -> Artifact:
+    if opener is None:
+        raise KeyedgeError(f"{path} is a sealed bundle: pass its device's private key (--device-key) and its "
+                           "publisher's key (--trust)")
+    bundle = SealedLoader(path, opener)()  # authenticated here, so that a bad bundle is refused before any work
     try:
         text = bundle.manifest_text
-        manifest = read_deployed(json.loads(text), f"{path} (sealed manifest)")
+        manifest = read_deployed(parse_json(text, f"{path} (sealed manifest)"), f"{path} (sealed manifest)")
         kind: Literal["onnx", "engine"] = "engine" if bundle.model_name == ENGINE_FILE else "onnx"
     finally:
         bundle.wipe()  # a runner decrypts it again at each activation: no plaintext is kept in between
-    return Artifact(kind, path, manifest, SealedLoader(path, device_key, text))
+    return Artifact(kind, path, manifest, SealedLoader(path, opener, text))
 
 
-def open_artifact(path: str | Path, *, prefer_engine: bool = True, device_key: DeviceKey | None = None) -> Artifact:
-    """Resolve a path (see the module docstring); a sealed bundle needs its device's private key.
+def open_artifact(path: str | Path, *, prefer_engine: bool = True, opener: Opener | None = None) -> Artifact:
+    """Resolve a path (see the module docstring); a sealed bundle needs its device's opener (private key
+    and trusted publishers).
 
     A build directory holding both an engine and its ONNX resolves to the engine
     (``prefer_engine=False``: to the ONNX).
     """
     path = Path(path)
     if path.suffix == SUFFIX and not path.is_dir():
-        return _open_sealed(path, device_key)
+        return _open_sealed(path, opener)
     if path.is_dir():
         engine, onnx_file = path / ENGINE_FILE, path / ONNX_FILE
         if prefer_engine and engine.is_file() and engine_manifest_path(engine).is_file():

@@ -10,30 +10,51 @@ key is encrypted to the device's X25519 public key with libsodium's sealed box (
 PyNaCl / libsodium). Chunks are independent, so opening decrypts them on all cores, straight into one
 page-aligned buffer.
 
-Bundle format (version 2; integers little-endian)::
+The sealed box is anonymous: anyone holding the device's public key can seal to it. So the publisher
+signs the bundle (Ed25519, libsodium's ``crypto_sign_detached``) over a hash list of its ciphertext::
+
+    h_i = SHA-256(chunk record i as stored: ciphertext || tag)
+    D   = SHA-256(h_0 || h_1 || ... || h_{k-1})
+    signature = Ed25519(publisher key, "keyedge-bundle-signature-v3\\0" || header bytes [0, 144) || D)
+
+Every opener checks the header, then that the publisher's key is one it pins and that the signature
+verifies, before it opens the content key, decrypts or parses anything inside.
+
+Bundle format (version 3; integers little-endian)::
 
     0    8   magic "KEYEDGEB"
-    8    2   version = 2
-    10   2   flags = 0 (reserved)
+    8    2   version = 3
+    10   2   flags: bit 0 = signed (the other bits are 0)
     12   4   chunk size = 1 MiB
     16   16  recipient fingerprint (first 16 bytes of SHA-256("keyedge-device-fingerprint-v1\\0" || pk))
     32   80  sealed content key (crypto_box_seal: 32-byte key + 48)
-    112  ..  chunks: AES-256-GCM(chunk, nonce, additional data = bytes [0, 112)) || 16-byte tag;
+    112  32  publisher's Ed25519 public key (zero when unsigned)
+    144  64  Ed25519 signature (zero when unsigned)
+    208  ..  chunks: AES-256-GCM(chunk, nonce, additional data = bytes [0, 144)) || 16-byte tag;
              every chunk full but the last, which holds at least one byte
 
-The header is the additional data of every chunk, so it is authenticated. It holds nothing but the
-magic, the version, the chunk size, the recipient's fingerprint and the sealed content key.
+Bytes [0, 144) are the additional data of every chunk, so they are authenticated by the content key
+as well as signed. The header holds nothing but the magic, the version, the flags, the chunk size, the
+recipient's fingerprint, the sealed content key and the publisher's public key and signature.
 
-Payload (plaintext): ``u32 n || index (n bytes of JSON: {"format": "keyedge-bundle", "version": 2,
+Payload (plaintext): ``u32 n || index (n bytes of JSON: {"format": "keyedge-bundle", "version": 3,
 "files": [{"name", "size"}]})``, then each file at the next 4096-byte boundary (zero padding). Files:
 an ONNX model as ``model.onnx`` (the graph) + ``model.onnx.data`` (its large tensors, ONNX's
 external-data layout, each tensor 64-byte aligned), or ``model.engine``; the manifest; and for gather
 / kernel artifacts the key (``key.bin``). A runner opens its bundle through a :class:`SealedLoader`
 at each activation: it hands ONNX Runtime the tensors where they were decrypted (ONNX Runtime copies
 them into its session) or deserializes the engine from the buffer, then wipes the buffer at once, so
-nothing stays in plaintext between activations.
+nothing stays in plaintext between activations. A file name in the index is a plain name (no
+separator, no ``..``, unique); any other is refused with the whole bundle.
 
-Device keys (version 1): ``"KEYEDGED" || u16 version || u8 kind (1 private, 2 public) || 32 bytes``.
+Device keys (X25519) and publisher keys (Ed25519; the private one is its 32-byte seed), version 1:
+``"KEYEDGED" (device) or "KEYEDGEP" (publisher) || u16 version || u8 kind (1 private, 2 public) || 32 bytes``.
+
+Secrets in memory: the content key, the device's and the publisher's private keys and the plaintext
+are kept in buffers keyedge owns and overwrites after use. What keyedge cannot wipe: PyNaCl keeps a
+private key it is given as an immutable ``bytes`` inside its key object and returns the opened content
+key as ``bytes``, and ``cryptography`` copies the content key into OpenSSL's cipher context; those
+copies are freed (not zeroed) when the objects go.
 """
 
 from __future__ import annotations
@@ -47,22 +68,26 @@ import shlex
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes
+from ..core.io import atomic_write_bytes, read_secret_file, reading, secret_bytes, wipe
 from ..core.keys import Key
 
 MAGIC = b"KEYEDGEB"
-VERSION = 2
-KEY_MAGIC = b"KEYEDGED"
+VERSION = 3
+KEY_MAGIC, PUBLISHER_MAGIC = b"KEYEDGED", b"KEYEDGEP"
 KEY_VERSION = 1
 PRIVATE, PUBLIC = 1, 2
-HEADER = struct.Struct("<8sHHI16s80s")  # 112 bytes
+HEADER = struct.Struct("<8sHHI16s80s32s64s")  # 208 bytes
+AAD = 144  # header bytes every chunk authenticates and the signature covers: all but the signature
+SIGNED = 0x1
+SIGNATURE_DOMAIN = b"keyedge-bundle-signature-v3\0"
+PUBLISHER_DOMAIN = b"keyedge-publisher-fingerprint-v1\0"
+TRUST_ENV = "KEYEDGE_TRUSTED_PUBLISHERS"
 CHUNK = 1 << 20
 TAG = 16  # AES-GCM tag
 ALIGN = 4096  # files in the payload start on page boundaries; tensors in model.onnx.data on 64 bytes
@@ -71,6 +96,10 @@ EXTERNAL_DATA = "model.onnx.data"
 FINGERPRINT_DOMAIN = b"keyedge-device-fingerprint-v1\0"
 KEY_COMMAND_ENV = "KEYEDGE_DEVICE_KEY_COMMAND"
 SUFFIX = ".kes"
+KEY_FILE = 8 + 3 + 32  # a device or publisher key file
+
+
+P = TypeVar("P", bound="_PublicKey")
 
 
 class BundleError(KeyedgeError):
@@ -82,93 +111,217 @@ def _nacl():
         import nacl.bindings
         import nacl.exceptions
         import nacl.public
+        import nacl.signing
     except ImportError:  # pragma: no cover - a declared dependency
         raise KeyedgeError("sealing needs PyNaCl (libsodium): pip install pynacl") from None
     return nacl
 
 
-def fingerprint(public: bytes) -> str:
-    return hashlib.sha256(FINGERPRINT_DOMAIN + public).digest()[:16].hex()
+def fingerprint(public: bytes, domain: bytes = FINGERPRINT_DOMAIN) -> str:
+    return hashlib.sha256(domain + public).digest()[:16].hex()
+
+
+def _key_file(magic: bytes, kind: int, raw) -> bytes:
+    return magic + struct.pack("<HB", KEY_VERSION, kind) + bytes(raw)
 
 
 @dataclass(frozen=True)
-class DevicePublicKey:
+class _PublicKey:
+    """A public key file's 32 bytes: a device's (X25519) or a publisher's (Ed25519)."""
+    MAGIC: ClassVar[bytes]
+    DOMAIN: ClassVar[bytes]
+    WHO: ClassVar[str]
     raw: bytes
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.raw)
+        return fingerprint(self.raw, self.DOMAIN)
 
     def to_bytes(self) -> bytes:
-        return KEY_MAGIC + struct.pack("<HB", KEY_VERSION, PUBLIC) + self.raw
+        return _key_file(self.MAGIC, PUBLIC, self.raw)
 
     @classmethod
-    def load(cls, path: Path) -> "DevicePublicKey":
-        return cls(_parse_key(_read(path, "device public key"), PUBLIC, str(path)))
+    def load(cls: type[P], path: Path) -> P:
+        return cls(bytes(_parse_key(_read(path, f"{cls.WHO} public key"), cls.MAGIC, PUBLIC, str(path))))
+
+
+@dataclass(frozen=True)
+class DevicePublicKey(_PublicKey):
+    """What a bundle is sealed to."""
+    MAGIC: ClassVar[bytes] = KEY_MAGIC
+    DOMAIN: ClassVar[bytes] = FINGERPRINT_DOMAIN
+    WHO: ClassVar[str] = "device"
 
 
 class DeviceKey:
     """A device's X25519 key pair. The private half is never printed, logged or put in metadata."""
 
-    def __init__(self, private: bytes) -> None:
+    def __init__(self, private) -> None:
         nacl = _nacl()
-        self._private = nacl.public.PrivateKey(private)
+        self._private = nacl.public.PrivateKey(bytes(private))
         self.public = DevicePublicKey(bytes(self._private.public_key))
 
     @classmethod
     def generate(cls) -> "DeviceKey":
-        nacl = _nacl()
-        return cls(bytes(nacl.public.PrivateKey.generate()))
+        return cls(_random_secret(32))
 
     @property
     def fingerprint(self) -> str:
         return self.public.fingerprint
 
-    def to_bytes(self) -> bytes:
-        return KEY_MAGIC + struct.pack("<HB", KEY_VERSION, PRIVATE) + bytes(self._private)
-
     def save(self, path: Path, *, overwrite: bool = False) -> Path:
-        return atomic_write_bytes(path, self.to_bytes(), mode=0o600, overwrite=overwrite)
+        return _save_secret(path, KEY_MAGIC, bytes(self._private), overwrite)
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "DeviceKey":
-        return cls(_parse_key(data, PRIVATE, where))
+    def from_bytes(cls, data, where: str) -> "DeviceKey":
+        return cls(_parse_key(data, KEY_MAGIC, PRIVATE, where))
 
-    def open_content_key(self, sealed: bytes) -> bytes:
+    def open_content_key(self, sealed: bytes) -> bytearray:
         nacl = _nacl()
         try:
-            return nacl.public.SealedBox(self._private).decrypt(sealed)
+            opened = nacl.public.SealedBox(self._private).decrypt(sealed)
         except nacl.exceptions.CryptoError:
             raise BundleError("cannot open the bundle: it was tampered with, or this is not its device's "
                               "private key") from None
+        return bytearray(opened)  # PyNaCl's bytes copy cannot be wiped (see the module docstring)
 
 
-@contextmanager
-def _reading(path: Path, what: str) -> Iterator[None]:
-    """File errors as one line."""
+@dataclass(frozen=True)
+class PublisherPublicKey(_PublicKey):
+    """The key a device pins to tell its publisher's bundles from anyone else's."""
+    MAGIC: ClassVar[bytes] = PUBLISHER_MAGIC
+    DOMAIN: ClassVar[bytes] = PUBLISHER_DOMAIN
+    WHO: ClassVar[str] = "publisher"
+
+
+class PublisherKey:
+    """The publisher's Ed25519 signing key: it signs every bundle it seals. Never printed or logged."""
+
+    def __init__(self, seed) -> None:
+        nacl = _nacl()
+        self._signing = nacl.signing.SigningKey(bytes(seed))
+        self.public = PublisherPublicKey(bytes(self._signing.verify_key))
+
+    @classmethod
+    def generate(cls) -> "PublisherKey":
+        return cls(_random_secret(32))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PublisherKey":
+        """From a file, or from standard input (``-``)."""
+        if str(path) == "-":
+            with secret_bytes(sys.stdin.buffer.readinto, KEY_FILE, _too_large("standard input", "publisher")) as data:
+                return cls(_parse_key(data, PUBLISHER_MAGIC, PRIVATE, "standard input"))
+        with read_secret_file(path, "publisher key", KEY_FILE, "publisher private key") as data:
+            return cls(_parse_key(data, PUBLISHER_MAGIC, PRIVATE, str(path)))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+    def save(self, path: Path, *, overwrite: bool = False) -> Path:
+        return _save_secret(path, PUBLISHER_MAGIC, bytes(self._signing), overwrite)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._signing.sign(message).signature
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The publishers whose bundles a device opens (their keys pinned), and whether it also opens unsigned
+    bundles (development only)."""
+    publishers: tuple[PublisherPublicKey, ...] = ()
+    allow_unsigned: bool = False
+
+    def check(self, data, where: str) -> str | None:
+        """The fingerprint of the publisher whose signature over the bundle ``data`` verifies (None for an
+        unsigned bundle this trust allows); anything else is refused. Reads the ciphertext only."""
+        _, _, flags = read_header(data, where)
+        _, _, _, _, _, _, publisher, signature = HEADER.unpack_from(data)
+        if not flags & SIGNED:
+            if self.allow_unsigned:
+                return None
+            raise BundleError(f"{where} is not signed by a publisher: seal it with --sign-with PUBLISHER.key "
+                              "(--allow-unsigned opens it for development only)")
+        known = {p.raw: p for p in self.publishers}
+        if publisher not in known:
+            raise BundleError(f"{where} is signed by publisher {fingerprint(publisher, PUBLISHER_DOMAIN)}, which "
+                              "is not trusted here (pass --trust PUBLISHER.pub or set " + TRUST_ENV + ")")
+        nacl = _nacl()
+        try:
+            nacl.signing.VerifyKey(publisher).verify(_signed_message(data), signature)
+        except nacl.exceptions.BadSignatureError:
+            raise BundleError(f"{where}: the publisher's signature does not verify (the bundle was changed, "
+                              "truncated or extended, or forged)") from None
+        return known[publisher].fingerprint
+
+
+def read_trust(paths=(), allow_unsigned: bool = False, *, echo=None) -> Trust:
+    """Pinned publisher keys: the ``paths`` given (``--trust``, repeatable for rotation) and those of
+    ``$KEYEDGE_TRUSTED_PUBLISHERS`` (public key files separated by ``os.pathsep``)."""
+    env = [p for p in os.environ.get(TRUST_ENV, "").split(os.pathsep) if p]
+    keys = tuple(dict.fromkeys(PublisherPublicKey.load(Path(p)) for p in [*map(str, paths), *env]))
+    if allow_unsigned and echo is not None:
+        echo("WARNING: --allow-unsigned: bundles that no publisher signed are opened too (development only: "
+             "anyone holding the device's public key can make one)", err=True)
+    return Trust(keys, allow_unsigned)
+
+
+@dataclass(frozen=True)
+class Opener:
+    """What a device needs to open its bundles: its private key and the publishers it trusts."""
+    device: DeviceKey
+    trust: Trust
+
+    @property
+    def fingerprint(self) -> str:
+        return self.device.fingerprint
+
+
+def _random_secret(n: int) -> bytearray:
+    """n bytes from the kernel's CSPRNG, straight into a buffer keyedge can wipe (getrandom(2))."""
+    buf = bytearray(n)
+    view = (ctypes.c_char * n).from_buffer(buf)
     try:
-        yield
-    except FileNotFoundError:
-        raise KeyedgeError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise KeyedgeError(f"cannot read {what} {path}: {exc.strerror}") from None
+        got = ctypes.CDLL(None, use_errno=True).getrandom(view, ctypes.c_size_t(n), 0)
+    except AttributeError:  # pragma: no cover - a libc without getrandom
+        got = -1
+    del view
+    if got != n:  # pragma: no cover
+        buf[:] = os.urandom(n)
+    return buf
+
+
+def _save_secret(path: Path, magic: bytes, raw: bytes, overwrite: bool) -> Path:
+    data = bytearray(_key_file(magic, PRIVATE, raw))
+    try:
+        return atomic_write_bytes(path, data, mode=0o600, overwrite=overwrite)
+    finally:
+        wipe(data)
+
+
+def _too_large(where: str, who: str) -> str:
+    return f"{where} is not a keyedge {who} private key (more than {KEY_FILE} bytes)"
 
 
 def _read(path: Path, what: str) -> bytes:
-    with _reading(path, what):
+    with reading(path, what):
         return Path(path).read_bytes()
 
 
-def _parse_key(data: bytes, kind: int, where: str) -> bytes:
+def _parse_key(data, magic: bytes, kind: int, where: str) -> memoryview:
+    """The 32 key bytes of a device or publisher key file (a view into ``data``)."""
+    who = "device" if magic == KEY_MAGIC else "publisher"
     name = "private" if kind == PRIVATE else "public"
-    if len(data) != 8 + 3 + 32 or data[:8] != KEY_MAGIC:
-        raise KeyedgeError(f"{where} is not a keyedge device {name} key")
+    if len(data) != 8 + 3 + 32 or bytes(data[:8]) != magic:
+        other = {KEY_MAGIC: "a device key", PUBLISHER_MAGIC: "a publisher key"}.get(bytes(data[:8]))
+        raise KeyedgeError(f"{where} is not a keyedge {who} {name} key" + (f" (it is {other})" if other else ""))
     version, got = struct.unpack_from("<HB", data, 8)
     if version != KEY_VERSION:
-        raise KeyedgeError(f"{where} is a device key of unknown version {version}")
+        raise KeyedgeError(f"{where} is a {who} key of unknown version {version}")
     if got != kind:
-        raise KeyedgeError(f"{where} is a device {'public' if got == PUBLIC else 'private'} key, not a {name} key")
-    return data[11:]
+        raise KeyedgeError(f"{where} is a {who} {'public' if got == PUBLIC else 'private'} key, not a {name} key")
+    return memoryview(data)[11:]
 
 
 def read_device_key(path: str | Path | None = None, command: str | None = None) -> DeviceKey:
@@ -177,27 +330,60 @@ def read_device_key(path: str | Path | None = None, command: str | None = None) 
     it from OP-TEE secure storage, the fTPM or a TPM 2.0 -- so it never has to lie on the disk."""
     command = command or (os.environ.get(KEY_COMMAND_ENV) if path is None else None)
     if path is not None and str(path) == "-":
-        return DeviceKey.from_bytes(sys.stdin.buffer.read(), "standard input")
+        with secret_bytes(sys.stdin.buffer.readinto, KEY_FILE, _too_large("standard input", "device")) as data:
+            return DeviceKey.from_bytes(data, "standard input")
     if path is not None:
-        return DeviceKey.from_bytes(_read(Path(path), "device key"), str(path))
+        with read_secret_file(path, "device key", KEY_FILE, "device private key") as data:
+            return DeviceKey.from_bytes(data, str(path))
     if command:
-        try:
-            proc = subprocess.run(shlex.split(command), capture_output=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise KeyedgeError(f"the device-key command failed to run: {exc}") from None
-        if proc.returncode != 0:
-            raise KeyedgeError(f"the device-key command exited with {proc.returncode}")
-        return DeviceKey.from_bytes(proc.stdout, "the device-key command's output")
+        return _key_from_command(command)
     raise KeyedgeError("a sealed bundle needs its device's private key: pass --device-key PATH (or -), "
                        f"--device-key-command CMD, or set {KEY_COMMAND_ENV}")
 
 
-def device_key_for(artifacts: list[Path], path: str | Path | None = None,
-                   command: str | None = None) -> DeviceKey | None:
-    """The device key, read (:func:`read_device_key`) only when a sealed bundle is among the artifacts."""
-    if not any(Path(a).suffix == SUFFIX for a in artifacts):
-        return None
-    return read_device_key(path, command)
+def _key_from_command(command: str) -> DeviceKey:
+    """The private key a command prints, read from its pipe straight into a buffer that is wiped."""
+    try:
+        proc = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    except OSError as exc:
+        raise KeyedgeError(f"the device-key command failed to run: {exc.strerror}") from None
+    try:
+        assert proc.stdout is not None
+        with secret_bytes(proc.stdout.readinto, KEY_FILE, _too_large("the device-key command's output", "device")) as data:
+            code = proc.wait(timeout=60)
+            if code != 0:
+                raise KeyedgeError(f"the device-key command exited with {code}")
+            return DeviceKey.from_bytes(data, "the device-key command's output")
+    except subprocess.TimeoutExpired:
+        raise KeyedgeError("the device-key command did not finish within 60 s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@dataclass(frozen=True)
+class DeviceAccess:
+    """Where a command gets what opens sealed bundles: the device's private key (a file, ``-`` for standard
+    input, or a command: :func:`read_device_key`) and the pinned publisher keys (:func:`read_trust`)."""
+    key: str | Path | None = None
+    command: str | None = None
+    trust: tuple[Path, ...] = ()
+    allow_unsigned: bool = False
+
+    def opener(self, echo=None) -> Opener:
+        """Reads the trust first (no publisher pinned: only ``allow_unsigned`` opens), then the device key."""
+        trust = read_trust(self.trust, self.allow_unsigned, echo=echo)
+        if not trust.publishers and not trust.allow_unsigned:
+            raise KeyedgeError("a sealed bundle opens only if its publisher is trusted: pass --trust PUBLISHER.pub "
+                               f"(repeatable) or set {TRUST_ENV} (--allow-unsigned: development only)")
+        return Opener(read_device_key(self.key, self.command), trust)
+
+    def opener_for(self, artifacts: list[Path], echo=None) -> Opener | None:
+        """:meth:`opener`, read only when a sealed bundle is among the artifacts."""
+        return self.opener(echo) if any(Path(a).suffix == SUFFIX for a in artifacts) else None
 
 
 # ---- seal / unseal ---------------------------------------------------------------------------
@@ -219,11 +405,28 @@ def _nonce(i: int, last: bool) -> bytes:
     return i.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
-def seal(files: dict[str, bytes], recipient: DevicePublicKey) -> bytes:
-    """Encrypt ``files`` to ``recipient``; returns the bundle's bytes."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+def _records(body) -> list:
+    """The chunk records (ciphertext || tag) of a bundle's body, as views."""
+    return [body[at:at + CHUNK + TAG] for at in range(0, len(body), CHUNK + TAG)]
 
-    nacl = _nacl()
+
+def _signed_message(data) -> bytes:
+    """What the publisher signs: the domain, header bytes [0, AAD) and the hash list of the chunk records."""
+    with memoryview(data) as view:
+        records = _records(view[HEADER.size:])
+        if len(records) > 16:  # SHA-256 releases the GIL: hash the records on all cores
+            with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
+                hashes = list(pool.map(lambda r: hashlib.sha256(r).digest(), records))
+        else:
+            hashes = [hashlib.sha256(r).digest() for r in records]
+        for r in records:
+            r.release()
+        return SIGNATURE_DOMAIN + bytes(view[:AAD]) + hashlib.sha256(b"".join(hashes)).digest()
+
+
+def payload(files: dict[str, bytes]) -> bytearray:
+    """The plaintext of a bundle of ``files``: ``u32 n || index || each file at the next page``."""
+    check_names(list(files), "the bundle")
     index = json.dumps({"format": "keyedge-bundle", "version": VERSION,
                         "files": [{"name": name, "size": len(data)} for name, data in files.items()]}).encode()
     offsets, total = _layout(len(index), [len(d) for d in files.values()])
@@ -231,42 +434,74 @@ def seal(files: dict[str, bytes], recipient: DevicePublicKey) -> bytes:
     plain[:4 + len(index)] = struct.pack("<I", len(index)) + index
     for offset, data in zip(offsets, files.values()):
         plain[offset:offset + len(data)] = data
-    content_key = AESGCM.generate_key(bit_length=256)
-    sealed_key = nacl.public.SealedBox(nacl.public.PublicKey(recipient.raw)).encrypt(content_key)
-    header = HEADER.pack(MAGIC, VERSION, 0, CHUNK, bytes.fromhex(recipient.fingerprint), sealed_key)
-    n = (total + CHUNK - 1) // CHUNK
-    out = bytearray(HEADER.size + total + n * TAG)
+    return plain
+
+
+def seal(files: dict[str, bytes], recipient: DevicePublicKey, signer: PublisherKey | None = None) -> bytes:
+    """Encrypt ``files`` to ``recipient`` and sign the bundle with ``signer`` (None: unsigned, which
+    devices refuse unless they allow unsigned bundles); returns the bundle's bytes."""
+    plain = payload(files)
+    try:
+        return seal_payload(plain, recipient, signer)
+    finally:
+        wipe(plain)
+
+
+def seal_payload(plain, recipient: DevicePublicKey, signer: PublisherKey | None = None) -> bytes:
+    """Encrypt and sign a bundle's plaintext as it is (:func:`payload` makes it from files)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nacl = _nacl()
+    content_key = _random_secret(32)
+    sealed_key = nacl.public.SealedBox(nacl.public.PublicKey(recipient.raw)).encrypt(bytes(content_key))
+    publisher = signer.public.raw if signer is not None else bytes(32)
+    header = HEADER.pack(MAGIC, VERSION, SIGNED if signer is not None else 0, CHUNK,
+                         bytes.fromhex(recipient.fingerprint), sealed_key, publisher, bytes(64))
+    n = max(1, (len(plain) + CHUNK - 1) // CHUNK)
+    out = bytearray(HEADER.size + len(plain) + n * TAG)
     out[:HEADER.size] = header
-    aead, src, dst = AESGCM(content_key), memoryview(plain), memoryview(out)
-    for i in range(n):
-        chunk = src[i * CHUNK:(i + 1) * CHUNK]
-        at = HEADER.size + i * (CHUNK + TAG)
-        aead.encrypt_into(_nonce(i, i == n - 1), chunk, header, dst[at:at + len(chunk) + TAG])
-    src.release()
-    wipe(plain)
-    dst.release()
+    aead = AESGCM(content_key)
+    wipe(content_key)
+    with memoryview(plain) as src, memoryview(out) as dst:
+        for i in range(n):
+            chunk = src[i * CHUNK:(i + 1) * CHUNK]
+            at = HEADER.size + i * (CHUNK + TAG)
+            aead.encrypt_into(_nonce(i, i == n - 1), chunk, header[:AAD], dst[at:at + len(chunk) + TAG])
+            chunk.release()
+    if signer is not None:
+        out[AAD:HEADER.size] = signer.sign(_signed_message(out))
     return bytes(out)
 
 
-def read_header(data, where: str = "bundle") -> tuple[int, str]:
-    """(version, recipient fingerprint) of a bundle, after the checks that need no key."""
+def read_header(data, where: str = "bundle") -> tuple[int, str, int]:
+    """(version, recipient fingerprint, flags) of a bundle, after the checks that need no key."""
     if len(data) < HEADER.size:
         raise BundleError(f"{where} is truncated (or not a keyedge bundle)")
-    magic, version, _, chunk, fp, _ = HEADER.unpack_from(data)
+    magic, version, flags, chunk, fp, _, publisher, signature = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise BundleError(f"{where} is not a keyedge sealed bundle")
     if version != VERSION:
         raise BundleError(f"{where} is bundle version {version}; this keyedge reads version {VERSION}"
                           + (" (seal the artifact again)" if version < VERSION else ""))
-    if chunk != CHUNK:
-        raise BundleError(f"{where} was tampered with (chunk size {chunk})")
-    return version, fp.hex()
+    if chunk != CHUNK or flags & ~SIGNED or (not flags & SIGNED and (any(publisher) or any(signature))):
+        raise BundleError(f"{where} was tampered with (its header's chunk size or flags)")
+    return version, fp.hex(), flags
 
 
 def bundle_recipient(path: Path) -> str:
     """The recipient fingerprint of a bundle file, after the checks that need no key (its header only)."""
-    with _reading(path, "bundle"), open(path, "rb") as fh:
+    with reading(path, "bundle"), open(path, "rb") as fh:
         return read_header(fh.read(HEADER.size), str(path))[1]
+
+
+def check_names(names: list[str], where: str) -> None:
+    """Names of a bundle's files: plain, relative and unique (``model.onnx``), never a path."""
+    for name in names:
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                or "\0" in name or len(name) > 255):
+            raise BundleError(f"{where} names a file {name!r}: a bundle's files have plain names only")
+    if len(set(names)) != len(names):
+        raise BundleError(f"{where} names a file twice")
 
 
 def _secret_buffer(size: int) -> mmap.mmap:
@@ -290,6 +525,7 @@ def _decrypt(body: memoryview, header: bytes, content_key: bytes, where: str) ->
     n = (len(body) + CHUNK + TAG - 1) // (CHUNK + TAG)
     total = len(body) - n * TAG
     if n == 0 or len(body) - (n - 1) * (CHUNK + TAG) <= TAG:
+        body.release()
         raise BundleError(f"{where} is truncated")
     out = _secret_buffer(total)
     dst, aead = memoryview(out), AESGCM(content_key)
@@ -326,6 +562,7 @@ class Plaintext:
     """A bundle's files, decrypted into one buffer that only keyedge holds; wiped when done."""
     buffer: mmap.mmap
     spans: dict[str, tuple[int, int]]  # name -> (offset, size) in buffer
+    publisher: str | None = None  # the fingerprint of the trusted publisher that signed it (None: unsigned)
     wiped: bool = False
 
     def read(self, name: str) -> bytes:
@@ -354,35 +591,51 @@ class Plaintext:
             pass
 
 
-def unseal(data, device: DeviceKey, where: str = "bundle") -> Plaintext:
-    """Decrypt a bundle in memory; returns its files. Any change, truncation or extension is refused."""
-    _, fp = read_header(data, where)
+def unseal(data, opener: Opener, where: str = "bundle") -> Plaintext:
+    """Verify a bundle's publisher, then decrypt it in memory; returns its files. Any change, truncation
+    or extension is refused, and so is a bundle no trusted publisher signed."""
+    _, fp, _ = read_header(data, where)
+    publisher = opener.trust.check(data, where)  # before anything inside is opened or parsed
+    device = opener.device
     if fp != device.fingerprint:
         raise BundleError(f"{where} is sealed to device {fp}, not to this device ({device.fingerprint})")
     header = bytes(data[:HEADER.size])
     content_key = device.open_content_key(HEADER.unpack(header)[5])
-    with memoryview(data) as view:
-        plain = Plaintext(_decrypt(view[HEADER.size:], header, content_key, where), {})
     try:
-        (n,) = struct.unpack_from("<I", plain.buffer)
-        index = json.loads(plain.buffer[4:4 + n])
-        entries = [(str(f["name"]), int(f["size"])) for f in index["files"]]
-        offsets, total = _layout(n, [size for _, size in entries])
-        if total != len(plain.buffer) or len({name for name, _ in entries}) != len(entries):
-            raise ValueError
-    except (ValueError, KeyError, TypeError, struct.error):
+        with memoryview(data) as view:
+            buffer = _decrypt(view[HEADER.size:], header[:AAD], content_key, where)
+    finally:
+        wipe(content_key)
+    plain = Plaintext(buffer, {}, publisher)
+    try:
+        plain.spans = _index(plain.buffer, where)
+    except BaseException:
         plain.wipe()
-        raise BundleError(f"{where} has an unreadable index") from None
-    plain.spans = {name: (offset, size) for (name, size), offset in zip(entries, offsets)}
+        raise
     return plain
 
 
-def wipe(buffer) -> None:
-    """Overwrite a writable buffer keyedge owns (immutable copies made by libraries cannot be wiped)."""
-    if len(buffer):
-        view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
-        ctypes.memset(view, 0, len(buffer))
-        del view
+def _index(buffer: mmap.mmap, where: str) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) from the payload's index; anything malformed is refused as a whole."""
+    bad = BundleError(f"{where} has an unreadable index")
+    if len(buffer) < 4:
+        raise bad
+    (n,) = struct.unpack_from("<I", buffer)
+    try:
+        index = json.loads(bytes(buffer[4:4 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad from None
+    files = index.get("files") if isinstance(index, dict) else None
+    if (not isinstance(files, list) or index.get("format") != "keyedge-bundle" or index.get("version") != VERSION
+            or not all(isinstance(f, dict) and isinstance(f.get("size"), int) and not isinstance(f["size"], bool)
+                       and 0 <= f["size"] <= len(buffer) for f in files)):
+        raise bad
+    names = [f.get("name") for f in files]
+    check_names(names, where)
+    offsets, total = _layout(n, [f["size"] for f in files])
+    if 4 + n > len(buffer) or total != len(buffer):
+        raise bad
+    return {name: (offset, f["size"]) for name, f, offset in zip(names, files, offsets)}
 
 
 def external_layout(model: bytes) -> tuple[bytes, bytes]:
@@ -437,7 +690,8 @@ class Bundle:
         """The key a gather / kernel bundle holds (None for the others)."""
         if "key.bin" not in self.plain.spans:
             return None
-        return Key.from_bytes(self.plain.read("key.bin"), source=f"{self.path} (sealed key)")
+        with self.plain.view("key.bin") as data:
+            return Key.from_bytes(data, source=f"{self.path} (sealed key)")
 
     def wipe(self) -> None:
         self.plain.wipe()
@@ -445,25 +699,32 @@ class Bundle:
 
 def _map(path: Path) -> mmap.mmap:
     """The bundle's bytes, mapped read-only (no copy; the file is closed once decrypted)."""
-    with _reading(path, "bundle"), open(path, "rb") as fh:
+    with reading(path, "bundle"), open(path, "rb") as fh:
         if os.fstat(fh.fileno()).st_size < HEADER.size:
             raise BundleError(f"{path} is truncated (or not a keyedge bundle)")
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def open_bundle(path: Path, device: DeviceKey) -> Bundle:
+def open_bundle(path: Path, opener: Opener) -> Bundle:
     mapped = _map(Path(path))
     try:
-        plain = unseal(mapped, device, str(path))
+        plain = unseal(mapped, opener, str(path))
     finally:
         mapped.close()
     spans = plain.spans
     model_name = next((n for n in ("model.engine", "model.onnx") if n in spans), None)
     manifest_name = {"model.engine": "model.engine.json", "model.onnx": "manifest.json"}.get(model_name or "")
-    if model_name is None or manifest_name not in spans:
+    try:
+        if model_name is None or manifest_name not in spans:
+            raise BundleError(f"{path} holds no model and manifest")
+        text = plain.read(manifest_name).decode("utf-8")
+    except UnicodeDecodeError:
         plain.wipe()
-        raise BundleError(f"{path} holds no model and manifest")
-    return Bundle(Path(path), model_name, plain.read(manifest_name).decode(), plain)
+        raise BundleError(f"{path}: its manifest is not UTF-8 text") from None
+    except BaseException:
+        plain.wipe()
+        raise
+    return Bundle(Path(path), model_name, text, plain)
 
 
 @dataclass(frozen=True)
@@ -473,11 +734,11 @@ class SealedLoader:
     ``manifest_text``: the manifest the bundle was resolved with; a bundle that no longer holds it (the
     file was replaced since) is refused."""
     path: Path
-    device: DeviceKey
+    opener: Opener
     manifest_text: str | None = None
 
     def __call__(self) -> Bundle:
-        bundle = open_bundle(self.path, self.device)
+        bundle = open_bundle(self.path, self.opener)
         if self.manifest_text is not None and bundle.manifest_text != self.manifest_text:
             bundle.wipe()
             raise BundleError(f"{self.path} changed since it was opened (another manifest): open it again")

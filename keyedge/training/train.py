@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..core.data import load_data, random_shift
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes, check_output_dir
+from ..core.io import SECRET, atomic_write_bytes, check_output_dir, make_secret
 from ..core.keys import Key
 from ..core.lora import attach_lora, count_parameters, save_adapter
 from ..core.manifests import (MANIFEST, BaseCheckpoint, DataInfo, LoraSpec, ModelSpec, RunInput, RunManifest,
@@ -225,7 +225,7 @@ def train(cfg: TrainConfig, console=None) -> RunManifest:
     if cfg.resume:
         start_epoch, step = _resume(s, out)
     elif main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)  # it will hold keyed weights
         for stale in (CHECKPOINT, MANIFEST, WEIGHTS):  # files a previous run of ours wrote
             (out / stale).unlink(missing_ok=True)
     net: torch.nn.Module = s.keyed
@@ -268,6 +268,7 @@ def _save_epoch(out: Path, s: _Setup, cfg: TrainConfig, manifest: RunManifest, e
         state = {k: v.detach().contiguous().cpu() for k, v in s.keyed.model.state_dict().items()}
         tmp = out / f".{WEIGHTS}.tmp"
         save_file(state, str(tmp))
+        make_secret(tmp)
         os.replace(tmp, out / WEIGHTS)
         unique = out / WEIGHTS
     manifest = manifest.replace(per_key_bytes=unique.stat().st_size)
@@ -276,6 +277,6 @@ def _save_epoch(out: Path, s: _Setup, cfg: TrainConfig, manifest: RunManifest, e
                 "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
                 "scaler": s.scaler.state_dict(), "epoch": epoch, "step": step,
                 "rng": torch.get_rng_state(), "key_fingerprint": manifest.key_fingerprint}, buf)
-    atomic_write_bytes(out / CHECKPOINT, buf.getvalue())
+    atomic_write_bytes(out / CHECKPOINT, buf.getvalue(), mode=SECRET)  # the keyed model's weights
     manifest.write(out / MANIFEST)
     return manifest

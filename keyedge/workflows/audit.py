@@ -12,19 +12,19 @@ from ..core.manifests import write_json
 from ..core.progress import Echo, echo
 from ..redteam.audit import KeyLeak, audit, audit_markdown
 from ..redteam.config import AuditConfig
-from ..runtime.bundle import device_key_for
+from ..runtime.bundle import DeviceAccess
 
 
 def audit_release(artifacts: list[Path], base: Path, key_path: Path | None, out: Path,
-                  cfg: AuditConfig | None = None, *, data: str | None = None, device_key: Path | None = None,
-                  device_key_command: str | None = None, force: bool = False, echo: Echo = echo) -> dict[str, Any]:
+                  cfg: AuditConfig | None = None, *, data: str | None = None, access: DeviceAccess | None = None,
+                  force: bool = False, echo: Echo = echo) -> dict[str, Any]:
     """Audit, write ``report.md`` and ``audit.json`` into ``out``, one line per artifact; raises
     :class:`~keyedge.redteam.audit.KeyLeak` (after writing) when the gate fails. A bundle is audited as a
     copy of it stands (ciphertext) and, given the device's private key, as opened on its device too."""
     check_output_dir(out, force)
     key = Key.load(key_path) if key_path else None
-    device = device_key_for(artifacts, device_key, device_key_command) if device_key or device_key_command else None
-    report = audit(artifacts, base, key, cfg, data=data, device_key=device)
+    opener = access.opener_for(artifacts, echo) if access is not None else None
+    report = audit(artifacts, base, key, cfg, data=data, opener=opener)
     with staged_dir(out, force=force) as stage:
         write_json(stage / "audit.json", report)
         atomic_write_text(stage / "report.md", audit_markdown(report))

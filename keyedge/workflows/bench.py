@@ -16,16 +16,16 @@ from ..core.manifests import ArtifactManifest, write_json
 from ..core.progress import Echo, echo, status_printer
 from ..deploy.targets import load_target
 from ..runtime.artifacts import open_export
-from ..runtime.bundle import device_key_for
+from ..runtime.bundle import DeviceAccess
 
 
 def bench(artifacts: list[Path], out: Path, cfg: BenchConfig | None = None, *, key_path: Path | None = None,
-          device_key: Path | None = None, device_key_command: str | None = None, force: bool = False,
+          access: DeviceAccess = DeviceAccess(), force: bool = False,
           console: Console | None = None, echo: Echo = echo) -> dict[str, Any]:
     """Measure every artifact on every backend here, interleaved; the reports into ``out``."""
     check_output_dir(out, force)
     key = Key.load(key_path) if key_path else None
-    results = run_bench(artifacts, cfg, key=key, device_key=device_key_for(artifacts, device_key, device_key_command),
+    results = run_bench(artifacts, cfg, key=key, opener=access.opener_for(artifacts, echo),
                         status=status_printer(console or Console(stderr=True), "bench"))
     with staged_dir(out, force=force) as stage:
         write_json(stage / "bench.json", results)

@@ -12,19 +12,19 @@ from ..core.progress import Echo, echo
 from ..deploy.targets import Target, load_target
 from ..deploy.tensorrt import build_engine, build_sealed, engine_blockers, write_build_plan
 from ..runtime.artifacts import open_export
-from ..runtime.bundle import SUFFIX, bundle_recipient, open_bundle, read_device_key
+from ..runtime.bundle import SUFFIX, DeviceAccess, bundle_recipient, open_bundle
+from .sealing import read_signer
 
 
 def build(artifact: Path, target: str | Path, out: Path, *, timing_cache: Path | None = None,
-          plan_only: bool = False, device_key: Path | None = None, device_key_command: str | None = None,
+          plan_only: bool = False, access: DeviceAccess = DeviceAccess(), sign_with: Path | None = None,
           force: bool = False, echo: Echo = echo) -> Path:
     """Build for ``target`` (a profile name or a .toml) into ``out``; returns what was built: the engine,
-    the sealed engine bundle, or the plan's directory."""
+    the sealed engine bundle (signed with ``sign_with``), or the plan's directory."""
     tgt = load_target(target)
     if artifact.suffix == SUFFIX:
         check_output_dir(out, force)
-        return _build_sealed(artifact, tgt, out, timing_cache, plan_only, device_key, device_key_command, force,
-                             echo)
+        return _build_sealed(artifact, tgt, out, timing_cache, plan_only, access, sign_with, force, echo)
     art = open_export(artifact)
     check_output_dir(out, force)
     reasons = engine_blockers(tgt, plan_only)
@@ -45,19 +45,21 @@ def build(artifact: Path, target: str | Path, out: Path, *, timing_cache: Path |
 
 
 def _build_sealed(bundle: Path, tgt: Target, out: Path, timing_cache: Path | None, plan_only: bool,
-                  device_key: Path | None, device_key_command: str | None, force: bool, echo: Echo) -> Path:
+                  access: DeviceAccess, sign_with: Path | None, force: bool, echo: Echo) -> Path:
     bundle_recipient(bundle)  # a file that is no bundle is refused as such
     reasons = engine_blockers(tgt, plan_only)
     if reasons:
         raise KeyedgeError(f"a sealed bundle is built on its device, in memory, with TensorRT's Python API "
                            f"(a build plan would write the model in plaintext): {'; '.join(dict.fromkeys(reasons))}")
-    device = read_device_key(device_key, device_key_command)
-    opened = open_bundle(bundle, device)
+    signer = read_signer(sign_with, access.allow_unsigned)
+    opener = access.opener(echo)
+    opened = open_bundle(bundle, opener)
     cache_in = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    data, cache = build_sealed(opened, device, tgt, cache_in)
+    data, cache = build_sealed(opened, opener.device.public, tgt, cache_in, signer)
     with staged_dir(out, force=force) as stage:
         atomic_write_bytes(stage / "model.kes", data, mode=0o600)
         (stage / tgt.timing_cache).write_bytes(cache)  # kernel timings only: no weights
     echo(f"built a TensorRT engine for {tgt.name} from {bundle} in memory and sealed it to device "
-         f"{device.fingerprint}: {out / 'model.kes'}")
+         f"{opener.fingerprint}" + (f", signed by publisher {signer.fingerprint}" if signer else ", UNSIGNED")
+         + f": {out / 'model.kes'}")
     return out / "model.kes"

@@ -37,13 +37,14 @@ from ..redteam.attacks.query import runner_model
 from ..redteam.config import AuditConfig
 from ..redteam.evaluate import blast_radius, evaluate
 from ..redteam.report import eps_plot, eval_markdown, query_plot
+from ..runtime.bundle import DeviceAccess
 from ..runtime.runners import OnnxRunner
 from ..training.config import TrainConfig
 from ..training.train import train
 from .audit import audit_release
 from .config import DemoConfig
 from .export import export_run
-from .keys import device_keygen
+from .keys import device_keygen, publisher_keygen
 from .parity import run_parity
 from .sealing import seal_to
 
@@ -125,7 +126,7 @@ def _evaluate(cfg: DemoConfig, out: Path, key: Key, manifests: dict[str, RunMani
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     out = check_output_dir(cfg.out, cfg.force)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, keyed weights
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -158,20 +159,25 @@ SEALED = ("fused_fp32", "gather_fp32")  # the keyed full model's artifacts seale
 
 
 def _seal_for_demo_device(out: Path, artifacts: list[Path], key_path: Path,
-                          console: Console) -> tuple[Path, list[Path]]:
-    """A demo device key pair, and each artifact sealed to it (with the key, for the gather one); the
-    private key stays in the demo's out/device/, as a stand-in for the device's secure storage."""
-    (out / "device").mkdir(exist_ok=True)
-    device_key = out / "device" / "device.key"
+                          console: Console) -> tuple[DeviceAccess, list[Path]]:
+    """A demo publisher and device key pair, and each artifact sealed to the device and signed by the
+    publisher (with the key, for the gather one); the private keys stay in the demo's out/device/ and
+    out/publisher/, as stand-ins for the device's secure storage and the publisher's offline key."""
+    for sub in ("device", "publisher"):
+        (out / sub).mkdir(mode=0o700, exist_ok=True)
+    device_key, publisher_key = out / "device" / "device.key", out / "publisher" / "publisher.key"
     device = device_keygen(device_key, force=True, echo=quiet)
+    publisher = publisher_keygen(publisher_key, force=True, echo=quiet)
     bundles = []
     for artifact in artifacts:
         bundle = artifact.parent / f"sealed_{artifact.name}" / "model.kes"
-        bundle.parent.mkdir(exist_ok=True)
-        seal_to(artifact, device_key.with_suffix(".pub"), bundle, key_path, force=True, echo=quiet)
-        console.print(f"[bold]seal[/]: {artifact.name} sealed to demo device {device.fingerprint} -> {bundle}")
+        bundle.parent.mkdir(mode=0o700, exist_ok=True)
+        seal_to(artifact, device_key.with_suffix(".pub"), bundle, key_path, sign_with=publisher_key, force=True,
+                echo=quiet)
+        console.print(f"[bold]seal[/]: {artifact.name} sealed to demo device {device.fingerprint}, signed by "
+                      f"publisher {publisher.fingerprint} -> {bundle}")
         bundles.append(bundle)
-    return device_key, bundles
+    return DeviceAccess(device_key, trust=(publisher_key.with_suffix(".pub"),)), bundles
 
 
 def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Console) -> dict[str, Any]:
@@ -185,15 +191,15 @@ def export_and_check(cfg: DemoConfig, out: Path, key_path: Path, console: Consol
             console.print(f"[bold]export[/]: {model} {name}")
             export_run(run, key_path, dest, ExportOptions(**opts), force=True, echo=quiet)
             paths.append(dest / "model.onnx")
-        device_key = None
+        access = DeviceAccess()
         if model == "keyed_full":  # one device's bundles: sealed to a demo device key, run from memory
-            device_key, bundles = _seal_for_demo_device(out, [out / "artifacts" / model / n for n in SEALED],
+            access, bundles = _seal_for_demo_device(out, [out / "artifacts" / model / n for n in SEALED],
                                                         key_path, console)
             paths += bundles
         console.print(f"[bold]parity[/]: {model}, {len(paths)} artifacts on {cfg.parity_n} images")
         pcfg = ParityConfig(n=cfg.parity_n, attack=cfg.eval, seed=cfg.seed)
         report = run_parity(run, key_path, paths, out / "parity" / model, cfg=pcfg, force=True,
-                            device_key=device_key, echo=quiet)
+                            access=access, echo=quiet)
         section["models"][model] = {
             Path(p).parent.name: {"passed": r["passed"], "precision": r["precision"], "fold_mode": r["fold_mode"],
                                   "max_accuracy_difference": r["max_accuracy_difference"],

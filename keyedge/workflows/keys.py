@@ -6,19 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes
+from ..core.io import atomic_write_bytes, check_output_file
 from ..core.keys import Key
 from ..core.progress import Echo, echo
-from ..runtime.bundle import DeviceKey
+from ..runtime.bundle import DeviceKey, PublisherKey
 
 
 def keygen(out: Path, block_size: int, channels: int = 3, *, force: bool = False, insecure_seed: int | None = None,
-           echo: Echo = echo) -> Key:
-    """A new key from the OS CSPRNG (``insecure_seed``: from a seeded generator, for tests), written 0600."""
-    key = Key.generate(block_size, channels, seed=insecure_seed)
+           insecure_small_key: bool = False, echo: Echo = echo) -> Key:
+    """A new key from the OS CSPRNG (``insecure_seed``: from a seeded generator, for tests), written 0600.
+    A block size whose key space is below 2**128 is refused unless ``insecure_small_key``."""
+    key = Key.generate(block_size, channels, seed=insecure_seed, allow_small=insecure_small_key)
     key.save(out, overwrite=force)
+    flags = [f for f, on in (("INSECURE seeded key", key.insecure), ("INSECURE small key space", key.small)) if on]
     echo(f"wrote {out} (block size {block_size}, {channels} channels, "
-         f"fingerprint {key.fingerprint}{', INSECURE seeded key' if key.insecure else ''})")
+         f"fingerprint {key.fingerprint}{''.join(', ' + f for f in flags)})")
     echo("keep this file secret: anyone holding it can craft white-box attacks on its models")
     return key
 
@@ -28,8 +30,11 @@ def inspect(path: Path, *, echo: Echo = echo) -> Key:
     key = Key.load(path)
     for name, value in (("file", path), ("block size", key.block_size), ("channels", key.channels),
                         ("values", f"{key.size} per block"),
-                        ("key space", f"10^{key.log10_keyspace:.1f} keys  ((M*M*C)!)"),
+                        ("key space", f"10^{key.log10_keyspace:.1f} keys  ((M*M*C)!)"
+                                      + ("  BELOW 2^128: a search finds it" if key.small else "")),
                         ("insecure", "yes (seeded, for tests only)" if key.insecure else "no"),
+                        ("format", f"version {key.version}" + ("  (re-key: its fingerprint is a hash of the "
+                                                               "permutation)" if key.version == 1 else "")),
                         ("fingerprint", key.fingerprint)):
         echo(f"{name + ':':<14}{value}")
     return key
@@ -43,14 +48,31 @@ def export_perm(path: Path, out: Path, *, force: bool = False, echo: Echo = echo
     return out
 
 
-def device_keygen(out: Path, pub: Path | None = None, *, force: bool = False, echo: Echo = echo) -> DeviceKey:
-    """A device key pair: the private key 0600 at ``out``, the public one beside it (``.pub``)."""
+def _key_pair(kind: type, out: Path, pub: Path | None, force: bool):
     pub = pub or out.with_suffix(".pub")
-    if not force and (out.exists() or pub.exists()):
-        raise KeyedgeError(f"{out if out.exists() else pub} exists; pass --force to overwrite it")
-    key = DeviceKey.generate()
+    if pub == out:
+        raise KeyedgeError(f"the private and the public key cannot both be {out}")
+    for path in (out, pub):
+        check_output_file(path, force)
+    key = kind.generate()
     atomic_write_bytes(pub, key.public.to_bytes(), mode=0o644, overwrite=force)
     key.save(out, overwrite=force)
+    return key, pub
+
+
+def device_keygen(out: Path, pub: Path | None = None, *, force: bool = False, echo: Echo = echo) -> DeviceKey:
+    """A device key pair: the private key 0600 at ``out``, the public one beside it (``.pub``)."""
+    key, pub = _key_pair(DeviceKey, out, pub, force)
     echo(f"wrote {out} (private, 0600) and {pub} (public); device fingerprint {key.fingerprint}")
     echo("keep the private key off the disk where the device allows: see the README's sealing section")
+    return key
+
+
+def publisher_keygen(out: Path, pub: Path | None = None, *, force: bool = False, echo: Echo = echo) -> PublisherKey:
+    """The publisher's Ed25519 key pair: the signing key 0600 at ``out``, the public one beside it (``.pub``),
+    which devices pin (``--trust``, or compiled into a C++ package)."""
+    key, pub = _key_pair(PublisherKey, out, pub, force)
+    echo(f"wrote {out} (signing key, 0600) and {pub} (public: pin it on devices); publisher fingerprint "
+         f"{key.fingerprint}")
+    echo("anyone holding the signing key can publish models your devices accept: keep it offline")
     return key

@@ -16,28 +16,28 @@ from ..core.keys import Key
 from ..core.manifests import read_run, write_json
 from ..core.progress import Echo, echo
 from ..core.runs import base_checkpoint_path, load_run, load_surrogate
-from ..runtime.bundle import device_key_for
+from ..runtime.bundle import DeviceAccess
 from ..runtime.platform import cpu
 from ..runtime.runners import open_runner
 
 
 def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], out: Path | None, *,
                data: str | None = None, base: Path | None = None, cfg: ParityConfig | None = None,
-               force: bool = False, device_key: Path | None = None, device_key_command: str | None = None,
+               force: bool = False, access: DeviceAccess = DeviceAccess(),
                echo: Echo = echo) -> dict[str, Any]:
     """Check every artifact against ``reference``; one line per artifact; the reports into ``out``. Sealed
-    bundles open with the device's private key (``device_key``: a file or ``-``, or ``device_key_command``)."""
+    bundles open with the device's private key and trusted publishers (``access``)."""
     cfg = cfg or ParityConfig()
     if out is not None:
         check_output_dir(out, force)
     manifest = read_run(reference)
     key = Key.load(key_path) if key_path else None
-    ref = load_run(reference, key)
-    device = device_key_for(artifacts, device_key, device_key_command)
-    runners = [open_runner(a, key, device_key=device) for a in artifacts]  # refuse bad ones before crafting
+    opener = access.opener_for(artifacts, echo)
     images = run_images(manifest, cfg.n, seed=cfg.seed, data=data)
     if images is None:
         raise KeyedgeError(f"the run's data set {manifest.data.spec} is not here; pass --data")
+    runners = [open_runner(a, key, opener=opener) for a in artifacts]  # refuse bad ones before crafting
+    ref = load_run(reference, key)
     x, y = images
     base_path = base if base is not None else base_checkpoint_path(manifest, verify=False)
     base_model = load_surrogate(base_path, manifest) if base_path is not None else None

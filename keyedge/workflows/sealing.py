@@ -7,49 +7,68 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes, check_output_dir, staged_dir
+from ..core.io import atomic_write_bytes, check_output_dir, check_output_file, staged_dir
 from ..core.keys import Key
 from ..core.progress import Echo, echo
 from ..deploy.seal import seal_artifact
-from ..runtime.bundle import SUFFIX, DevicePublicKey, open_bundle, read_device_key
+from ..runtime.bundle import SUFFIX, DeviceAccess, DevicePublicKey, PublisherKey, open_bundle
 
 
-def seal_to(artifact: Path, recipient: Path, out: Path, key_path: Path | None = None, *, force: bool = False,
+def read_signer(sign_with: Path | None, allow_unsigned: bool) -> PublisherKey | None:
+    """The publisher's signing key (``-``: standard input); none only for a development bundle."""
+    if sign_with is None and not allow_unsigned:
+        raise KeyedgeError("a bundle is signed by its publisher: pass --sign-with PUBLISHER.key (keyedge publisher "
+                           "keygen); --allow-unsigned makes one that devices refuse unless they allow it")
+    return PublisherKey.load(sign_with) if sign_with is not None else None
+
+
+def seal_to(artifact: Path, recipient: Path, out: Path, key_path: Path | None = None, *,
+            sign_with: Path | None = None, allow_unsigned: bool = False, force: bool = False,
             echo: Echo = echo) -> dict[str, Any]:
     """Seal an export or build directory to the device whose public key is ``recipient`` (with the key, for
-    gather / kernel artifacts)."""
+    gather / kernel artifacts), signed with the publisher's key ``sign_with``."""
     if out.suffix != SUFFIX:
         raise KeyedgeError(f"a sealed bundle is named *{SUFFIX}, not {out.name}")
-    if out.exists() and not force:
-        raise KeyedgeError(f"{out} exists; pass --force to overwrite it")
-    data, summary = seal_artifact(artifact, DevicePublicKey.load(recipient), Key.load(key_path) if key_path else None)
+    check_output_file(out, force)
+    device = DevicePublicKey.load(recipient)
+    key = Key.load(key_path) if key_path else None
+    signer = read_signer(sign_with, allow_unsigned)
+    data, summary = seal_artifact(artifact, device, key, signer)
     atomic_write_bytes(out, data, mode=0o600, overwrite=force)
+    signed = f"signed by publisher {signer.fingerprint}" if signer else "UNSIGNED (development only)"
     echo(f"wrote {out} ({len(data):,} bytes): {summary['model']} ({summary['fold_mode']}, "
-         f"{summary['precision']}) sealed to device {summary['recipient']}"
+         f"{summary['precision']}) sealed to device {summary['recipient']}, {signed}"
          + ("; it holds the key, opened only in memory on that device" if summary["holds_key"] else ""))
     return summary
 
 
-def unseal(bundle: Path, out: Path | None = None, *, device_key: Path | None = None,
-           device_key_command: str | None = None, write_plaintext: bool = False, force: bool = False,
-           echo: Echo = echo) -> dict[str, int]:
-    """Check that a bundle opens with the device's private key (:func:`read_device_key`) and list its files;
-    write them in plaintext to ``out`` only with ``write_plaintext`` (debugging). Returns each file's size."""
+def unseal(bundle: Path, out: Path | None = None, *, access: DeviceAccess = DeviceAccess(),
+           write_plaintext: bool = False, echo: Echo = echo) -> dict[str, int]:
+    """Check that a bundle's publisher is trusted and that it opens with the device's private key, and list
+    its files; write them in plaintext to ``out`` (a new or empty directory, never overwritten) only with
+    ``write_plaintext`` (debugging). Returns each file's size."""
     if write_plaintext and out is None:
         raise KeyedgeError("--write-plaintext needs --out DIR")
     if out is not None and not write_plaintext:
         raise KeyedgeError("writing a bundle's plaintext to disk defeats sealing: pass --write-plaintext to do it")
     if out is not None:
-        check_output_dir(out, force)
-    opened = open_bundle(bundle, read_device_key(device_key, device_key_command))
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise KeyedgeError(f"{out} exists and is not an empty directory: unseal writes plaintext only into a new "
+                               "or empty one, never over files")
+        check_output_dir(out, False)
+    opener = access.opener(echo)
+    opened = open_bundle(bundle, opener)
     try:
         sizes = {name: size for name, (_, size) in opened.plain.spans.items()}
-        echo(f"{bundle}: opens on this device; "
+        publisher = opened.plain.publisher
+        echo(f"{bundle}: opens on this device ({opener.fingerprint}), "
+             + (f"signed by trusted publisher {publisher}; " if publisher else "UNSIGNED (allowed for development); ")
              + ", ".join(f"{name} ({size:,} bytes)" for name, size in sizes.items()))
         if out is not None:
-            with staged_dir(out, force=force) as stage:
+            with staged_dir(out) as stage:  # 0700; the index's names were checked as plain names when it was read
                 for name in sizes:
-                    atomic_write_bytes(stage / name, opened.plain.read(name), mode=0o600)
+                    with opened.plain.view(name) as data:
+                        atomic_write_bytes(stage / name, data, mode=0o600, overwrite=False)
             echo(f"WARNING: wrote the plaintext to {out}: it is as secret as the device's key", err=True)
     finally:
         opened.wipe()

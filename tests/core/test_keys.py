@@ -35,12 +35,12 @@ def test_seeded_key_is_marked_insecure_and_reproducible():
 
 def test_no_overwrite_without_force(tmp_path):
     path = tmp_path / "k.bin"
-    Key.generate(2).save(path)
+    Key.generate(4).save(path)
     before = path.read_bytes()
     with pytest.raises(Exception, match="exists"):
-        Key.generate(2).save(path)
+        Key.generate(4).save(path)
     assert path.read_bytes() == before
-    Key.generate(2).save(path, overwrite=True)
+    Key.generate(4).save(path, overwrite=True)
     assert path.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["k.bin"]  # no temp files left
 
@@ -68,3 +68,50 @@ def test_malformed_files_refused(tmp_path, case):
 def test_missing_file(tmp_path):
     with pytest.raises(KeyFileError, match="does not exist"):
         Key.load(tmp_path / "nope.bin")
+
+
+def test_small_key_spaces_are_refused_unless_asked():
+    for m, c in ((2, 3), (3, 3), (4, 1), (5, 1)):  # 12!, 27!, 16!, 25! < 2^128
+        with pytest.raises(KeyFileError, match="below 2\\^128"):
+            Key.generate(m, c)
+    assert Key.generate(4, 3).small is False and Key.generate(6, 1).small is False  # 48!, 36! > 2^128
+    small = Key.generate(2, 3, allow_small=True)
+    assert small.small and Key.from_bytes(small.to_bytes()).small
+
+
+def test_the_fingerprint_derives_from_the_key_id_not_the_permutation():
+    a = Key.generate(4)
+    b = Key(a.perm, 4, 3, key_id=os.urandom(16))
+    assert np.array_equal(a.perm, b.perm) and a.fingerprint != b.fingerprint and a != b
+    same_id = Key(Key.generate(4).perm, 4, 3, key_id=a.key_id)
+    assert same_id.fingerprint == a.fingerprint  # the ID names the key; the file's SHA-256 guards its bytes
+    assert a.fingerprint not in a.to_bytes().hex()
+
+
+def test_version_1_files_are_read_with_a_warning(tmp_path, capsys):
+    import hashlib
+    import struct
+
+    key = Key.generate(4, seed=2)
+    body = struct.pack("<8sHHHHI", b"KEYEDGE\x00", 1, 1, 4, 3, 48) + key.perm.astype("<u4").tobytes()
+    path = tmp_path / "v1.bin"
+    path.write_bytes(body + hashlib.sha256(body).digest())
+    old = Key.load(path)
+    assert old.version == 1 and old.key_id is None and np.array_equal(old.perm, key.perm)
+    # the version 1 fingerprint: a hash of (M, C, permutation), as manifests made then recorded it
+    want = hashlib.sha256(b"keyedge-key-fingerprint-v1\x00" + struct.pack("<HH", 4, 3)
+                          + key.perm.astype("<u4").tobytes()).hexdigest()[:32]
+    assert old.fingerprint == want
+    err = capsys.readouterr().err
+    assert "version 1 key file" in err and "re-key" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(KeyFileError, match="no key ID"):
+        old.to_bytes()
+
+
+def test_unknown_flags_refused():
+    import hashlib
+
+    data = bytearray(Key.generate(4).to_bytes()[:-32])
+    data[10] = 0x80
+    with pytest.raises(KeyFileError, match="unknown flags"):
+        Key.from_bytes(bytes(data) + hashlib.sha256(data).digest())

@@ -1,6 +1,7 @@
 """The generated C++ package: ONNX Runtime backend built with CMake against the shared headers,
 installed as a CMake package (two devices' packages side by side in one prefix), and its example
-run on a real photo with logits checked against Python."""
+run on a real photo with logits checked against Python; sealed bundles opened in memory only when
+a trusted publisher (compiled into the package, or given at run time) signed them."""
 
 import os
 import shutil
@@ -36,11 +37,12 @@ def onnxruntime_dev(tmp_path_factory):
     return ORT_HEADERS, libdir
 
 
-def _build_package(root: Path, prefix: Path, run, key_path, onnxruntime_dev, *export_args):
-    """Export, generate, build and install into ``prefix``; returns (package name, env)."""
+def _build_package(root: Path, prefix: Path, run, key_path, onnxruntime_dev, *export_args, bindings=()):
+    """Export, generate (``keyedge bindings ... *bindings``), build and install into ``prefix``; returns
+    (package name, env)."""
     include, libdir = onnxruntime_dev
     assert keyedge("export", run, "--key", key_path, "-o", root / "art", *export_args).returncode == 0
-    r = keyedge("bindings", root / "art", "-o", root / "cpp")
+    r = keyedge("bindings", root / "art", "-o", root / "cpp", *bindings)
     assert r.returncode == 0, r.stderr
     package = r.stdout.split("C++ package ", 1)[1].split()[0]
     cmake = ["cmake", "-S", str(root / "cpp"), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
@@ -56,11 +58,14 @@ def _build_package(root: Path, prefix: Path, run, key_path, onnxruntime_dev, *ex
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory, trained_keyed, onnxruntime_dev):
     """Two packages in one prefix: a gather artifact (the key bound from key.bin to the graph's key
-    input) and a kernel-mode one (the runtime's CPU twin of the CUDA kernel gathers)."""
+    input; the package trusts the publisher root/publisher.pub) and a kernel-mode one (the runtime's CPU
+    twin of the CUDA kernel gathers)."""
     run, key_path, _, _ = trained_keyed
     root = tmp_path_factory.mktemp("bindings")
     prefix = root / "prefix"
-    gather, env = _build_package(root / "gather", prefix, run, key_path, onnxruntime_dev, "--mode", "gather")
+    assert keyedge("publisher", "keygen", "-o", root / "publisher.key").returncode == 0
+    gather, env = _build_package(root / "gather", prefix, run, key_path, onnxruntime_dev, "--mode", "gather",
+                                 bindings=("--trust", root / "publisher.pub"))
     kernel, _ = _build_package(root / "kernel", prefix, run, key_path, onnxruntime_dev, "--mode", "kernel",
                                "--input", "uint8", "--layout", "nhwc", "--dynamic-batch")
     return prefix, key_path, env, {"gather": gather, "kernel": kernel}, root  # exports: root/<mode>/art
@@ -100,22 +105,32 @@ def test_classify_matches_python_runner(installed, tmp_path, mode):
     assert int(lines[1].split("\t")[0]) == int(py.argmax())
 
 
-def test_classify_opens_a_sealed_bundle_in_memory(installed, tmp_path):
-    """load_sealed (libsodium): the gather artifact and its key, sealed to a device, classified from memory
-    with the same logits as the Python runner; a tampered bundle or another device's key: one line."""
-    from keyedge.deploy.seal import seal_artifact
-    from keyedge.runtime.bundle import DeviceKey
+def _seal(art, key_path, device_pub, out, *signing):
+    r = keyedge("seal", art, "--to", device_pub, "--key", key_path, "-o", out, *signing)
+    assert r.returncode == 0, r.stderr
+    return out
 
+
+def _one_line_refusal(r, needle):
+    lines = r.stderr.strip().splitlines()
+    return r.returncode != 0 and len(lines) == 1 and needle in lines[0]
+
+
+def test_classify_opens_a_signed_sealed_bundle_in_memory(installed, tmp_path):
+    """load_sealed (libsodium): the gather artifact and its key, sealed to a device and signed by the publisher
+    compiled into the package, classified from memory with the same logits as the Python runner; a tampered
+    bundle, another device's key or a file that is not a device key: one line."""
     prefix, key_path, env, packages, root = installed
     art = root / "gather" / "art"
-    device = DeviceKey.generate()
-    device.save(tmp_path / "device.key")
-    data, _ = seal_artifact(art, device.public, Key.load(key_path))
-    (tmp_path / "model.kes").write_bytes(data)
+    assert keyedge("device", "keygen", "-o", tmp_path / "device.key").returncode == 0
+    bundle = _seal(art, key_path, tmp_path / "device.pub", tmp_path / "model.kes",
+                   "--sign-with", root / "publisher.key")
+    data = bundle.read_bytes()
+    assert data[8:12] == bytes([3, 0, 1, 0])  # bundle version 3, signed
     img = _photo(16)
     (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + img.tobytes())
     before = set(os.listdir(tmp_path))
-    r = _classify(prefix, packages["gather"], env, tmp_path / "model.kes", tmp_path / "photo.ppm", "--device-key",
+    r = _classify(prefix, packages["gather"], env, bundle, tmp_path / "photo.ppm", "--device-key",
                   tmp_path / "device.key", "--dump-logits", tmp_path / "logits.txt")
     assert r.returncode == 0, r.stderr
     assert set(os.listdir(tmp_path)) - before == {"logits.txt"}  # nothing else written
@@ -125,13 +140,75 @@ def test_classify_opens_a_sealed_bundle_in_memory(installed, tmp_path):
     bad = bytearray(data)
     bad[len(bad) // 2] ^= 1
     (tmp_path / "bad.kes").write_bytes(bytes(bad))
-    DeviceKey.generate().save(tmp_path / "other.key")
-    for bundle, key_file, needle in ((tmp_path / "bad.kes", tmp_path / "device.key", "tampered"),
-                                     (tmp_path / "model.kes", tmp_path / "other.key", "sealed to device"),
-                                     (tmp_path / "model.kes", key_path, "not a keyedge device private key")):
-        r = _classify(prefix, packages["gather"], env, bundle, tmp_path / "photo.ppm", "--device-key", key_file)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], r.stderr
+    assert keyedge("device", "keygen", "-o", tmp_path / "other.key").returncode == 0
+    for bundle_path, key_file, needle in ((tmp_path / "bad.kes", tmp_path / "device.key", "tampered"),
+                                          (bundle, tmp_path / "other.key", "sealed to device"),
+                                          (bundle, key_path, "not a keyedge device private key")):
+        r = _classify(prefix, packages["gather"], env, bundle_path, tmp_path / "photo.ppm", "--device-key", key_file)
+        assert _one_line_refusal(r, needle), r.stderr
+
+
+def test_load_sealed_opens_only_what_a_trusted_publisher_signed(installed, tmp_path):
+    """A bundle sealed with the device's public key only (unsigned) and one signed by another publisher are
+    refused in one line; trusting that publisher at run time (--trust), or --allow-unsigned (development)
+    for the unsigned one, opens them as the compiled-in publisher's bundle opens."""
+    prefix, key_path, env, packages, root = installed
+    art = root / "gather" / "art"
+    (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + _photo(16).tobytes())
+    for name in ("device", "other-publisher"):
+        assert keyedge(name.split("-")[-1], "keygen", "-o", tmp_path / f"{name}.key").returncode == 0
+    unsigned = _seal(art, key_path, tmp_path / "device.pub", tmp_path / "unsigned.kes", "--allow-unsigned")
+    other = _seal(art, key_path, tmp_path / "device.pub", tmp_path / "other.kes",
+                  "--sign-with", tmp_path / "other-publisher.key")
+
+    def classify(bundle, *args):
+        return _classify(prefix, packages["gather"], env, bundle, tmp_path / "photo.ppm", "--device-key",
+                         tmp_path / "device.key", *args)
+
+    for bundle, args, needle in ((unsigned, (), "is not signed by a publisher"),
+                                 (other, (), "which is not trusted"),
+                                 (other, ("--trust", root / "publisher.pub"), "which is not trusted"),
+                                 (other, ("--trust", tmp_path / "other-publisher.key"), "publisher private key"),
+                                 (other, ("--allow-unsigned",), "which is not trusted")):
+        r = classify(bundle, *args)
+        assert _one_line_refusal(r, needle), (bundle.name, args, r.stderr)
+    for bundle, args in ((other, ("--trust", tmp_path / "other-publisher.pub")),
+                         (other, ("--trust", root / "publisher.pub", "--trust", tmp_path / "other-publisher.pub")),
+                         (unsigned, ("--allow-unsigned",))):
+        r = classify(bundle, *args)
+        assert r.returncode == 0 and r.stdout.startswith("backend: onnxruntime-cpu"), (bundle.name, args, r.stderr)
+
+
+def test_bindings_ships_only_a_bundle_its_trusted_publisher_signed(installed, tmp_path):
+    """keyedge bindings --bundle: refused without --trust, for an unsigned bundle, for another publisher's and
+    for an old version's; a trusted publisher's bundle ships, and its key is compiled into the package."""
+    from keyedge.runtime.bundle import PublisherPublicKey
+
+    _, key_path, _, _, root = installed
+    art = root / "gather" / "art"
+    for name in ("device", "other-publisher"):
+        assert keyedge(name.split("-")[-1], "keygen", "-o", tmp_path / f"{name}.key").returncode == 0
+    genuine = _seal(art, key_path, tmp_path / "device.pub", tmp_path / "model.kes",
+                    "--sign-with", root / "publisher.key")
+    unsigned = _seal(art, key_path, tmp_path / "device.pub", tmp_path / "unsigned.kes", "--allow-unsigned")
+    other = _seal(art, key_path, tmp_path / "device.pub", tmp_path / "other.kes",
+                  "--sign-with", tmp_path / "other-publisher.key")
+    old = bytearray(genuine.read_bytes())
+    old[8] = 2
+    (tmp_path / "old.kes").write_bytes(bytes(old))
+    trust = ("--trust", root / "publisher.pub")
+    for i, (bundle, args, needle) in enumerate(((genuine, (), "--bundle needs --trust PUBLISHER.pub"),
+                                                (unsigned, trust, "is not signed by a publisher"),
+                                                (other, trust, "which is not trusted"),
+                                                (tmp_path / "old.kes", trust, "seal the artifact again"))):
+        r = keyedge("bindings", art, "-o", tmp_path / f"refused{i}", "--bundle", bundle, *args)
+        assert r.returncode == 2 and needle in r.stderr and not (tmp_path / f"refused{i}").exists(), r.stderr
+    r = keyedge("bindings", art, "-o", tmp_path / "cpp", "--bundle", genuine, *trust)
+    assert r.returncode == 0, r.stderr
+    config = (tmp_path / "cpp" / "src" / "keyedge_model_config.hpp").read_text()
+    publisher = PublisherPublicKey.load(root / "publisher.pub").raw.hex()
+    assert f'#define KEYEDGE_TRUSTED_PUBLISHERS {{"{publisher}"}}' in config
+    assert sorted(os.listdir(tmp_path / "cpp" / "model")) == ["model.kes"]
 
 
 def test_two_devices_packages_coexist_in_one_prefix(installed):
@@ -186,7 +263,7 @@ def test_classify_bad_input(installed, tmp_path):
                           "no valid format version"),
         "channels 2.5": ([tmp_path / "fraction" / "model.onnx", tmp_path / "photo.ppm"], "not an integer"),
         "truncated manifest": ([tmp_path / "truncated" / "model.onnx", tmp_path / "photo.ppm"], "not valid JSON"),
-        "deeply nested": ([tmp_path / "nested" / "model.onnx", tmp_path / "photo.ppm"], "missing field"),
+        "deeply nested": ([tmp_path / "nested" / "model.onnx", tmp_path / "photo.ppm"], "nested deeper than 64"),
     }
     for name, (args, message) in cases.items():
         r = _classify(prefix, package, env, *args)

@@ -15,29 +15,16 @@ import pytest
 from keyedge import Key
 from keyedge.core.errors import KeyedgeError
 from keyedge.runtime.artifacts import open_artifact
-from keyedge.runtime.bundle import (CHUNK, HEADER, TAG, BundleError, DeviceKey, DevicePublicKey, open_bundle,
-                                    read_device_key, seal, unseal)
+from keyedge.runtime.bundle import (CHUNK, HEADER, TAG, BundleError, DeviceKey, DevicePublicKey, Opener,
+                                    PublisherKey, Trust, open_bundle, seal,
+                                    unseal)
 from keyedge.runtime.runners import open_runner, runner_for
 
 from ..helpers import keyedge
-
-
-MODES = {"fused": [], "gather": ["--mode", "gather"], "embedded": ["--mode", "gather", "--embed-key"],
-         "kernel": ["--mode", "kernel", "--input", "uint8", "--layout", "nhwc"]}
-
-
-@pytest.fixture(scope="module")
-def sealed(tmp_path_factory, trained_keyed):
-    """A device key pair; an artifact of every mode; each sealed to the device."""
-    run, key_path, key, _ = trained_keyed
-    root = tmp_path_factory.mktemp("seal")
-    r = keyedge("device", "keygen", "-o", root / "device.key")
-    assert r.returncode == 0, r.stderr
-    for name, args in MODES.items():
-        assert keyedge("export", run, "--key", key_path, "-o", root / name, *args).returncode == 0
-        r = keyedge("seal", root / name, "--to", root / "device.pub", "-o", root / f"{name}.kes", "--key", key_path)
-        assert r.returncode == 0, r.stderr
-    return root, key
+from .bundles import MODES
+from .bundles import opener as _opener
+from .bundles import publisher as _publisher
+from .bundles import trust as _trust
 
 
 def test_device_keygen_writes_a_private_key_0600_and_prints_only_the_fingerprint(sealed):
@@ -58,7 +45,7 @@ def test_a_sealed_bundle_runs_from_memory_like_the_plain_file(sealed, name):
     with open_runner(root / name, key) as plain:
         x = plain.input_spec.from_canonical(np.random.default_rng(0).random((5, 3, 16, 16), dtype=np.float32))
         want = plain(x)
-    art = open_artifact(root / f"{name}.kes", device_key=read_device_key(root / "device.key"))
+    art = open_artifact(root / f"{name}.kes", opener=_opener(root))
     opened = []
 
     def loader():
@@ -79,7 +66,7 @@ def test_a_failed_activation_leaves_no_sealed_key_behind(sealed, monkeypatch):
     import onnxruntime
 
     root, _ = sealed
-    art = open_artifact(root / "gather.kes", device_key=read_device_key(root / "device.key"))
+    art = open_artifact(root / "gather.kes", opener=_opener(root))
     opened = []
 
     def loader():
@@ -99,7 +86,7 @@ def test_a_failed_activation_leaves_no_sealed_key_behind(sealed, monkeypatch):
 def test_a_bundle_replaced_after_it_was_opened_is_refused(sealed, tmp_path):
     root, key = sealed
     shutil.copyfile(root / "gather.kes", tmp_path / "model.kes")
-    runner = open_runner(tmp_path / "model.kes", None, device_key=read_device_key(root / "device.key"))
+    runner = open_runner(tmp_path / "model.kes", None, opener=_opener(root))
     shutil.copyfile(root / "fused.kes", tmp_path / "model.kes")  # another artifact, same device
     with pytest.raises(BundleError, match="changed since it was opened"):
         runner.activate()
@@ -107,13 +94,13 @@ def test_a_bundle_replaced_after_it_was_opened_is_refused(sealed, tmp_path):
 
 def test_a_keyed_bundle_without_its_key_says_so(sealed, tmp_path):
     root, _ = sealed
-    device = read_device_key(root / "device.key")
-    bundle = open_bundle(root / "gather.kes", device)
+    opener = _opener(root)
+    bundle = open_bundle(root / "gather.kes", opener)
     files = {name: bundle.plain.read(name) for name in bundle.plain.spans if name != "key.bin"}
     bundle.wipe()
-    (tmp_path / "nokey.kes").write_bytes(seal(files, device.public))
+    (tmp_path / "nokey.kes").write_bytes(seal(files, opener.device.public, _publisher(root)))
     with pytest.raises(BundleError, match="holds no key but its artifact takes one"):
-        open_runner(tmp_path / "nokey.kes", None, device_key=device).activate()
+        open_runner(tmp_path / "nokey.kes", None, opener=opener).activate()
 
 
 def test_the_bundle_bytes_hold_neither_key_nor_model(sealed):
@@ -150,9 +137,9 @@ def test_opening_a_bundle_writes_no_file(sealed, tmp_path, monkeypatch):
     tempfile.tempdir = None
     before_tmp, before_root = set(os.listdir(tmp_path)), set(os.listdir(root))
     before_fds = _open_files()
-    device = read_device_key(root / "device.key")
+    opener = _opener(root)
     x = np.zeros((1, 3, 16, 16), dtype=np.float32) + 0.5
-    with open_runner(root / "gather.kes", None, device_key=device) as runner:
+    with open_runner(root / "gather.kes", None, opener=opener) as runner:
         runner(x)
         during = _open_files() - before_fds
     tempfile.tempdir = None
@@ -169,38 +156,43 @@ def _flip(data: bytes, at: int) -> bytes:
 def test_every_bad_bundle_is_refused(sealed, tmp_path):
     root, _ = sealed
     data = (root / "fused.kes").read_bytes()
-    device = read_device_key(root / "device.key")
-    other = DeviceKey.generate()
+    opener = _opener(root)
+    other = Opener(DeviceKey.generate(), opener.trust)
+    forged = "signature does not verify"  # any change to what the publisher signed
     cases = {
         "magic": (_flip(data, 0), "not a keyedge sealed bundle"),
-        "old version": (data[:8] + struct.pack("<H", 1) + data[10:], r"bundle version 1; .*\(seal the artifact again\)"),
-        "new version": (data[:8] + struct.pack("<H", 3) + data[10:], "bundle version 3"),
+        "old version": (data[:8] + struct.pack("<H", 2) + data[10:], r"bundle version 2; .*\(seal the artifact again\)"),
+        "new version": (data[:8] + struct.pack("<H", 4) + data[10:], "bundle version 4"),
         "flags": (_flip(data, 10), "tampered"),
+        "unknown flag": (_flip(data, 11), "tampered"),
         "chunk size": (_flip(data, 13), "tampered"),
-        "fingerprint": (_flip(data, 16), "sealed to device"),
-        "sealed key": (_flip(data, 40), "tampered"),
-        "first chunk": (_flip(data, HEADER.size + 10), "tampered"),
-        "middle": (_flip(data, len(data) // 2), "tampered"),
-        "tag": (_flip(data, len(data) - 1), "tampered"),
-        "truncated": (data[:len(data) - 30], "truncated"),
-        "truncated to the tag": (data[:HEADER.size + TAG], "truncated"),
+        "fingerprint": (_flip(data, 16), forged),
+        "sealed key": (_flip(data, 40), forged),
+        "publisher key": (_flip(data, 120), "not trusted"),
+        "signature": (_flip(data, 150), forged),
+        "first chunk": (_flip(data, HEADER.size + 10), forged),
+        "middle": (_flip(data, len(data) // 2), forged),
+        "tag": (_flip(data, len(data) - 1), forged),
+        "truncated": (data[:len(data) - 30], forged),
+        "truncated to the tag": (data[:HEADER.size + TAG], forged),
         "truncated header": (data[:50], "truncated"),
-        "extended": (data + b"\0" * 8, "extended"),
-        "extended by a chunk": (data + bytes(CHUNK + TAG), "extended"),
+        "extended": (data + b"\0" * 8, forged),
+        "extended by a chunk": (data + bytes(CHUNK + TAG), forged),
     }
     for name, (bad, needle) in cases.items():
         with pytest.raises(BundleError, match=needle):
-            unseal(bad, device, name)
+            unseal(bad, opener, name)
     with pytest.raises(BundleError, match="sealed to device"):
         unseal(data, other)
 
 
 def test_the_stream_refuses_reordered_dropped_and_appended_chunks():
     """STREAM: each chunk's nonce is its index and whether it is the last, so chunks cannot move."""
-    device = DeviceKey.generate()
+    device, publisher = DeviceKey.generate(), PublisherKey.generate()
+    opener = Opener(device, Trust((publisher.public,), allow_unsigned=True))
     payload = np.random.default_rng(0).integers(0, 256, 9 * CHUNK + 5, dtype=np.uint8).tobytes()
-    data = seal({"blob": payload}, device.public)  # 10 chunks: opened on several threads
-    opened = unseal(data, device)
+    data = seal({"blob": payload}, device.public)  # unsigned, 10 chunks: opened on several threads
+    opened = unseal(data, opener)
     assert opened.read("blob") == payload
     opened.wipe()
     body, step = data[HEADER.size:], CHUNK + TAG
@@ -213,9 +205,9 @@ def test_the_stream_refuses_reordered_dropped_and_appended_chunks():
         "a chunk repeated": header + b"".join(chunks[:5] + chunks[4:]),
         "bit flipped in chunk 7": _flip(data, HEADER.size + 7 * step + 3),
     }
-    for name, bad in cases.items():
+    for name, bad in cases.items():  # the AEAD alone refuses them (here unsigned, for development)
         with pytest.raises(BundleError, match="tampered"):
-            unseal(bad, device, name)
+            unseal(bad, opener, name)
 
 
 def test_an_onnx_bundle_holds_the_graph_and_its_tensors_aligned(sealed):
@@ -226,7 +218,7 @@ def test_an_onnx_bundle_holds_the_graph_and_its_tensors_aligned(sealed):
     from keyedge.runtime.runners.onnxruntime import sealed_tensors
 
     root, _ = sealed
-    bundle = open_bundle(root / "fused.kes", read_device_key(root / "device.key"))
+    bundle = open_bundle(root / "fused.kes", _opener(root))
     spans = bundle.plain.spans
     assert set(spans) == {"model.onnx", "model.onnx.data", "manifest.json"}
     assert all(offset % 4096 == 0 for offset, _ in spans.values())
@@ -249,17 +241,19 @@ def test_cli_refusals_are_one_line_and_write_nothing(sealed, tmp_path, trained_k
     (tmp_path / "junk.key").write_bytes(b"not a key at all")
     out = tmp_path / "p"
     cases = [
-        ([tmp_path / "bad.kes", "--device-key", root / "device.key"], "tampered"),
-        ([root / "fused.kes", "--device-key", tmp_path / "other.key"], "sealed to device"),
-        ([root / "fused.kes", "--device-key", tmp_path / "junk.key"], "not a keyedge device private key"),
-        ([root / "fused.kes", "--device-key", root / "device.pub"], "public key, not a private key"),
-        ([root / "fused.kes"], "--device-key"),
+        ([tmp_path / "bad.kes", "--device-key", root / "device.key", *_trust(root)], "does not verify"),
+        ([root / "fused.kes", "--device-key", tmp_path / "other.key", *_trust(root)], "sealed to device"),
+        ([root / "fused.kes", "--device-key", tmp_path / "junk.key", *_trust(root)], "not a keyedge device private key"),
+        ([root / "fused.kes", "--device-key", root / "device.pub", *_trust(root)], "public key, not a private key"),
+        ([root / "fused.kes", *_trust(root)], "--device-key"),
+        ([root / "fused.kes", "--device-key", root / "device.key"], "--trust"),
     ]
     for args, needle in cases:
         r = keyedge("parity", "--reference", run, "--key", key_path, *args, "--n", "8", "-o", out)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
         assert not out.exists()
-    r = keyedge("seal", root / "gather", "--to", root / "device.pub", "-o", tmp_path / "g.kes")  # no key
+    r = keyedge("seal", root / "gather", "--to", root / "device.pub", "-o", tmp_path / "g.kes",
+                "--sign-with", root / "publisher.key")  # no key
     assert r.returncode == 2 and "--key" in r.stderr and not (tmp_path / "g.kes").exists()
 
 
@@ -267,13 +261,14 @@ def test_parity_bench_and_audit_take_bundles(sealed, tmp_path, trained_keyed):
     root, key = sealed
     run, key_path, _, _ = trained_keyed
     r = keyedge("parity", "--reference", run, "--key", key_path, root / "gather.kes", "--device-key",
-                root / "device.key", "--n", "32")
+                root / "device.key", *_trust(root), "--n", "32")
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
-    r = keyedge("bench", root / "fused.kes", "--device-key", root / "device.key", "--batch", "1", "--rounds", "1",
+    r = keyedge("bench", root / "fused.kes", "--device-key", root / "device.key", *_trust(root), "--batch", "1",
+                "--rounds", "1",
                 "--iters", "2", "-o", tmp_path / "b")
     assert r.returncode == 0, r.stderr
     r = keyedge("audit", root / "fused.kes", "--base", run / "model.safetensors", "--key", key_path,
-                "--device-key", root / "device.key", "--fail-above", "0.0", "-o", tmp_path / "a")
+                "--device-key", root / "device.key", *_trust(root), "--fail-above", "0.0", "-o", tmp_path / "a")
     assert r.returncode == 0, r.stdout + r.stderr
     finding = json.loads((tmp_path / "a" / "audit.json").read_text())["artifacts"][0]
     assert finding["kind"] == "sealed-bundle" and finding["fraction"] == 0.0 and not finding["holds_key"]
@@ -296,19 +291,19 @@ def test_the_release_gate_passes_every_mode_once_sealed(sealed, tmp_path, traine
 def test_device_key_from_stdin_and_from_a_command(sealed, tmp_path):
     root, _ = sealed
     key_bytes = (root / "device.key").read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "keyedge.cli", "unseal", str(root / "fused.kes"), "--device-key", "-"],
-                          input=key_bytes, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "keyedge.cli", "unseal", str(root / "fused.kes"), "--device-key", "-",
+                           "--trust", str(root / "publisher.pub")], input=key_bytes, capture_output=True)
     assert proc.returncode == 0 and b"opens on this device" in proc.stdout, proc.stderr
     command = f"{sys.executable} -c \"import sys; sys.stdout.buffer.write(open('{root / 'device.key'}', 'rb').read())\""
-    r = keyedge("unseal", root / "fused.kes", "--device-key-command", command)
+    r = keyedge("unseal", root / "fused.kes", "--device-key-command", command, *_trust(root))
     assert r.returncode == 0 and "opens on this device" in r.stdout, r.stderr
 
 
 def test_unseal_writes_plaintext_only_when_asked(sealed, tmp_path):
     root, key = sealed
-    r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", "-o", tmp_path / "u")
+    r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", *_trust(root), "-o", tmp_path / "u")
     assert r.returncode == 2 and "--write-plaintext" in r.stderr and not (tmp_path / "u").exists()
-    r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", "-o", tmp_path / "u",
+    r = keyedge("unseal", root / "gather.kes", "--device-key", root / "device.key", *_trust(root), "-o", tmp_path / "u",
                 "--write-plaintext")
     assert r.returncode == 0
     assert {p.name for p in (tmp_path / "u").iterdir()} == {"model.onnx", "model.onnx.data", "manifest.json",
@@ -354,7 +349,7 @@ def test_a_bundle_opened_but_never_run_is_wiped_when_dropped(sealed):
     import gc
 
     root, _ = sealed
-    bundle = open_bundle(root / "gather.kes", read_device_key(root / "device.key"))
+    bundle = open_bundle(root / "gather.kes", _opener(root))
     buffer = bundle.plain.buffer
     view = (ctypes.c_char * len(buffer)).from_buffer(buffer)  # a second holder keeps it mapped
     assert any(bytes(view[:64]))
@@ -368,7 +363,7 @@ def test_bindings_ship_the_bundle_and_no_plaintext_model(sealed, tmp_path):
     """keyedge bindings --bundle: the C++ package's model/ holds the device's bundle only; a file that is
     not a bundle is refused with one line and nothing written."""
     root, key = sealed
-    r = keyedge("bindings", root / "fused", "-o", tmp_path / "cpp", "--bundle", root / "fused.kes")
+    r = keyedge("bindings", root / "fused", "-o", tmp_path / "cpp", "--bundle", root / "fused.kes", *_trust(root))
     assert r.returncode == 0 and "no plaintext model" in r.stdout and "WARNING" not in r.stderr, r.stderr
     assert {p.name for p in (tmp_path / "cpp" / "model").iterdir()} == {"model.kes"}
     assert (tmp_path / "cpp" / "model" / "model.kes").read_bytes() == (root / "fused.kes").read_bytes()
@@ -379,7 +374,8 @@ def test_bindings_ship_the_bundle_and_no_plaintext_model(sealed, tmp_path):
             data = path.read_bytes()
             assert model[1000:1064] not in data and np.asarray(key.perm, "<u4").tobytes() not in data, path
     assert '"model.kes"' in (tmp_path / "cpp" / "src" / "keyedge_model_config.hpp").read_text()
-    r = keyedge("bindings", root / "fused", "-o", tmp_path / "bad", "--bundle", root / "fused" / "model.onnx")
+    r = keyedge("bindings", root / "fused", "-o", tmp_path / "bad", "--bundle", root / "fused" / "model.onnx",
+                *_trust(root))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a sealed bundle" in r.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -406,7 +402,7 @@ def test_build_refuses_a_file_that_is_no_bundle_as_such(sealed, tmp_path):
     root, _ = sealed
     (tmp_path / "junk.kes").write_bytes(b"not a bundle at all")
     r = keyedge("build", tmp_path / "junk.kes", "--target", "desktop", "-o", tmp_path / "out",
-                "--device-key", root / "device.key")
+                "--device-key", root / "device.key", *_trust(root), "--sign-with", root / "publisher.key")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a keyedge" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -421,16 +417,19 @@ def test_a_bundle_is_built_into_an_engine_on_its_device_only(sealed, tmp_path, t
     root, _ = sealed
     run, key_path, _, _ = trained_keyed
     assert keyedge("export", run, "--key", key_path, "-o", tmp_path / "fp16", "--precision", "fp16").returncode == 0
-    r = keyedge("seal", tmp_path / "fp16", "--to", root / "device.pub", "-o", tmp_path / "fp16.kes")
+    r = keyedge("seal", tmp_path / "fp16", "--to", root / "device.pub", "-o", tmp_path / "fp16.kes",
+                "--sign-with", root / "publisher.key")
     assert r.returncode == 0, r.stderr  # the desktop target is strongly typed, fp16
-    args = ("build", tmp_path / "fp16.kes", "--device-key", root / "device.key", "--target", "desktop")
+    args = ("build", tmp_path / "fp16.kes", "--device-key", root / "device.key", *_trust(root),
+            "--sign-with", root / "publisher.key", "--target", "desktop")
     r = keyedge(*args, "--plan-only", "-o", tmp_path / "plan")
     assert r.returncode == 2 and "--plan-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "plan").exists()
     r = keyedge(*args, "-o", tmp_path / "engine")
     if tensorrt_available() and local_gpu_capability() in load_target("desktop").compute_capabilities:
         assert r.returncode == 0, r.stderr
-        opened = open_bundle(tmp_path / "engine" / "model.kes", read_device_key(root / "device.key"))
+        opened = open_bundle(tmp_path / "engine" / "model.kes", _opener(root))
+        assert opened.plain.publisher == _publisher(root).fingerprint
         assert opened.model_name == "model.engine"
         opened.wipe()
     else:

@@ -1,9 +1,11 @@
 // classify: read a PPM (P6/P3) or PNG image, print the top-5 classes of a keyedge model.
 //
-//   classify MODEL|BUNDLE.kes IMAGE [--key key.bin] [--device-key device.key] [--dump-logits FILE]
-//            [--device N] [--cuda-graph]
+//   classify MODEL|BUNDLE.kes IMAGE [--key key.bin] [--device-key device.key] [--trust publisher.pub]...
+//            [--allow-unsigned] [--dump-logits FILE] [--device N] [--cuda-graph]
 //
-// The image must have the model's input size. Errors: one line on stderr, exit code 1.
+// A sealed bundle must be signed by a publisher this package trusts (compiled in) or one given with --trust;
+// --allow-unsigned (development only) opens an unsigned one. The image must have the model's input size.
+// Errors: one line on stderr, exit code 1.
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -68,6 +70,12 @@ Image read_png(const std::string& path) {
 }
 #endif
 
+int device_index(const std::string& text) {
+  if (text.empty() || text.size() > 4 || text.find_first_not_of("0123456789") != std::string::npos)
+    throw keyedge::Error("--device takes a CUDA device index, not " + text);
+  return std::stoi(text);
+}
+
 Image read_image(const std::string& path) {
   std::ifstream probe(path, std::ios::binary);
   if (!probe) throw keyedge::Error("image " + path + " does not exist");
@@ -93,16 +101,19 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < args.size(); ++i) {
       if (args[i] == "--key" && i + 1 < args.size()) key_path = args[++i];
       else if (args[i] == "--dump-logits" && i + 1 < args.size()) dump = args[++i];
-      else if (args[i] == "--device" && i + 1 < args.size()) options.device = std::stoi(args[++i]);
+      else if (args[i] == "--device" && i + 1 < args.size()) options.device = device_index(args[++i]);
       else if (args[i] == "--cuda-graph") options.cuda_graph = true;
       else if (args[i] == "--device-key" && i + 1 < args.size()) device_key = args[++i];
+      else if (args[i] == "--trust" && i + 1 < args.size()) options.trusted_publishers.push_back(args[++i]);
+      else if (args[i] == "--allow-unsigned") options.allow_unsigned = true;
       else if (model_path.empty()) model_path = args[i];
       else if (image_path.empty()) image_path = args[i];
       else throw keyedge::Error("unexpected argument " + args[i]);
     }
     if (model_path.empty() || image_path.empty())
       throw keyedge::Error("usage: classify MODEL|BUNDLE.kes IMAGE [--key key.bin] [--device-key device.key] "
-                           "[--dump-logits FILE] [--device N] [--cuda-graph]");
+                           "[--trust publisher.pub]... [--allow-unsigned] [--dump-logits FILE] [--device N] "
+                           "[--cuda-graph]");
     const bool sealed = model_path.size() > 4 && model_path.compare(model_path.size() - 4, 4, ".kes") == 0;
     if (sealed && device_key.empty()) throw keyedge::Error("a sealed bundle needs --device-key");
     auto model = sealed ? keyedge::Model::load_sealed(model_path, device_key, options)

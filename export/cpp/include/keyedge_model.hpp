@@ -8,10 +8,11 @@
 // The artifact's manifest (manifest.json, or <engine>.json) is read and checked at load:
 // format name and version, input spec, output size and the key fingerprint (against the key
 // file, and against the fingerprint baked into this package), and the backend checks the
-// graph's or engine's inputs and outputs against it. Every failure is a keyedge::Error with a
-// one-line message.
+// graph's or engine's inputs and outputs against it. A sealed bundle must be signed by a trusted
+// publisher. Every failure is a keyedge::Error with a one-line message.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -68,16 +69,33 @@ struct Manifest {
 struct Options {
   int device = 0;           // CUDA device index (TensorRT backend)
   bool cuda_graph = false;  // capture enqueueV3 into a CUDA graph, re-captured when the batch changes
+  // load_sealed: publisher public keys (publisher.pub files, from keyedge publisher keygen) trusted besides
+  // those compiled into this package; a bundle must be signed by one of them.
+  std::vector<std::string> trusted_publishers;
+  // load_sealed: open bundles no publisher signed. For development only: anyone who can write the bundle
+  // file (and knows the device's public key) can then replace the model.
+  bool allow_unsigned = false;
 };
 
-// A key file (keyedge key format v1): validated, fingerprinted. The permutation never leaves it.
+// A key file (keyedge key format v1 or v2): validated, fingerprinted. The permutation never leaves it
+// and is wiped when it goes.
 struct KeyFile {
+  int version = 0;
   int block_size = 0;
   int channels = 0;
+  bool insecure = false;        // drawn from a seeded generator (tests only)
+  bool insecure_small = false;  // a key space too small to resist a search
   std::vector<int64_t> perm;
   std::string fingerprint;
+  KeyFile() = default;
+  KeyFile(const KeyFile&) = default;
+  KeyFile(KeyFile&&) = default;
+  KeyFile& operator=(const KeyFile&) = default;
+  KeyFile& operator=(KeyFile&&) = default;
+  ~KeyFile();
   static KeyFile load(const std::string& path);
   static KeyFile from_bytes(const std::vector<uint8_t>& data, const std::string& where);
+  static KeyFile from_bytes(const uint8_t* data, size_t size, const std::string& where);
 };
 
 class Model {
@@ -88,13 +106,16 @@ class Model {
   // manifest's (a plain model refuses a key).
   static std::unique_ptr<Model> load(const std::string& model_path, const std::string& key_path = "",
                                      const Options& options = Options{});
-  // A sealed bundle (keyedge seal ... -o model.kes), decrypted in memory with the device's private key
-  // file (keyedge device keygen): libsodium sealed box + AES-256-GCM STREAM (OpenSSL). The model (ONNX Runtime session
-  // from memory, or TensorRT deserializeCudaEngine from memory), its manifest and, for gather / kernel
-  // artifacts, the key come from the bundle; nothing is written to disk; buffers are wiped after loading.
+  // A sealed bundle (keyedge seal ... --sign-with publisher.key -o model.kes), decrypted in memory with the
+  // device's private key file (keyedge device keygen): libsodium sealed box + AES-256-GCM STREAM (OpenSSL).
+  // Before anything is decrypted, its publisher must be trusted (a key compiled into this package or one of
+  // options.trusted_publishers) and its Ed25519 signature must verify; an unsigned bundle is refused unless
+  // options.allow_unsigned. The model (ONNX Runtime session from memory, or TensorRT deserializeCudaEngine
+  // from memory), its manifest and, for gather / kernel artifacts, the key come from the bundle; nothing is
+  // written to disk; the decrypted buffer is locked in RAM where allowed and wiped after loading.
   static std::unique_ptr<Model> load_sealed(const std::string& bundle_path, const std::string& device_key_path,
                                             const Options& options = Options{});
-  virtual ~Model() = default;
+  virtual ~Model();
 
   // hwc: batch images, each height x width x channels uint8, rows packed.
   // logits: batch x num_classes floats.

@@ -90,6 +90,10 @@ class TrtModel final : public Model {
 
   void key_attached() override {
     if (!manifest_.key_input.empty()) {  // a gather engine's key input: int64, bound once
+      const nvinfer1::Dims d = engine_->getTensorShape(manifest_.key_input.c_str());
+      if (d.nbDims != 1 || d.d[0] != static_cast<int64_t>(key_perm_.size()))
+        throw Error("the engine's key input '" + manifest_.key_input + "' does not take a key of " +
+                    std::to_string(key_perm_.size()) + " values");
       dev_key_ = device_alloc(key_perm_.size() * sizeof(int64_t));
       check(cudaMemcpy(dev_key_.get(), key_perm_.data(), key_perm_.size() * sizeof(int64_t), cudaMemcpyHostToDevice),
             "copy key");
@@ -115,7 +119,10 @@ class TrtModel final : public Model {
         const bool keyed = route() == Route::kKernel;
         float mean[KEYEDGE_MAX_CHANNELS] = {0, 0, 0, 0};
         float std[KEYEDGE_MAX_CHANNELS] = {1, 1, 1, 1};
-        for (int c = 0; keyed && c < s.channels; ++c) { mean[c] = manifest_.mean[c]; std[c] = manifest_.std[c]; }
+        for (int c = 0; keyed && c < s.channels && c < KEYEDGE_MAX_CHANNELS; ++c) {
+          mean[c] = manifest_.mean[c];
+          std[c] = manifest_.std[c];
+        }
         if (keyedge_preprocess(static_cast<const uint8_t*>(dev_u8()), batch, s.height, s.width, s.channels,
                                size_t(s.width) * s.channels, size_t(s.height) * s.width * s.channels,
                                keyed ? static_cast<const int32_t*>(dev_perm_.get()) : nullptr,
@@ -199,8 +206,9 @@ class TrtModel final : public Model {
       if (engine_->getTensorIOMode(engine_->getIOTensorName(i)) == nvinfer1::TensorIOMode::kINPUT) ++inputs;
     if (inputs != expected_inputs) throw Error("the engine's inputs do not match its manifest (key input)");
     if (!manifest_.key_input.empty() &&
-        engine_->getTensorDataType(manifest_.key_input.c_str()) != nvinfer1::DataType::kINT64)
-      throw Error("the engine's key input '" + manifest_.key_input + "' is not int64");
+        (engine_->getTensorIOMode(manifest_.key_input.c_str()) != nvinfer1::TensorIOMode::kINPUT ||
+         engine_->getTensorDataType(manifest_.key_input.c_str()) != nvinfer1::DataType::kINT64))
+      throw Error("the engine has no int64 key input '" + manifest_.key_input + "'");
   }
 
   void* dev_u8() const { return integrated_ ? mapped_in_ : dev_u8_.get(); }

@@ -10,26 +10,38 @@
 #include "internal.hpp"
 #include "keyedge_model_config.hpp"  // generated: what this package was made for
 
+#ifndef KEYEDGE_TRUSTED_PUBLISHERS  // a brace list of publisher public keys, 64 hex digits each
+#define KEYEDGE_TRUSTED_PUBLISHERS {}
+#endif
+
 namespace keyedge {
+
+Model::~Model() {
+  sodium_memzero(key_perm_.data(), key_perm_.size() * sizeof(key_perm_[0]));
+  sodium_memzero(key_perm32_.data(), key_perm32_.size() * sizeof(key_perm32_[0]));
+}
 
 // The key rule (as keyedge.core.manifests.check_key with strict=True): an artifact that takes the key
 // needs the right one; a key given for any artifact must be its own (a plain model takes none), and of
 // the artifact's block size and channel count.
-void attach_key(Model& model, const KeyFile* key_file) {
-  const Manifest& m = model.manifest_;
-  if (key_file == nullptr) {
+void check_key(const Manifest& m, const KeyFile* key) {
+  if (key == nullptr) {
     if (m.needs_key()) throw Error("this artifact takes the key at run time: pass the key file");
     return;
   }
-  const KeyFile& key = *key_file;
   if (m.key_fingerprint.empty()) throw Error("this artifact is a plain (un-keyed) model: do not pass a key");
-  if (key.fingerprint != m.key_fingerprint)
-    throw Error("key fingerprint " + key.fingerprint + " does not match the artifact's (" + m.key_fingerprint + ")");
-  if (key.block_size != m.block_size || key.channels != m.input.channels)
+  if (key->fingerprint != m.key_fingerprint)
+    throw Error("key fingerprint " + key->fingerprint + " does not match the artifact's (" + m.key_fingerprint + ")");
+  if (key->block_size != m.block_size || key->channels != m.input.channels)
     throw Error("the key's block size or channel count does not match the artifact's manifest");
-  if (m.needs_key()) {
-    model.key_perm_ = key.perm;
-    model.key_perm32_.assign(key.perm.begin(), key.perm.end());
+}
+
+void attach_key(Model& model, const KeyFile* key_file) {
+  check_key(model.manifest_, key_file);
+  if (key_file == nullptr) return;
+  if (model.manifest_.needs_key()) {
+    model.key_perm_ = key_file->perm;
+    model.key_perm32_.assign(key_file->perm.begin(), key_file->perm.end());
   }
   model.key_attached();
 }
@@ -56,6 +68,17 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// The publishers compiled into this package and those the options name.
+Trust trust_of(const Options& options) {
+  Trust trust;
+  const std::vector<std::string> compiled = KEYEDGE_TRUSTED_PUBLISHERS;
+  for (const std::string& hex_key : compiled)
+    trust.publishers.push_back(publisher_key_from_hex(hex_key, "a publisher key compiled into this package"));
+  for (const std::string& path : options.trusted_publishers) trust.publishers.push_back(load_publisher_key(path));
+  trust.allow_unsigned = options.allow_unsigned;
+  return trust;
+}
+
 }  // namespace
 
 std::unique_ptr<Model> Model::load(const std::string& model_path, const std::string& key_path,
@@ -70,30 +93,38 @@ std::unique_ptr<Model> Model::load(const std::string& model_path, const std::str
   check_expected(manifest, manifest_path);
   std::optional<KeyFile> key;
   if (!key_path.empty()) key = KeyFile::load(key_path);
+  check_key(manifest, key ? &*key : nullptr);
   const std::vector<uint8_t> blob = read_bytes(model_path, "model file");
   return make_model(engine, Bytes{blob.data(), blob.size()}, Bytes{}, model_path, std::move(manifest),
                     key ? &*key : nullptr, options);
 }
 
+SealedArtifact read_sealed(const std::map<std::string, Bytes>& files, const std::string& where) {
+  auto file = [&files](const char* name) {
+    const auto it = files.find(name);
+    return it == files.end() ? Bytes{} : it->second;
+  };
+  SealedArtifact a;
+  a.engine = files.count("model.engine") != 0;
+  a.model = file(a.engine ? "model.engine" : "model.onnx");
+  a.external_data = file("model.onnx.data");
+  const Bytes text = file(a.engine ? "model.engine.json" : "manifest.json");
+  if (a.model.data == nullptr || text.data == nullptr) throw Error(where + " holds no model and manifest");
+  a.manifest = Manifest::from_text(std::string(text.data, text.data + text.size), where + " (sealed manifest)");
+  check_expected(a.manifest, where);
+  if (const Bytes k = file("key.bin"); k.data != nullptr)
+    a.key = KeyFile::from_bytes(k.data, k.size, where + " (sealed key)");  // read where it was decrypted
+  check_key(a.manifest, a.key ? &*a.key : nullptr);
+  return a;
+}
+
 std::unique_ptr<Model> Model::load_sealed(const std::string& bundle_path, const std::string& device_key_path,
                                           const Options& options) {
   Plaintext plain;
-  unseal_bundle(bundle_path, device_key_path, plain);
-  const bool engine = plain.files.count("model.engine") != 0;
-  const Bytes model = plain.file(engine ? "model.engine" : "model.onnx");
-  const Bytes text = plain.file(engine ? "model.engine.json" : "manifest.json");
-  if (model.data == nullptr || text.data == nullptr) throw Error(bundle_path + " holds no model and manifest");
-  Manifest manifest = Manifest::from_text(std::string(text.data, text.data + text.size),
-                                          bundle_path + " (sealed manifest)");
-  check_expected(manifest, bundle_path);
-  std::optional<KeyFile> key;
-  if (const Bytes k = plain.file("key.bin"); k.data != nullptr) {
-    std::vector<uint8_t> bytes(k.data, k.data + k.size);
-    key = KeyFile::from_bytes(bytes, bundle_path + " (sealed key)");
-    sodium_memzero(bytes.data(), bytes.size());
-  }
-  return make_model(engine, model, plain.file("model.onnx.data"), bundle_path, std::move(manifest),
-                    key ? &*key : nullptr, options);
+  unseal_bundle(bundle_path, device_key_path, trust_of(options), plain);
+  SealedArtifact a = read_sealed(plain.files, bundle_path);
+  return make_model(a.engine, a.model, a.external_data, bundle_path, std::move(a.manifest), a.key ? &*a.key : nullptr,
+                    options);
 }
 
 void Model::infer(const uint8_t* hwc, int batch, float* logits) {

@@ -28,8 +28,10 @@ template void hwc_to_input<uint8_t>(const uint8_t*, int, const InputSpec&, uint8
 void keyed_preprocess_cpu(const uint8_t* hwc, int batch, const InputSpec& s, const std::vector<int32_t>& perm,
                           int block, const std::vector<float>& mean, const std::vector<float>& std, float* out) {
   const size_t row = size_t(s.width) * s.channels, image = row * s.height;
-  if (static_cast<int>(perm.size()) != block * block * s.channels || static_cast<int>(mean.size()) != s.channels ||
-      static_cast<int>(std.size()) != s.channels)
+  // before any gather: the key is one M x M x C block, M divides the image (check_arguments), one mean and
+  // std per channel
+  if (block < 1 || s.channels < 1 || perm.size() != size_t(block) * size_t(block) * size_t(s.channels) ||
+      mean.size() != size_t(s.channels) || std.size() != size_t(s.channels))
     throw Error("keyed preprocessing: the key and the normalisation do not fit the input");
   if (const char* bad = keyedge_kernel::check_arguments(batch, s.height, s.width, s.channels, row, image, true, block,
                                                         std.data(), 0))

@@ -12,7 +12,7 @@ from pathlib import Path
 from ...core.keys import Key
 from ...core.manifests import ArtifactManifest, EngineManifest
 from ..artifacts import Artifact, open_artifact
-from ..bundle import DeviceKey
+from ..bundle import Opener
 from .base import Runner
 from .onnxruntime import OnnxRunner
 from .tensorrt import TensorRTRunner
@@ -34,7 +34,7 @@ def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu
 
 
 def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu",
-                device_key: DeviceKey | None = None) -> Runner:
+                opener: Opener | None = None) -> Runner:
     """A runner (not yet active) for a run directory, an export/build directory, .onnx, .engine or a
-    sealed .kes bundle (``device_key``: the device's private key)."""
-    return runner_for(open_artifact(path, device_key=device_key), key, device=device)
+    sealed .kes bundle (``opener``: the device's private key and trusted publishers)."""
+    return runner_for(open_artifact(path, opener=opener), key, device=device)

@@ -87,6 +87,8 @@ class Runner(ABC):
     def _release(self) -> None:
         self._deactivate()
         if self.sealed is not None and needs_key(self.manifest):
+            if self.key is not None:
+                self.key.wipe()
             self.key = None  # a sealed key lives only while the model is loaded
 
     def __enter__(self) -> "Runner":
