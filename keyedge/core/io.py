@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import shutil
+import sys
 import tempfile
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import KeyedgeError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644,
+BytesLike = bytes | bytearray | memoryview
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: BytesLike, *, mode: int = 0o644,
                        overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` through a temp file + rename, with file ``mode``."""
     path = check_output_file(path, overwrite)
@@ -50,6 +56,11 @@ def wipe(buffer) -> None:
         view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
         ctypes.memset(view, 0, len(buffer))
         del view
+
+
+def stdin_readinto() -> Callable[[memoryview], int | None]:
+    """Standard input's ``readinto`` (reads into a caller's buffer: no ``bytes`` copy)."""
+    return typing.cast(io.BufferedReader, sys.stdin.buffer).readinto
 
 
 @contextlib.contextmanager
@@ -192,3 +203,45 @@ def staged_dir(final: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def check_new_dir(path: str | os.PathLike) -> Path:
+    """An output that must be a new (or empty) directory, not a symlink: :func:`new_dir`'s rule."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
+        raise KeyedgeError(f"{path} exists and is not an empty directory: this output goes only into a new or "
+                           "empty one, never over files")
+    _check_writable(path)
+    return path
+
+
+@contextlib.contextmanager
+def new_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory (0700) under a temporary name, then rename it to ``final``: the rename replaces at
+    most an empty directory, never a file, a symlink or a non-empty directory, and is never merged, so
+    nothing is written over anything -- even if ``final`` changes meanwhile. Files go in with
+    :func:`write_new_file`."""
+    final = check_new_dir(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    try:
+        stage = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.", suffix=".partial"))
+    except OSError as exc:
+        raise KeyedgeError(f"cannot create output directory {final}: {exc.strerror}") from None
+    try:
+        yield stage
+        try:
+            os.rename(stage, final)
+        except OSError as exc:
+            raise KeyedgeError(f"{final} appeared while it was written ({exc.strerror}): nothing written") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def write_new_file(path: Path, data: BytesLike, mode: int = SECRET) -> None:
+    """A file that must not exist yet (never through a symlink), written and flushed to the disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -15,10 +15,12 @@ Key file format (version 2, all integers little-endian)::
     36+4n   32    SHA-256 over bytes [0, 36+4n)
 
 The file is written 0600 and atomically. The *fingerprint* that names a key in manifests,
-reports, bundles and C++ packages is a domain-separated SHA-256 of the key ID, truncated to
-128 bits: it says nothing about the permutation, so two keys of the same permutation have
-unrelated fingerprints and no key space, however small, can be searched from it. "This key
-made this model" compares fingerprints (so key IDs) after the key file's own SHA-256 check.
+reports, bundles and C++ packages is a domain-separated SHA-256 of the key ID, M, C and the
+permutation, truncated to 128 bits: without the secret 128-bit random ID nothing can be searched
+from it (two keys of the same permutation have unrelated fingerprints, and no key space, however
+small, can be walked to match one), and with it the fingerprint still names this exact key, so a
+key file whose permutation was changed (and its SHA-256 recomputed) no longer matches its models.
+A seeded key's ID comes from its seed: a search of seeds finds it (``insecure``).
 
 Version 1 files (no key ID; the fingerprint was a hash of M, C and the permutation, which a
 search of a small key space inverts) are still read, with a warning to re-key.
@@ -117,12 +119,12 @@ class Key:
         perm = perm.astype(np.int64)
         perm.setflags(write=False)
         object.__setattr__(self, "perm", perm)
-        if self.key_id is not None:
-            digest = hashlib.sha256(_FINGERPRINT_V2 + self.key_id).hexdigest()[:32]
+        shape = struct.pack("<HH", self.block_size, self.channels)
+        values = perm.astype("<u4").tobytes()
+        if self.key_id is not None:  # the random ID makes it unsearchable; the rest binds it to this key
+            digest = hashlib.sha256(_FINGERPRINT_V2 + self.key_id + shape + values).hexdigest()[:32]
         else:
-            digest = hashlib.sha256(
-                _FINGERPRINT_V1 + struct.pack("<HH", self.block_size, self.channels)
-                + perm.astype("<u4").tobytes()).hexdigest()[:32]
+            digest = hashlib.sha256(_FINGERPRINT_V1 + shape + values).hexdigest()[:32]
         object.__setattr__(self, "_fingerprint", digest)
 
     # -- construction -------------------------------------------------------------
@@ -209,7 +211,7 @@ class Key:
             wipe(data)
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, source: str = "key file") -> "Key":
+    def from_bytes(cls, data: bytes | bytearray | memoryview, *, source: str = "key file") -> "Key":
         if len(data) == 0:
             raise KeyFileError(f"{source} is empty")
         if len(data) < _HEADER.size:
@@ -236,10 +238,14 @@ class Key:
         perm = np.frombuffer(body, dtype="<u4", count=n, offset=start).astype(np.int64)
         key_id = bytes(body[_HEADER.size:start]) if version == VERSION else None
         key = cls(perm, m, c, insecure=bool(flags & FLAG_INSECURE), key_id=key_id)
-        if version == 1 and source not in _warned:
+        if source not in _warned and (version == 1 or key.small):
             _warned.add(source)
-            echo(f"WARNING: {source} is a version 1 key file, whose fingerprint (in every manifest) is a hash of "
-                 "the permutation: re-key (keyedge keygen) and fine-tune again", err=True)
+            if version == 1:
+                echo(f"WARNING: {source} is a version 1 key file, whose fingerprint (in every manifest) is a hash of "
+                     "the permutation: re-key (keyedge keygen) and fine-tune again", err=True)
+            else:
+                echo(f"WARNING: {source} has a key space below 2^{MIN_KEYSPACE_BITS} keys (--insecure-small-key): a "
+                     "search of the key space finds it; for experiments only", err=True)
         return key
 
     @classmethod

@@ -26,7 +26,7 @@ def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey, key: Key | Non
     check_key(manifest, key, f"artifact {artifact_dir}", strict=True)
     if art.kind == "onnx":  # graph + tensors, so that runners load the tensors where they are decrypted
         graph, data = external_layout(art.path.read_bytes())
-        files = {"model.onnx": graph, **({EXTERNAL_DATA: data} if data else {}),
+        files: dict[str, bytes | bytearray] = {"model.onnx": graph, **({EXTERNAL_DATA: data} if data else {}),
                  "manifest.json": manifest.to_json().encode()}
     else:
         files = {"model.engine": art.path.read_bytes(), "model.engine.json": manifest.to_json().encode()}

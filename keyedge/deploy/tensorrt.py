@@ -248,7 +248,8 @@ def build_sealed(bundle: Bundle, device: DevicePublicKey, target: Target, timing
     finally:
         bundle.wipe()
     engine, cache, engine_manifest = serialize_engine(onnx, plan, target, timing_cache)
-    files = {"model.engine": engine, "model.engine.json": engine_manifest.to_json().encode()}
+    files: dict[str, bytes | bytearray] = {"model.engine": engine,
+                                           "model.engine.json": engine_manifest.to_json().encode()}
     if key is None:
         return seal(files, device, signer), cache
     files["key.bin"] = key.to_bytes()

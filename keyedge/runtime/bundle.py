@@ -60,6 +60,7 @@ copies are freed (not zeroed) when the objects go.
 from __future__ import annotations
 
 import ctypes
+import io
 import hashlib
 import json
 import mmap
@@ -67,14 +68,14 @@ import os
 import shlex
 import struct
 import subprocess
-import sys
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes, read_secret_file, reading, secret_bytes, wipe
+from ..core.io import BytesLike, atomic_write_bytes, read_secret_file, reading, secret_bytes, stdin_readinto, wipe
 from ..core.keys import Key
 
 MAGIC = b"KEYEDGEB"
@@ -210,7 +211,7 @@ class PublisherKey:
     def load(cls, path: str | Path) -> "PublisherKey":
         """From a file, or from standard input (``-``)."""
         if str(path) == "-":
-            with secret_bytes(sys.stdin.buffer.readinto, KEY_FILE, _too_large("standard input", "publisher")) as data:
+            with secret_bytes(stdin_readinto(), KEY_FILE, _too_large("standard input", "publisher")) as data:
                 return cls(_parse_key(data, PUBLISHER_MAGIC, PRIVATE, "standard input"))
         with read_secret_file(path, "publisher key", KEY_FILE, "publisher private key") as data:
             return cls(_parse_key(data, PUBLISHER_MAGIC, PRIVATE, str(path)))
@@ -330,7 +331,7 @@ def read_device_key(path: str | Path | None = None, command: str | None = None) 
     it from OP-TEE secure storage, the fTPM or a TPM 2.0 -- so it never has to lie on the disk."""
     command = command or (os.environ.get(KEY_COMMAND_ENV) if path is None else None)
     if path is not None and str(path) == "-":
-        with secret_bytes(sys.stdin.buffer.readinto, KEY_FILE, _too_large("standard input", "device")) as data:
+        with secret_bytes(stdin_readinto(), KEY_FILE, _too_large("standard input", "device")) as data:
             return DeviceKey.from_bytes(data, "standard input")
     if path is not None:
         with read_secret_file(path, "device key", KEY_FILE, "device private key") as data:
@@ -348,7 +349,7 @@ def _key_from_command(command: str) -> DeviceKey:
     except OSError as exc:
         raise KeyedgeError(f"the device-key command failed to run: {exc.strerror}") from None
     try:
-        assert proc.stdout is not None
+        assert isinstance(proc.stdout, io.FileIO)  # bufsize=0: the pipe itself
         with secret_bytes(proc.stdout.readinto, KEY_FILE, _too_large("the device-key command's output", "device")) as data:
             code = proc.wait(timeout=60)
             if code != 0:
@@ -424,7 +425,7 @@ def _signed_message(data) -> bytes:
         return SIGNATURE_DOMAIN + bytes(view[:AAD]) + hashlib.sha256(b"".join(hashes)).digest()
 
 
-def payload(files: dict[str, bytes]) -> bytearray:
+def payload(files: Mapping[str, BytesLike]) -> bytearray:
     """The plaintext of a bundle of ``files``: ``u32 n || index || each file at the next page``."""
     check_names(list(files), "the bundle")
     index = json.dumps({"format": "keyedge-bundle", "version": VERSION,
@@ -437,7 +438,7 @@ def payload(files: dict[str, bytes]) -> bytearray:
     return plain
 
 
-def seal(files: dict[str, bytes], recipient: DevicePublicKey, signer: PublisherKey | None = None) -> bytes:
+def seal(files: Mapping[str, BytesLike], recipient: DevicePublicKey, signer: PublisherKey | None = None) -> bytes:
     """Encrypt ``files`` to ``recipient`` and sign the bundle with ``signer`` (None: unsigned, which
     devices refuse unless they allow unsigned bundles); returns the bundle's bytes."""
     plain = payload(files)
@@ -488,17 +489,18 @@ def read_header(data, where: str = "bundle") -> tuple[int, str, int]:
     return version, fp.hex(), flags
 
 
-def bundle_recipient(path: Path) -> str:
-    """The recipient fingerprint of a bundle file, after the checks that need no key (its header only)."""
+def bundle_flags(path: Path) -> int:
+    """The flags of a bundle file (``SIGNED``), after the checks that need no key (its header only)."""
     with reading(path, "bundle"), open(path, "rb") as fh:
-        return read_header(fh.read(HEADER.size), str(path))[1]
+        return read_header(fh.read(HEADER.size), str(path))[2]
 
 
 def check_names(names: list[str], where: str) -> None:
-    """Names of a bundle's files: plain, relative and unique (``model.onnx``), never a path."""
+    """Names of a bundle's files: plain, relative and unique (``model.onnx``), never a path, no control
+    characters (they would be echoed to a terminal), at most 255 characters."""
     for name in names:
         if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-                or "\0" in name or len(name) > 255):
+                or any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name) > 255):
             raise BundleError(f"{where} names a file {name!r}: a bundle's files have plain names only")
     if len(set(names)) != len(names):
         raise BundleError(f"{where} names a file twice")
@@ -517,7 +519,7 @@ def _secret_buffer(size: int) -> mmap.mmap:
     return buf
 
 
-def _decrypt(body: memoryview, header: bytes, content_key: bytes, where: str) -> mmap.mmap:
+def _decrypt(body: memoryview, header: bytes, content_key: bytearray, where: str) -> mmap.mmap:
     """Every chunk authenticated and decrypted into one fresh buffer, in parallel; refused as a whole."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -697,20 +699,32 @@ class Bundle:
         self.plain.wipe()
 
 
-def _map(path: Path) -> mmap.mmap:
-    """The bundle's bytes, mapped read-only (no copy; the file is closed once decrypted)."""
-    with reading(path, "bundle"), open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size < HEADER.size:
+def _read_private(path: Path) -> mmap.mmap:
+    """The bundle's bytes, read once into private memory: what is verified is what is decrypted, whatever
+    happens to the file meanwhile (a shared mapping would show another process's writes, and a file
+    truncated under it would kill the process with SIGBUS)."""
+    with reading(path, "bundle"), open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < HEADER.size:
             raise BundleError(f"{path} is truncated (or not a keyedge bundle)")
-        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = mmap.mmap(-1, size + 1, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        got = 0
+        with memoryview(buf) as view:
+            while got <= size and (n := fh.readinto(view[got:])):
+                got += n
+        if got != size:
+            buf.close()
+            raise BundleError(f"{path} changed while it was read: open it again")
+        buf.resize(size)
+        return buf
 
 
 def open_bundle(path: Path, opener: Opener) -> Bundle:
-    mapped = _map(Path(path))
+    data = _read_private(Path(path))
     try:
-        plain = unseal(mapped, opener, str(path))
+        plain = unseal(data, opener, str(path))
     finally:
-        mapped.close()
+        data.close()
     spans = plain.spans
     model_name = next((n for n in ("model.engine", "model.onnx") if n in spans), None)
     manifest_name = {"model.engine": "model.engine.json", "model.onnx": "manifest.json"}.get(model_name or "")

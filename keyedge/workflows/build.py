@@ -12,7 +12,7 @@ from ..core.progress import Echo, echo
 from ..deploy.targets import Target, load_target
 from ..deploy.tensorrt import build_engine, build_sealed, engine_blockers, write_build_plan
 from ..runtime.artifacts import open_export
-from ..runtime.bundle import SUFFIX, DeviceAccess, bundle_recipient, open_bundle
+from ..runtime.bundle import SIGNED, SUFFIX, DeviceAccess, bundle_flags, open_bundle
 from .sealing import read_signer
 
 
@@ -46,7 +46,10 @@ def build(artifact: Path, target: str | Path, out: Path, *, timing_cache: Path |
 
 def _build_sealed(bundle: Path, tgt: Target, out: Path, timing_cache: Path | None, plan_only: bool,
                   access: DeviceAccess, sign_with: Path | None, force: bool, echo: Echo) -> Path:
-    bundle_recipient(bundle)  # a file that is no bundle is refused as such
+    signed = bundle_flags(bundle) & SIGNED  # a file that is no bundle is refused as such
+    if sign_with is not None and not signed:
+        raise KeyedgeError(f"{bundle} is unsigned: keyedge does not sign an engine built from a model no publisher "
+                           "signed (seal it with --sign-with first)")
     reasons = engine_blockers(tgt, plan_only)
     if reasons:
         raise KeyedgeError(f"a sealed bundle is built on its device, in memory, with TensorRT's Python API "

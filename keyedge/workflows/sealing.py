@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes, check_output_dir, check_output_file, staged_dir
+from ..core.io import atomic_write_bytes, check_new_dir, check_output_file, new_dir, write_new_file
 from ..core.keys import Key
 from ..core.progress import Echo, echo
 from ..deploy.seal import seal_artifact
@@ -52,10 +52,7 @@ def unseal(bundle: Path, out: Path | None = None, *, access: DeviceAccess = Devi
     if out is not None and not write_plaintext:
         raise KeyedgeError("writing a bundle's plaintext to disk defeats sealing: pass --write-plaintext to do it")
     if out is not None:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise KeyedgeError(f"{out} exists and is not an empty directory: unseal writes plaintext only into a new "
-                               "or empty one, never over files")
-        check_output_dir(out, False)
+        check_new_dir(out)
     opener = access.opener(echo)
     opened = open_bundle(bundle, opener)
     try:
@@ -65,10 +62,10 @@ def unseal(bundle: Path, out: Path | None = None, *, access: DeviceAccess = Devi
              + (f"signed by trusted publisher {publisher}; " if publisher else "UNSIGNED (allowed for development); ")
              + ", ".join(f"{name} ({size:,} bytes)" for name, size in sizes.items()))
         if out is not None:
-            with staged_dir(out) as stage:  # 0700; the index's names were checked as plain names when it was read
+            with new_dir(out) as stage:  # the index's names were checked as plain names when it was read
                 for name in sizes:
                     with opened.plain.view(name) as data:
-                        atomic_write_bytes(stage / name, data, mode=0o600, overwrite=False)
+                        write_new_file(stage / name, data)
             echo(f"WARNING: wrote the plaintext to {out}: it is as secret as the device's key", err=True)
     finally:
         opened.wipe()

@@ -79,12 +79,10 @@ def test_small_key_spaces_are_refused_unless_asked():
     assert small.small and Key.from_bytes(small.to_bytes()).small
 
 
-def test_the_fingerprint_derives_from_the_key_id_not_the_permutation():
+def test_two_keys_of_one_permutation_have_unrelated_fingerprints():
     a = Key.generate(4)
     b = Key(a.perm, 4, 3, key_id=os.urandom(16))
     assert np.array_equal(a.perm, b.perm) and a.fingerprint != b.fingerprint and a != b
-    same_id = Key(Key.generate(4).perm, 4, 3, key_id=a.key_id)
-    assert same_id.fingerprint == a.fingerprint  # the ID names the key; the file's SHA-256 guards its bytes
     assert a.fingerprint not in a.to_bytes().hex()
 
 
@@ -115,3 +113,23 @@ def test_unknown_flags_refused():
     data[10] = 0x80
     with pytest.raises(KeyFileError, match="unknown flags"):
         Key.from_bytes(bytes(data) + hashlib.sha256(data).digest())
+
+
+def test_a_changed_permutation_changes_the_fingerprint():
+    """The key ID makes the fingerprint unsearchable; M, C and the permutation bind it to the key, so a
+    key file whose permutation was swapped (and its SHA-256 recomputed) no longer matches its models."""
+    import hashlib
+
+    key = Key.generate(4)
+    data = bytearray(key.to_bytes())
+    data[36:36 + 4 * 48] = np.arange(48, dtype="<u4").tobytes()  # the identity, same key ID
+    data[-32:] = hashlib.sha256(bytes(data[:-32])).digest()
+    forged = Key.from_bytes(bytes(data))
+    assert forged.key_id == key.key_id and forged.fingerprint != key.fingerprint and forged != key
+
+
+def test_small_keys_are_read_with_a_warning(tmp_path, capsys):
+    Key.generate(2, 3, allow_small=True).save(tmp_path / "small.bin")
+    Key.load(tmp_path / "small.bin")
+    err = capsys.readouterr().err
+    assert "below 2^128" in err and len(err.strip().splitlines()) == 1

@@ -1,6 +1,6 @@
 // The package config of the fuzz build (written by make_corpus.py): the artifact its corpus's bundles hold.
 #pragma once
-#define KEYEDGE_EXPECTED_FINGERPRINT "8d29252893127ed808e937a7e64e34f2"
+#define KEYEDGE_EXPECTED_FINGERPRINT "c62a34856a1985dfd620f0d94d4580af"
 #define KEYEDGE_EXPECTED_HEIGHT 16
 #define KEYEDGE_EXPECTED_WIDTH 16
 #define KEYEDGE_EXPECTED_CLASSES 10

@@ -42,8 +42,11 @@ def key_file(perm: list[int], block: int, channels: int, *, version: int = 2, fl
     return body + (hashlib.sha256(body).digest() if digest else bytes(32))
 
 
-def key_fingerprint(key_id: bytes = KEY_ID) -> str:
-    return hashlib.sha256(b"keyedge-key-fingerprint-v2\0" + key_id).digest()[:16].hex()
+def key_fingerprint(key_id: bytes = KEY_ID, perm: list[int] | None = None, block: int = 4, channels: int = 3) -> str:
+    """A v2 fingerprint: SHA-256 of the domain, the key ID, M, C and the permutation (default: the corpus key)."""
+    perm = permutation(48) if perm is None else perm
+    return hashlib.sha256(b"keyedge-key-fingerprint-v2\0" + key_id + struct.pack("<HH", block, channels)
+                          + b"".join(struct.pack("<I", v) for v in perm)).digest()[:16].hex()
 
 
 def permutation(n: int, seed: int = 0) -> list[int]:
@@ -175,6 +178,7 @@ def key_files() -> dict[str, bytes]:
         "bad-n-huge.keyfile": key_file(perm, 4, 3, n=0xFFFFFFFF),
         "bad-version-3.keyfile": key_file(perm, 4, 3, version=3),
         "bad-digest.keyfile": key_file(perm, 4, 3, digest=False),
+        "bad-unknown-flags.keyfile": key_file(perm, 4, 3, flags=0x8004),
         "bad-not-a-permutation.keyfile": key_file(not_perm, 4, 3),
         "bad-value-out-of-range.keyfile": key_file(perm[:-1] + [48], 4, 3),
         "bad-truncated.keyfile": good[:-1],

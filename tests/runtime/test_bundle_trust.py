@@ -151,7 +151,7 @@ def _raw_payload(index: bytes, body: bytes = b"") -> bytes:
     return struct.pack("<I", len(index)) + index + bytes(start - 4 - len(index)) + body
 
 
-@pytest.mark.parametrize("name", ["../x", "/abs/x", "a/b", "..", ".", "", "a\\b", "x\x00y"])
+@pytest.mark.parametrize("name", ["../x", "/abs/x", "a/b", "..", ".", "", "a\\b", "x\x00y", "\x1b[2J\nmodel.onnx", "x" * 256])
 def test_unseal_writes_nothing_outside_the_directory(sealed, tmp_path, name):
     root, _ = sealed
     index = json.dumps({"format": "keyedge-bundle", "version": 3, "files": [{"name": name, "size": 3}]}).encode()
@@ -293,3 +293,63 @@ def test_a_sealed_runners_key_is_wiped_at_deactivation(sealed):
         held = runner.key
         assert held is not None and np.array_equal(held.perm, key.perm)
     assert runner.key is None and not held.perm.any()  # overwritten in place, not only dropped
+
+
+def test_what_is_verified_is_what_is_decrypted(sealed, tmp_path, monkeypatch):
+    """A bundle swapped on disk right after its signature was checked (a forgery claiming the trusted
+    publisher) changes nothing: the opener verified and decrypts one private copy. Truncating it then
+    kills nothing either (no shared mapping: no SIGBUS)."""
+    root, _ = sealed
+    genuine = (root / "fused.kes").read_bytes()
+    forged = bytearray(seal({"model.onnx": b"ATTACKER", "manifest.json": b"{}"},
+                            DevicePublicKey.load(root / "device.pub")))
+    forged[10:12] = struct.pack("<H", 1)  # "signed" ...
+    forged[112:144] = publisher(root).public.raw  # ... by the trusted publisher, with no valid signature
+    path = tmp_path / "model.kes"
+    path.write_bytes(genuine)
+    check = Trust.check
+
+    def check_then_swap(self, data, where):
+        publisher_fp = check(self, data, where)
+        path.write_bytes(bytes(forged) if not calls else genuine[:HEADER.size + 10])
+        calls.append(1)
+        return publisher_fp
+
+    calls: list[int] = []
+    monkeypatch.setattr(Trust, "check", check_then_swap)
+    for _ in range(2):  # swapped, then truncated, after the check
+        opened = open_bundle(path, opener(root))
+        assert json.loads(opened.manifest_text)["format"] == "keyedge-artifact"
+        assert opened.plain.read("model.onnx") == _files(root)["model.onnx"]
+        opened.wipe()
+        path.write_bytes(genuine)
+
+
+def test_build_does_not_sign_what_no_publisher_signed(sealed, forged, tmp_path):
+    root, _ = sealed
+    r = keyedge("build", forged / "unsigned.kes", "--target", "desktop", "--device-key", root / "device.key",
+                "--allow-unsigned", "--sign-with", root / "publisher.key", "-o", tmp_path / "e")
+    assert r.returncode == 2 and "is unsigned" in r.stderr.splitlines()[-1], r.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_plaintext_never_goes_through_a_symlink_that_appears(tmp_path):
+    from keyedge.core.errors import KeyedgeError
+    from keyedge.core.io import new_dir, write_new_file
+
+    production = tmp_path / "production"
+    production.mkdir()
+    (production / "model.onnx").write_bytes(b"production model")
+    out = tmp_path / "out"
+    with pytest.raises(KeyedgeError, match="appeared while it was written"):
+        with new_dir(out) as stage:
+            write_new_file(stage / "model.onnx", b"debug plaintext")
+            out.symlink_to(production)  # raced in between the check and the rename
+    assert (production / "model.onnx").read_bytes() == b"production model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "production"]  # the stage is gone
+    out.unlink()
+    (tmp_path / "empty").mkdir()
+    out.symlink_to(tmp_path / "empty")
+    with pytest.raises(KeyedgeError, match="not an empty directory"):
+        with new_dir(out):
+            pass

@@ -90,8 +90,8 @@ struct KeyFile {
   KeyFile() = default;
   KeyFile(const KeyFile&) = default;
   KeyFile(KeyFile&&) = default;
-  KeyFile& operator=(const KeyFile&) = default;
-  KeyFile& operator=(KeyFile&&) = default;
+  KeyFile& operator=(const KeyFile& other);  // both overwrite the permutation they replace
+  KeyFile& operator=(KeyFile&& other) noexcept;
   ~KeyFile();
   static KeyFile load(const std::string& path);
   static KeyFile from_bytes(const std::vector<uint8_t>& data, const std::string& where);

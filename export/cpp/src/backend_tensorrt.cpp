@@ -38,6 +38,26 @@ using DeviceBuffer = std::unique_ptr<void, DeviceFree>;
 using HostBuffer = std::unique_ptr<void, HostFree>;
 using Stream = std::unique_ptr<CUstream_st, StreamDestroy>;
 using GraphExec = std::unique_ptr<CUgraphExec_st, GraphExecDestroy>;
+
+// Device memory that holds the key: overwritten before it is freed.
+struct SecretDeviceBuffer {
+  DeviceBuffer buffer;
+  size_t size = 0;
+  SecretDeviceBuffer() = default;
+  SecretDeviceBuffer(DeviceBuffer b, size_t n) : buffer(std::move(b)), size(n) {}
+  SecretDeviceBuffer(SecretDeviceBuffer&&) = default;
+  SecretDeviceBuffer& operator=(SecretDeviceBuffer&& other) noexcept {
+    clear();
+    buffer = std::move(other.buffer);
+    size = other.size;
+    return *this;
+  }
+  ~SecretDeviceBuffer() { clear(); }
+  void clear() noexcept {
+    if (buffer) cudaMemset(buffer.get(), 0, size);  // cudaFree then waits for it
+  }
+  void* get() const { return buffer.get(); }
+};
 using Graph = std::unique_ptr<CUgraph_st, GraphDestroy>;
 
 DeviceBuffer device_alloc(size_t bytes) {
@@ -94,12 +114,13 @@ class TrtModel final : public Model {
       if (d.nbDims != 1 || d.d[0] != static_cast<int64_t>(key_perm_.size()))
         throw Error("the engine's key input '" + manifest_.key_input + "' does not take a key of " +
                     std::to_string(key_perm_.size()) + " values");
-      dev_key_ = device_alloc(key_perm_.size() * sizeof(int64_t));
+      dev_key_ = SecretDeviceBuffer(device_alloc(key_perm_.size() * sizeof(int64_t)), key_perm_.size() * sizeof(int64_t));
       check(cudaMemcpy(dev_key_.get(), key_perm_.data(), key_perm_.size() * sizeof(int64_t), cudaMemcpyHostToDevice),
             "copy key");
     }
     if (manifest_.kernel_preprocess) {  // the kernel reads int32 source indices
-      dev_perm_ = device_alloc(key_perm32_.size() * sizeof(int32_t));
+      dev_perm_ = SecretDeviceBuffer(device_alloc(key_perm32_.size() * sizeof(int32_t)),
+                                     key_perm32_.size() * sizeof(int32_t));
       check(cudaMemcpy(dev_perm_.get(), key_perm32_.data(), key_perm32_.size() * sizeof(int32_t),
                        cudaMemcpyHostToDevice), "copy key");
     }
@@ -284,7 +305,8 @@ class TrtModel final : public Model {
   int capacity_ = 0;
   HostBuffer host_in_, host_out_;
   void* mapped_in_ = nullptr;  // device view of host_in_ (Jetson)
-  DeviceBuffer dev_u8_, dev_in_, dev_out_buffer_, dev_key_, dev_perm_;
+  DeviceBuffer dev_u8_, dev_in_, dev_out_buffer_;
+  SecretDeviceBuffer dev_key_, dev_perm_;  // the key on the GPU
   void* dev_out_ = nullptr;  // dev_out_buffer_, or the device view of host_out_ (Jetson)
   GraphExec graph_;
   int graph_batch_ = 0;

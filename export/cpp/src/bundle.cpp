@@ -130,7 +130,8 @@ std::map<std::string, Bytes> parse_index(Bytes p, const std::string& where) {
   try {
     const jf::json index = jf::parse(p.data + 4, p.data + 4 + n, where + "'s index");
     if (!index.is_object()) throw Error(bad + " (not a JSON object)");
-    if (index.contains("version")) jf::integer(index.at("version"), bad + ": version", 1, kVersion);
+    if (jf::text(index, "format", bad) != "keyedge-bundle") throw Error(bad + ": it is not a keyedge bundle index");
+    jf::integer(jf::field(index, "version", bad), bad + ": version", kVersion, kVersion);
     const jf::json& files = jf::field(index, "files", bad);
     if (!files.is_array()) throw Error(bad + ": 'files' is not a list");
     size_t end = 4 + n;

@@ -4,7 +4,7 @@
 //   8   2   version (1 or 2)         14  2  channels C         ..  4n  permutation (u32 each)
 //   10  2   flags                    16  4  n = M*M*C          ..  32  SHA-256 over every byte before it
 // Fingerprint v1: SHA-256("keyedge-key-fingerprint-v1\0" || M, C || permutation)[:16];
-// v2: SHA-256("keyedge-key-fingerprint-v2\0" || key id)[:16].
+// v2: SHA-256("keyedge-key-fingerprint-v2\0" || key id || M, C || permutation)[:16].
 #include <cstring>
 
 #include <sodium.h>
@@ -17,15 +17,36 @@ namespace {
 
 constexpr size_t kMaxKeyFile = 64u << 20;  // 16 Mi values (keyedge's keys: at most 64 x 64 x 16)
 
-std::string domain_fingerprint(const char* domain, size_t domain_size, Bytes first, Bytes second) {
-  const auto f = sha256({{reinterpret_cast<const uint8_t*>(domain), domain_size}, {first.data, first.size},
-                         {second.data, second.size}});
+std::string fingerprint_of(std::initializer_list<std::pair<const uint8_t*, size_t>> parts) {
+  const auto f = sha256(parts);
   return hex(f.data(), 16);
 }
 
 }  // namespace
 
 KeyFile::~KeyFile() { sodium_memzero(perm.data(), perm.size() * sizeof(perm[0])); }
+
+KeyFile& KeyFile::operator=(const KeyFile& other) {
+  if (this != &other) {
+    KeyFile copy(other);
+    *this = std::move(copy);
+  }
+  return *this;
+}
+
+KeyFile& KeyFile::operator=(KeyFile&& other) noexcept {
+  if (this != &other) {
+    sodium_memzero(perm.data(), perm.size() * sizeof(perm[0]));
+    version = other.version;
+    block_size = other.block_size;
+    channels = other.channels;
+    insecure = other.insecure;
+    insecure_small = other.insecure_small;
+    perm = std::move(other.perm);
+    fingerprint = std::move(other.fingerprint);
+  }
+  return *this;
+}
 
 KeyFile KeyFile::load(const std::string& path) {
   const SecretBuffer data = read_secret(path, "key file", kMaxKeyFile);
@@ -47,6 +68,7 @@ KeyFile KeyFile::from_bytes(const uint8_t* data, size_t size, const std::string&
                 " (this runtime reads 1 and 2)");
   const size_t header = key.version == 1 ? 20 : 36;
   const uint16_t flags = le16(data + 10);
+  if (flags & ~3u) throw Error(where + " has unknown flags");
   key.insecure = (flags & 1) != 0;
   key.insecure_small = (flags & 2) != 0;
   key.block_size = le16(data + 12);
@@ -68,9 +90,12 @@ KeyFile KeyFile::from_bytes(const uint8_t* data, size_t size, const std::string&
     key.perm.push_back(v);
   }
   static const char v1[] = "keyedge-key-fingerprint-v1", v2[] = "keyedge-key-fingerprint-v2";  // + their NUL
+  const auto* d1 = reinterpret_cast<const uint8_t*>(v1);
+  const auto* d2 = reinterpret_cast<const uint8_t*>(v2);
   key.fingerprint = key.version == 1
-                        ? domain_fingerprint(v1, sizeof(v1), {data + 12, 4}, {data + 20, 4 * size_t(n)})  // M, C, perm
-                        : domain_fingerprint(v2, sizeof(v2), {data + 20, 16}, {});                     // key id
+                        ? fingerprint_of({{d1, sizeof(v1)}, {data + 12, 4}, {data + 20, 4 * size_t(n)}})  // M, C, perm
+                        : fingerprint_of({{d2, sizeof(v2)}, {data + 20, 16}, {data + 12, 4},  // key id, M, C, perm
+                                          {data + 36, 4 * size_t(n)}});
   return key;
 }
 

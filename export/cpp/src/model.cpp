@@ -94,7 +94,11 @@ std::unique_ptr<Model> Model::load(const std::string& model_path, const std::str
   std::optional<KeyFile> key;
   if (!key_path.empty()) key = KeyFile::load(key_path);
   check_key(manifest, key ? &*key : nullptr);
-  const std::vector<uint8_t> blob = read_bytes(model_path, "model file");
+  std::vector<uint8_t> blob = read_bytes(model_path, "model file");
+  struct Wipe {  // a fused model is the key: overwritten once the backend has its own copy
+    std::vector<uint8_t>& bytes;
+    ~Wipe() { sodium_memzero(bytes.data(), bytes.size()); }
+  } wipe{blob};
   return make_model(engine, Bytes{blob.data(), blob.size()}, Bytes{}, model_path, std::move(manifest),
                     key ? &*key : nullptr, options);
 }
