@@ -234,9 +234,10 @@ class Trust:
     publishers: tuple[PublisherPublicKey, ...] = ()
     allow_unsigned: bool = False
 
-    def check(self, data, where: str) -> str | None:
+    def check(self, data, where: str, hashes: list[bytes] | None = None) -> str | None:
         """The fingerprint of the publisher whose signature over the bundle ``data`` verifies (None for an
-        unsigned bundle this trust allows); anything else is refused. Reads the ciphertext only."""
+        unsigned bundle this trust allows); anything else is refused. Reads the ciphertext only
+        (``hashes``: its chunk records' SHA-256, computed as it was read)."""
         _, _, flags = read_header(data, where)
         _, _, _, _, _, _, publisher, signature = HEADER.unpack_from(data)
         if not flags & SIGNED:
@@ -250,7 +251,7 @@ class Trust:
                               "is not trusted here (pass --trust PUBLISHER.pub or set " + TRUST_ENV + ")")
         nacl = _nacl()
         try:
-            nacl.signing.VerifyKey(publisher).verify(_signed_message(data), signature)
+            nacl.signing.VerifyKey(publisher).verify(_signed_message(data, hashes), signature)
         except nacl.exceptions.BadSignatureError:
             raise BundleError(f"{where}: the publisher's signature does not verify (the bundle was changed, "
                               "truncated or extended, or forged)") from None
@@ -411,9 +412,17 @@ def _records(body) -> list:
     return [body[at:at + CHUNK + TAG] for at in range(0, len(body), CHUNK + TAG)]
 
 
-def _signed_message(data) -> bytes:
-    """What the publisher signs: the domain, header bytes [0, AAD) and the hash list of the chunk records."""
+def _record_hash(view: memoryview, at: int, n: int) -> bytes:
+    with view[at:at + n] as record:
+        return hashlib.sha256(record).digest()
+
+
+def _signed_message(data, hashes: list[bytes] | None = None) -> bytes:
+    """What the publisher signs: the domain, header bytes [0, AAD) and the hash list of the chunk records
+    (``hashes``: the records' SHA-256, when the reader already computed them)."""
     with memoryview(data) as view:
+        if hashes is not None:
+            return SIGNATURE_DOMAIN + bytes(view[:AAD]) + hashlib.sha256(b"".join(hashes)).digest()
         records = _records(view[HEADER.size:])
         if len(records) > 16:  # SHA-256 releases the GIL: hash the records on all cores
             with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
@@ -593,11 +602,12 @@ class Plaintext:
             pass
 
 
-def unseal(data, opener: Opener, where: str = "bundle") -> Plaintext:
+def unseal(data, opener: Opener, where: str = "bundle", hashes: list[bytes] | None = None) -> Plaintext:
     """Verify a bundle's publisher, then decrypt it in memory; returns its files. Any change, truncation
-    or extension is refused, and so is a bundle no trusted publisher signed."""
+    or extension is refused, and so is a bundle no trusted publisher signed. ``hashes``: the SHA-256 of
+    its chunk records, where the reader computed them over ``data`` already."""
     _, fp, _ = read_header(data, where)
-    publisher = opener.trust.check(data, where)  # before anything inside is opened or parsed
+    publisher = opener.trust.check(data, where, hashes)  # before anything inside is opened or parsed
     device = opener.device
     if fp != device.fingerprint:
         raise BundleError(f"{where} is sealed to device {fp}, not to this device ({device.fingerprint})")
@@ -699,30 +709,42 @@ class Bundle:
         self.plain.wipe()
 
 
-def _read_private(path: Path) -> mmap.mmap:
-    """The bundle's bytes, read once into private memory: what is verified is what is decrypted, whatever
-    happens to the file meanwhile (a shared mapping would show another process's writes, and a file
-    truncated under it would kill the process with SIGBUS)."""
+def _read_private(path: Path) -> tuple[mmap.mmap, list[bytes]]:
+    """The bundle's bytes, read once into private memory, and the SHA-256 of each chunk record, hashed on
+    the other cores while the next records are read: what is verified is what is decrypted, whatever happens
+    to the file meanwhile (a shared mapping would show another process's writes, and a file truncated
+    under it would kill the process with SIGBUS)."""
     with reading(path, "bundle"), open(path, "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size < HEADER.size:
             raise BundleError(f"{path} is truncated (or not a keyedge bundle)")
-        buf = mmap.mmap(-1, size + 1, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        got = 0
-        with memoryview(buf) as view:
-            while got <= size and (n := fh.readinto(view[got:])):
-                got += n
-        if got != size:
+        buf = mmap.mmap(-1, size + 1, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # ciphertext: nothing to hide
+        spans = [(0, HEADER.size)] + [(lo, min(size, lo + CHUNK + TAG)) for lo in range(HEADER.size, size, CHUNK + TAG)]
+        futures, complete = [], True
+        with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool, memoryview(buf) as view:
+            for i, (lo, hi) in enumerate(spans):
+                at = lo
+                while at < hi and (n := fh.readinto(view[at:hi])):
+                    at += n
+                if at < hi:  # the file is shorter than it was
+                    complete = False
+                    break
+                if i:  # a chunk record: hashed while the next one is read
+                    futures.append(pool.submit(_record_hash, view, lo, hi - lo))
+            else:
+                complete = not fh.readinto(view[size:size + 1])  # and not longer
+            hashes = [f.result() for f in futures]
+        if not complete:
             buf.close()
             raise BundleError(f"{path} changed while it was read: open it again")
         buf.resize(size)
-        return buf
+        return buf, hashes
 
 
 def open_bundle(path: Path, opener: Opener) -> Bundle:
-    data = _read_private(Path(path))
+    data, hashes = _read_private(Path(path))
     try:
-        plain = unseal(data, opener, str(path))
+        plain = unseal(data, opener, str(path), hashes)
     finally:
         data.close()
     spans = plain.spans

@@ -309,8 +309,8 @@ def test_what_is_verified_is_what_is_decrypted(sealed, tmp_path, monkeypatch):
     path.write_bytes(genuine)
     check = Trust.check
 
-    def check_then_swap(self, data, where):
-        publisher_fp = check(self, data, where)
+    def check_then_swap(self, data, where, hashes=None):
+        publisher_fp = check(self, data, where, hashes)
         path.write_bytes(bytes(forged) if not calls else genuine[:HEADER.size + 10])
         calls.append(1)
         return publisher_fp
