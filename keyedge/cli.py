@@ -67,6 +67,9 @@ app.add_typer(device_app, name="device")
 publisher_app = typer.Typer(help="Publisher identity: the Ed25519 key that signs every sealed bundle.",
                             no_args_is_help=True)
 app.add_typer(publisher_app, name="publisher")
+fleet_app = typer.Typer(help="A fleet of devices: one key, adapter and signed, sealed model each, in a database.",
+                        no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
 
 OUT = dict(help="Output directory.")
 FORCE = typer.Option(False, help="Write into a non-empty output directory (only the files keyedge writes there "
@@ -471,6 +474,95 @@ def unseal(bundle: Path = typer.Argument(..., help="A sealed .kes bundle."),
 
     run(bundle, out, access=access(device_key, device_key_command, trust, allow_unsigned),
         write_plaintext=write_plaintext)
+
+
+DB = typer.Option("fleet.db", "--db", help="The fleet database: a SQLite file, or a SQLAlchemy URL "
+                                           "(postgresql+psycopg://...).")
+MASTER_KEY = typer.Option(None, "--master-key", help="The operator's master key of the vault (a file, or -); "
+                                                     "default: $KEYEDGE_MASTER_KEY_COMMAND's output.")
+MASTER_KEY_COMMAND = typer.Option(None, help="A command printing the master key (e.g. from a TPM or an HSM).")
+
+
+@command(fleet_app, "init")
+def fleet_init(db: str = DB,
+               base: Path = typer.Option(..., help="The public pre-trained base checkpoint (pinned by SHA-256)."),
+               model: str = typer.Option(T.model, help="timm model name."),
+               data: str = typer.Option(T.data, help="'digits' (built in) or an ImageFolder root."),
+               block_size: int = typer.Option(..., "--block-size", "-m", min=1, max=64, help="Block size M of every key."),
+               channels: int = typer.Option(3, min=1, max=16),
+               mode: TrainMode = typer.Option("lora", help="lora: an adapter per device; full: a model per device."),
+               img_size: int | None = typer.Option(None), patch_size: int | None = typer.Option(None),
+               depth: int | None = typer.Option(None), embed_dim: int | None = typer.Option(None),
+               heads: int | None = typer.Option(None), num_classes: int | None = typer.Option(None),
+               epochs: int = typer.Option(T.epochs, min=1), lr: float = typer.Option(T.lr),
+               batch_size: int = typer.Option(T.batch_size, min=1), lora_rank: int = typer.Option(T.lora_rank, min=1),
+               vault: Path = typer.Option(Path("fleet.vault"), help="The key vault to create (0600, encrypted)."),
+               master_key: Path = typer.Option(Path("master.key"), "--master-key", help="The vault's master key "
+                                                "(created 0600 where it does not exist; or - for stdin)."),
+               master_key_command: str | None = MASTER_KEY_COMMAND) -> None:
+    """Create a fleet: database (migrated), publisher signing key in a new vault, the pinned base and recipe."""
+    from .fleet.commands import FleetSpec, MasterKey, init
+
+    kwargs = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size), ("depth", depth),
+                                ("embed_dim", embed_dim), ("num_heads", heads), ("num_classes", num_classes))
+              if v is not None}
+    recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_rank": lora_rank}
+    init(db, FleetSpec(base, model, kwargs, data, block_size, channels, mode, recipe), vault,
+         MasterKey(master_key, master_key_command))
+
+
+@command(fleet_app, "upgrade")
+def fleet_upgrade(db: str = DB) -> None:
+    """Migrate the fleet database to this keyedge's schema (Alembic)."""
+    from .fleet.commands import upgrade
+
+    upgrade(db)
+
+
+@command(fleet_app, "enroll")
+def fleet_enroll(device_id: str | None = typer.Argument(None, help="The device's id (letters, digits, . _ : -)."),
+                 pubkey: Path | None = typer.Option(None, help="The device's public key (keyedge device keygen)."),
+                 target: str | None = typer.Option(None, help="Its target profile: desktop, jetson-orin, ..."),
+                 from_csv: Path | None = typer.Option(None, help="Many devices, all or none: a CSV with the "
+                                                                 "columns device_id,pubkey,target."),
+                 db: str = DB, master_key: Path | None = MASTER_KEY,
+                 master_key_command: str | None = MASTER_KEY_COMMAND) -> None:
+    """Enroll devices: a fresh key each (drawn from the CSPRNG into the vault), recorded in the database."""
+    from .fleet.commands import Enrollment, MasterKey, enroll, read_csv
+
+    if (from_csv is None) == (device_id is None):
+        raise KeyedgeError("pass a DEVICE_ID with --pubkey and --target, or --from-csv FILE")
+    if from_csv is not None:
+        enroll(db, read_csv(from_csv), MasterKey(master_key, master_key_command), where=f"{from_csv}: ")
+        return
+    if pubkey is None or target is None:
+        raise KeyedgeError("enrolling a device needs --pubkey and --target")
+    enroll(db, [Enrollment(device_id, pubkey, target)], MasterKey(master_key, master_key_command))
+
+
+@command(fleet_app, "status")
+def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
+    """Every device: target, key fingerprint, state, when; and a summary line."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .fleet.commands import status
+
+    report = status(db)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"fleet {db}: {report['fleet']['model']} ({report['fleet']['mode']}), publisher "
+                        f"{report['fleet']['publisher']}")
+    for column in ("device", "target", "key fingerprint", "state", "updated"):
+        table.add_column(column)
+    for d in report["devices"]:
+        table.add_row(d["device"], d["target"], d["key_fingerprint"], d["state"], d["updated_at"][:19])
+    Console().print(table)
+    typer.echo(f"{len(report['devices'])} devices: " + (", ".join(f"{n} {s}" for s, n in report["counts"].items())
+                                                         or "none enrolled"))
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ from .helpers import ROOT
 PACKAGE = ROOT / "keyedge"
 # a module may import modules of its own layer and of layers of a lower rank; layers of one rank are
 # independent of each other (the runtime never imports training or the deployment builders)
-RANK = {"core": 0, "share": 0, "training": 1, "runtime": 1, "deploy": 2, "redteam": 2, "checks": 3, "workflows": 4}
-ENTRY = 5  # keyedge/__init__.py, cli.py, kernels.py: the entry points on top
+RANK = {"core": 0, "share": 0, "training": 1, "runtime": 1, "deploy": 2, "redteam": 2, "checks": 3, "workflows": 4,
+        "fleet": 5}
+ENTRY = 6  # keyedge/__init__.py, cli.py, kernels.py: the entry points on top
 
 
 def _modules() -> dict[str, Path]:

@@ -256,7 +256,8 @@ CASES: dict[str, list[tuple[str, list, str | None]]] = {
         ("out unwritable", ["build", "W/fused", "--target", "desktop", "-o", str(UNWRITABLE)], "cannot write"),
         ("junk bundle", ["build", "W/junk.kes", "--target", "desktop", "-o", "O", "--device-key", "W/device.key", "--trust", "W/publisher.pub"], "not a keyedge"),
         ("bundle a directory", ["build", "W/a_dir.kes", "--target", "desktop", "-o", "O", "--device-key", "W/device.key", "--trust", "W/publisher.pub"], "directory"),
-        ("bundle as a plan", ["build", "W/fused.kes", "--target", "desktop", "-o", "O", "--plan-only", "--device-key", "W/device.key", "--trust", "W/publisher.pub"], "plan"),
+        ("bundle as a plan", ["build", "W/fused.kes", "--target", "desktop", "-o", "O", "--plan-only", "--device-key", "W/device.key", "--trust", "W/publisher.pub", "--sign-with", "W/publisher.key"], "plan"),
+        ("bundle without a signing key", ["build", "W/fused.kes", "--target", "desktop", "-o", "O", "--device-key", "W/device.key", "--trust", "W/publisher.pub"], "--sign-with"),
     ],
     "bindings": [
         ("artifact missing", ["bindings", "W/nope", "-o", "O"], "does not exist"),

@@ -211,6 +211,9 @@ def check_new_dir(path: str | os.PathLike) -> Path:
     if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
         raise KeyedgeError(f"{path} exists and is not an empty directory: this output goes only into a new or "
                            "empty one, never over files")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise KeyedgeError(f"directory {parent} does not exist")
     _check_writable(path)
     return path
 

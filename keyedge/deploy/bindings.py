@@ -104,7 +104,7 @@ def render(artifact_dir: Path, out: Path, name: str | None = None, bundle: Path 
     (out / "package.cmake").write_text(f"set(KEYEDGE_PACKAGE {package})\n")
     model_file = artifact.path.name if sealed is None else "model" + SUFFIX
     (out / "src" / "keyedge_model_config.hpp").write_text(config_header(artifact, model_file, trusted))
-    (out / "model").mkdir()
+    (out / "model").mkdir(mode=0o700)  # the model (a fused one is the key) or its bundle
     if sealed is not None:
         atomic_write_bytes(out / "model" / model_file, sealed, mode=0o600)
     else:

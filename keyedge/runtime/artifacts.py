@@ -38,8 +38,8 @@ class Artifact:
 
 def _open_sealed(path: Path, opener: Opener | None) -> Artifact:
     if opener is None:
-        raise KeyedgeError(f"{path} is a sealed bundle: pass its device's private key (--device-key) and its "
-                           "publisher's key (--trust)")
+        raise KeyedgeError(f"{path} is a sealed bundle: it opens only on its device (commands that run bundles "
+                           "take --device-key and --trust; seal and bindings take an export or build directory)")
     bundle = SealedLoader(path, opener)()  # authenticated here, so that a bad bundle is refused before any work
     try:
         text = bundle.manifest_text

@@ -50,12 +50,12 @@ def _build_sealed(bundle: Path, tgt: Target, out: Path, timing_cache: Path | Non
     if sign_with is not None and not signed:
         raise KeyedgeError(f"{bundle} is unsigned: keyedge does not sign an engine built from a model no publisher "
                            "signed (seal it with --sign-with first)")
+    signer = read_signer(sign_with, access.allow_unsigned)
+    opener = access.opener(echo)  # every input checked, then whether it can be built here
     reasons = engine_blockers(tgt, plan_only)
     if reasons:
         raise KeyedgeError(f"a sealed bundle is built on its device, in memory, with TensorRT's Python API "
                            f"(a build plan would write the model in plaintext): {'; '.join(dict.fromkeys(reasons))}")
-    signer = read_signer(sign_with, access.allow_unsigned)
-    opener = access.opener(echo)
     opened = open_bundle(bundle, opener)
     cache_in = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     data, cache = build_sealed(opened, opener.device.public, tgt, cache_in, signer)

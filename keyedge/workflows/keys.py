@@ -32,7 +32,8 @@ def inspect(path: Path, *, echo: Echo = echo) -> Key:
                         ("values", f"{key.size} per block"),
                         ("key space", f"10^{key.log10_keyspace:.1f} keys  ((M*M*C)!)"
                                       + ("  BELOW 2^128: a search finds it" if key.small else "")),
-                        ("insecure", "yes (seeded, for tests only)" if key.insecure else "no"),
+                        ("insecure", "yes (seeded, for tests only)" if key.insecure else
+                         "yes (small key space, --insecure-small-key)" if key.small else "no"),
                         ("format", f"version {key.version}" + ("  (re-key: its fingerprint is a hash of the "
                                                                "permutation)" if key.version == 1 else "")),
                         ("fingerprint", key.fingerprint)):
@@ -49,6 +50,7 @@ def export_perm(path: Path, out: Path, *, force: bool = False, echo: Echo = echo
 
 
 def _key_pair(kind: type, out: Path, pub: Path | None, force: bool):
+    check_output_file(out, force)  # a directory, '.', '/': refused before a name is derived from it
     pub = pub or out.with_suffix(".pub")
     if pub == out:
         raise KeyedgeError(f"the private and the public key cannot both be {out}")

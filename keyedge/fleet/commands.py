@@ -1,0 +1,220 @@
+"""``keyedge fleet``: init, upgrade, enroll and status. Each command is one database transaction, and the
+vault is written atomically inside it (and put back if the transaction fails), so a failed command
+leaves both as they were. Every input is checked before anything is written."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import KeyedgeError
+from ..core.io import check_output_file
+from ..core.keys import Key, check_keyspace
+from ..core.models import file_sha256
+from ..core.progress import Echo, echo
+from ..deploy.targets import load_target
+from ..runtime.bundle import DevicePublicKey, PublisherKey
+from . import db
+from .schema import devices, events, fleet
+from .vault import Vault, new_master_key, read_master_key
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """Where the operator's master key comes from (a file, ``-``, or a command)."""
+    path: Path | None = None
+    command: str | None = None
+
+    def read(self) -> bytearray:
+        return read_master_key(self.path, self.command)
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """What ``fleet init`` pins: the public base, the model, the data, the key shape and the recipe."""
+    base: Path
+    model: str
+    model_kwargs: dict[str, Any]
+    data: str
+    block_size: int
+    channels: int = 3
+    mode: str = "lora"
+    recipe: dict[str, Any] | None = None
+
+
+def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *, echo: Echo = echo) -> str:
+    """Create a fleet: the database (migrated to this keyedge's schema), the publisher's signing key in a
+    new vault, and a new master key where ``master.path`` does not exist yet. Returns the publisher's
+    fingerprint."""
+    if spec.mode not in ("full", "lora"):
+        raise KeyedgeError(f"--mode must be full or lora, not {spec.mode!r}")
+    if not spec.base.is_file():
+        raise KeyedgeError(f"base checkpoint {spec.base} does not exist")
+    check_keyspace(spec.block_size, spec.channels)
+    if spec.data != "digits" and not Path(spec.data).is_dir():
+        raise KeyedgeError(f"data {spec.data} is neither 'digits' nor a directory")
+    url = db.database_url(database)
+    if url.startswith("sqlite:///") and Path(url.removeprefix("sqlite:///")).exists():
+        raise KeyedgeError(f"fleet database {database} exists: one fleet per database")
+    check_output_file(vault_path, False)
+    new_master = master.path is not None and str(master.path) != "-" and not master.path.exists()
+    if new_master:
+        check_output_file(master.path, False)  # type: ignore[arg-type]
+    base_sha256 = file_sha256(spec.base)
+    created: list[Path] = []
+    try:
+        if new_master:
+            new_master_key(master.path)  # type: ignore[arg-type]
+            created.append(master.path)  # type: ignore[arg-type]
+        key = master.read()
+        publisher = PublisherKey.generate()
+        Vault(bytes(publisher._signing), {}).save(vault_path, key, overwrite=False)
+        created.append(vault_path)
+        with db.transaction(database, must_exist=False, at_head=False) as conn:
+            db.upgrade(conn)
+            if conn.execute(fleet.select()).first() is not None:
+                raise KeyedgeError(f"{database} already holds a fleet")
+            conn.execute(fleet.insert().values(
+                name=Path(database).stem if "://" not in database else "fleet", base_path=str(spec.base.resolve()),
+                base_sha256=base_sha256, model=spec.model, model_kwargs=spec.model_kwargs, data=spec.data,
+                block_size=spec.block_size, channels=spec.channels, mode=spec.mode, recipe=spec.recipe or {},
+                publisher_fingerprint=publisher.fingerprint, publisher_public=publisher.public.raw,
+                vault_path=str(vault_path.resolve()), created_at=_now()))
+            conn.execute(events.insert().values(device=None, kind="init", detail={"base_sha256": base_sha256},
+                                                at=_now()))
+    except BaseException:
+        for path in reversed(created):
+            path.unlink(missing_ok=True)
+        if url.startswith("sqlite:///"):
+            for suffix in ("", "-wal", "-shm"):
+                Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
+        raise
+    echo(f"created fleet {database}: base {spec.base.name} (sha256 {base_sha256[:16]}...), {spec.model}, "
+         f"{spec.mode}, block size {spec.block_size}; publisher {publisher.fingerprint}; vault {vault_path}"
+         + (f"; new master key {master.path} (0600: keep it apart from the vault)" if new_master else ""))
+    return publisher.fingerprint
+
+
+def upgrade(database: str, *, echo: Echo = echo) -> str:
+    """Migrate the fleet database to this keyedge's schema (Alembic); a newer schema is refused."""
+    with db.transaction(database, at_head=False) as conn:
+        before, after = db.upgrade(conn)
+    echo(f"{database}: schema {before or 'none'} -> {after}" if before != after else
+         f"{database}: schema {after}, up to date")
+    return after
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    device_id: str
+    pubkey: Path
+    target: str
+
+
+def _check(e: Enrollment, where: str) -> DevicePublicKey:
+    """A device's id, target and public key, checked; ``where``: the CSV row it came from."""
+    try:
+        if not _DEVICE_ID.match(e.device_id):
+            raise KeyedgeError(f"device id {e.device_id!r} must be 1-128 letters, digits, '.', '_', ':' or '-'")
+        load_target(e.target)
+        return DevicePublicKey.load(e.pubkey)
+    except KeyedgeError as exc:
+        raise KeyedgeError(f"{where}{exc}" + (" (nothing enrolled)" if where else "")) from None
+
+
+@contextlib.contextmanager
+def _vault_writes(path: Path) -> Iterator[None]:
+    """Put the vault file back as it was if the block fails (after the vault was written, before the
+    database committed)."""
+    before = path.read_bytes()
+    try:
+        yield
+    except BaseException:
+        from ..core.io import atomic_write_bytes
+
+        atomic_write_bytes(path, before, mode=0o600)
+        raise
+
+
+def enroll(database: str, enrollments: list[Enrollment], master: MasterKey, *, where: str = "",
+           echo: Echo = echo) -> list[str]:
+    """Enroll devices, all or none: a fresh CSPRNG key each into the vault, a row each in the database.
+    Returns the keys' fingerprints."""
+    checked = [(e, _check(e, f"{where}row {i + 1}: " if where else "")) for i, e in enumerate(enrollments)]
+    ids = [e.device_id for e in enrollments]
+    if len(set(ids)) != len(ids):
+        raise KeyedgeError(f"{where or 'the enrollment'} names a device twice")
+    key = master.read()
+    with db.transaction(database) as conn:
+        row = conn.execute(fleet.select()).first()
+        if row is None:
+            raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
+        vault_path = Path(row.vault_path)
+        vault = Vault.open(vault_path, key)
+        for e, pub in checked:
+            taken = conn.execute(devices.select().where(
+                (devices.c.device_id == e.device_id) | (devices.c.device_fingerprint == pub.fingerprint))).first()
+            if taken is not None:
+                raise KeyedgeError(f"device {e.device_id} (or its public key {pub.fingerprint}) is enrolled already "
+                                   f"as {taken.device_id}")
+        fingerprints = []
+        for e, pub in checked:
+            k = Key.generate(row.block_size, row.channels)
+            vault.devices[e.device_id] = bytes(k.to_bytes())
+            now = _now()
+            device = conn.execute(devices.insert().values(
+                device_id=e.device_id, target=e.target, device_public=pub.raw, device_fingerprint=pub.fingerprint,
+                key_fingerprint=k.fingerprint, state="enrolled", enrolled_at=now, updated_at=now)).inserted_primary_key[0]
+            conn.execute(events.insert().values(device=device, kind="enroll",
+                                                detail={"key_fingerprint": k.fingerprint, "target": e.target}, at=now))
+            fingerprints.append(k.fingerprint)
+            k.wipe()
+        with _vault_writes(vault_path):
+            vault.save(vault_path, key)
+            conn.commit()
+    for e, fp in zip(enrollments, fingerprints):
+        echo(f"enrolled {e.device_id} ({e.target}): key {fp}")
+    return fingerprints
+
+
+def read_csv(path: Path) -> list[Enrollment]:
+    """``device_id,pubkey,target`` rows (a header row of those names first); relative pubkey paths are
+    relative to the CSV's directory."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise KeyedgeError(f"CSV {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise KeyedgeError(f"cannot read CSV {path}: {exc}") from None
+    if not rows or set(rows[0]) != {"device_id", "pubkey", "target"}:
+        raise KeyedgeError(f"CSV {path} needs the columns device_id,pubkey,target and at least one row")
+    return [Enrollment(r["device_id"] or "", path.parent / (r["pubkey"] or ""), r["target"] or "") for r in rows]
+
+
+def status(database: str) -> dict[str, Any]:
+    """The fleet and every device, as data (``fleet status --json``)."""
+    with db.transaction(database) as conn:
+        row = conn.execute(fleet.select()).first()
+        if row is None:
+            raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
+        rows = conn.execute(devices.select().order_by(devices.c.device_id)).all()
+    listed = [{"device": r.device_id, "target": r.target, "key_fingerprint": r.key_fingerprint,
+               "device_fingerprint": r.device_fingerprint, "state": r.state,
+               "enrolled_at": r.enrolled_at.isoformat(), "updated_at": r.updated_at.isoformat()} for r in rows]
+    counts = {s: sum(d["state"] == s for d in listed) for s in sorted({d["state"] for d in listed})}
+    return {"fleet": {"model": row.model, "mode": row.mode, "block_size": row.block_size,
+                      "base_sha256": row.base_sha256, "publisher": row.publisher_fingerprint},
+            "devices": listed, "counts": counts}

@@ -1,0 +1,119 @@
+"""The fleet database: an engine for a URL (SQLite by default: WAL, foreign keys, a busy timeout; or
+PostgreSQL), its schema migrated by Alembic, and the check that this keyedge knows the schema it opens.
+One transaction per command: :func:`transaction`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..core.errors import KeyedgeError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def database_url(db: str) -> str:
+    """A path is a SQLite file; anything with ``://`` is a SQLAlchemy URL (``postgresql+psycopg://...``)."""
+    return db if "://" in db else f"sqlite:///{Path(db).resolve()}"
+
+
+def engine_for(db: str, *, must_exist: bool = True):
+    """An engine for the fleet database; a SQLite file must exist unless the fleet is being created."""
+    import sqlalchemy as sa
+
+    url = database_url(db)
+    if url.startswith("sqlite:///") and must_exist and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise KeyedgeError(f"fleet database {db} does not exist (keyedge fleet init creates one)")
+    try:
+        engine = sa.create_engine(url, future=True)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise KeyedgeError(f"cannot use database {db}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:  # every connection: WAL, foreign keys, wait on locks
+            dbapi_connection.isolation_level = None  # transactions are begun explicitly (BEGIN IMMEDIATE)
+            cursor = dbapi_connection.cursor()
+            for pragma in ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=30000", "synchronous=NORMAL"):
+                cursor.execute(f"PRAGMA {pragma}")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(connection) -> None:  # take the write lock at BEGIN: no upgrade deadlocks between workers
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    return engine
+
+
+def _config(connection=None):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _script():
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_config())
+
+
+def head_revision() -> str:
+    head = _script().get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(connection) -> tuple[str | None, str]:
+    """Run the migrations up to this keyedge's head in the connection's transaction; returns (before, after).
+    A database of a newer schema is refused before anything is run."""
+    from alembic import command
+
+    before = current_revision(connection)
+    check_known(before, allow_older=True)
+    command.upgrade(_config(connection), "head")
+    return before, head_revision()
+
+
+def check_known(revision: str | None, *, allow_older: bool = False) -> None:
+    """Refuse a schema this keyedge does not know (newer) or, unless ``allow_older``, one not at its head."""
+    script = _script()
+    if revision is not None and revision not in {r.revision for r in script.walk_revisions()}:
+        raise KeyedgeError(f"the fleet database has schema revision {revision}, newer than this keyedge knows: "
+                           "upgrade keyedge")
+    if not allow_older and revision != script.get_current_head():
+        raise KeyedgeError(f"the fleet database has schema revision {revision or 'none'}, older than this "
+                           f"keyedge's {script.get_current_head()}: run keyedge fleet upgrade")
+
+
+@contextlib.contextmanager
+def transaction(db: str, *, must_exist: bool = True, at_head: bool = True) -> Iterator:
+    """One transaction for a whole command (``BEGIN IMMEDIATE`` on SQLite): committed when the block ends
+    (unless the block committed itself), rolled back on any error."""
+    import sqlalchemy as sa
+
+    engine = engine_for(db, must_exist=must_exist)
+    try:
+        with engine.connect() as connection:
+            connection.begin()
+            try:
+                if at_head:
+                    check_known(current_revision(connection))
+                yield connection
+                if connection.in_transaction():
+                    connection.commit()
+            except BaseException:
+                if connection.in_transaction():
+                    connection.rollback()
+                raise
+    except sa.exc.SQLAlchemyError as exc:
+        raise KeyedgeError(f"fleet database {db}: {getattr(exc, 'orig', None) or exc}") from None
+    finally:
+        engine.dispose()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the fleet database (``keyedge fleet upgrade`` runs them)."""

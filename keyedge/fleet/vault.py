@@ -1,0 +1,134 @@
+"""The fleet's key vault: every device's key file and the publisher's signing key, kept for retraining,
+rotation and audits, in one file encrypted under the operator's master key.
+
+Construction (libsodium through PyNaCl, no home-made primitives): XChaCha20-Poly1305 (IETF AEAD,
+``crypto_aead_xchacha20poly1305_ietf``) with a fresh random 24-byte nonce per write and the file's
+header as additional data::
+
+    0   8   magic "KEYEDGEV"
+    8   2   version = 1 (u16 LE)
+    10  24  nonce
+    34  ..  ciphertext || 16-byte tag of the JSON {"publisher": hex seed, "devices": {id: hex key file}}
+
+The master key file: ``"KEYEDGEM" || u16 version 1 || u8 kind 1 || 32 bytes``, 0600, read from a file,
+standard input (``-``) or a command (``--master-key-command`` / ``$KEYEDGE_MASTER_KEY_COMMAND``) whose
+output it is, like the device key. Fleet commands open the vault in memory only and write it atomically
+(0600). What cannot be wiped: the decoded JSON's Python strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.errors import KeyedgeError
+from ..core.io import atomic_write_bytes, read_secret_file, secret_bytes, stdin_readinto, wipe
+
+MAGIC, VERSION = b"KEYEDGEV", 1
+HEADER = struct.Struct("<8sH24s")
+MASTER_MAGIC = b"KEYEDGEM"
+MASTER_FILE = 8 + 3 + 32
+MASTER_COMMAND_ENV = "KEYEDGE_MASTER_KEY_COMMAND"
+
+
+class VaultError(KeyedgeError):
+    """A vault that cannot be opened: another master key, tampered with, truncated, an unknown version."""
+
+
+def _aead():
+    import nacl.bindings
+    import nacl.exceptions
+
+    return nacl.bindings, nacl.exceptions
+
+
+def new_master_key(path: Path) -> None:
+    """A fresh master key file (0600); refused where one exists."""
+    key = bytearray(MASTER_MAGIC + struct.pack("<HB", 1, 1) + secrets.token_bytes(32))
+    try:
+        atomic_write_bytes(path, key, mode=0o600, overwrite=False)
+    finally:
+        wipe(key)
+
+
+def _parse_master(data, where: str) -> bytearray:
+    if len(data) != MASTER_FILE or bytes(data[:8]) != MASTER_MAGIC or bytes(data[8:11]) != b"\x01\x00\x01":
+        raise KeyedgeError(f"{where} is not a keyedge master key (keyedge fleet init makes one)")
+    return bytearray(data[11:])
+
+
+def read_master_key(path: str | Path | None, command: str | None = None) -> bytearray:
+    """The operator's master key: a file, standard input (``-``), or a command's output."""
+    command = command or (os.environ.get(MASTER_COMMAND_ENV) if path is None else None)
+    too_large = "the master key is not a keyedge master key (more than 43 bytes)"
+    if path is not None and str(path) == "-":
+        with secret_bytes(stdin_readinto(), MASTER_FILE, too_large) as data:
+            return _parse_master(data, "standard input")
+    if path is not None:
+        with read_secret_file(path, "master key", MASTER_FILE, "master key") as data:
+            return _parse_master(data, str(path))
+    if command:
+        try:
+            proc = subprocess.run(shlex.split(command), capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KeyedgeError(f"the master-key command failed to run: {exc}") from None
+        if proc.returncode != 0:
+            raise KeyedgeError(f"the master-key command exited with {proc.returncode}")
+        return _parse_master(proc.stdout, "the master-key command's output")
+    raise KeyedgeError(f"the fleet's vault needs the master key: pass --master-key PATH (or -), "
+                       f"--master-key-command CMD, or set {MASTER_COMMAND_ENV}")
+
+
+@dataclass
+class Vault:
+    """The secrets of a fleet, in memory: the publisher's Ed25519 seed and each device's key file."""
+    publisher: bytes
+    devices: dict[str, bytes] = field(default_factory=dict)
+
+    def to_plaintext(self) -> bytes:
+        return json.dumps({"publisher": self.publisher.hex(),
+                           "devices": {k: v.hex() for k, v in sorted(self.devices.items())}}).encode()
+
+    def save(self, path: Path, master: bytearray, *, overwrite: bool = True) -> Path:
+        """Encrypt and write atomically (0600), with a fresh nonce."""
+        bindings, _ = _aead()
+        nonce = secrets.token_bytes(24)
+        header = HEADER.pack(MAGIC, VERSION, nonce)
+        plain = bytearray(self.to_plaintext())
+        try:
+            sealed = bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(plain), header, nonce, bytes(master))
+        finally:
+            wipe(plain)
+        return atomic_write_bytes(path, header + sealed, mode=0o600, overwrite=overwrite)
+
+    @classmethod
+    def open(cls, path: Path, master: bytearray) -> "Vault":
+        bindings, exceptions = _aead()
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise VaultError(f"vault {path} does not exist") from None
+        except OSError as exc:
+            raise VaultError(f"cannot read vault {path}: {exc.strerror}") from None
+        if len(data) < HEADER.size + 16 or data[:8] != MAGIC:
+            raise VaultError(f"{path} is not a keyedge vault")
+        _, version, nonce = HEADER.unpack_from(data)
+        if version != VERSION:
+            raise VaultError(f"{path} is vault version {version}; this keyedge reads version {VERSION}")
+        try:
+            plain = bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(data[HEADER.size:], data[:HEADER.size],
+                                                                        nonce, bytes(master))
+        except exceptions.CryptoError:
+            raise VaultError(f"cannot open vault {path}: another master key, or the vault was tampered with") from None
+        try:
+            content = json.loads(plain)
+            return cls(bytes.fromhex(content["publisher"]),
+                       {k: bytes.fromhex(v) for k, v in content["devices"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise VaultError(f"vault {path} holds no keyedge fleet secrets") from None

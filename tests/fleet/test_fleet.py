@@ -1,0 +1,247 @@
+"""``keyedge fleet`` init, upgrade, enroll and status on a real SQLite file and a real PostgreSQL server:
+all-or-nothing enrollment, nothing secret in the database, the vault only under its master key, and every
+bad input refused with the database and the vault as they were."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keyedge import Key
+from keyedge.fleet.vault import Vault, read_master_key
+from keyedge.runtime.bundle import DeviceKey
+
+from ..helpers import keyedge
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _init(root: Path, db: str) -> list:
+    (root / "base.safetensors").write_bytes(os.urandom(256))  # pinned by hash; not loaded until training
+    _ok(keyedge("fleet", "init", "--db", db, "--base", root / "base.safetensors", "--model", "vit_tiny_patch16_224",
+                "--data", "digits", "--block-size", "4", "--img-size", "16", "--patch-size", "4",
+                "--vault", root / "fleet.vault", "--master-key", root / "master.key"))
+    return ["--db", db, "--master-key", root / "master.key"]
+
+
+def _devices(root: Path, n: int) -> list[Path]:
+    paths = []
+    for i in range(n):
+        key = DeviceKey.generate()
+        (root / f"dev{i}.pub").write_bytes(key.public.to_bytes())
+        paths.append(root / f"dev{i}.pub")
+    return paths
+
+
+def _flow(root: Path, db: str) -> None:
+    opts = _init(root, db)
+    pubs = _devices(root, 4)
+    _ok(keyedge("fleet", "enroll", "cam-0", "--pubkey", pubs[0], "--target", "jetson-orin", *opts))
+    (root / "devices.csv").write_text("device_id,pubkey,target\n"
+                                      f"cam-1,{pubs[1].name},jetson-orin-nano\ncam-2,{pubs[2].name},desktop\n")
+    _ok(keyedge("fleet", "enroll", "--from-csv", root / "devices.csv", *opts))
+    report = json.loads(_ok(keyedge("fleet", "status", "--db", db, "--json")).stdout)
+    assert [d["device"] for d in report["devices"]] == ["cam-0", "cam-1", "cam-2"]
+    assert report["counts"] == {"enrolled": 3} and report["fleet"]["block_size"] == 4
+    table = _ok(keyedge("fleet", "status", "--db", db)).stdout
+    assert "cam-2" in table and "3 devices: 3 enrolled" in table
+    vault = Vault.open(root / "fleet.vault", read_master_key(root / "master.key"))
+    keys = {d: Key.from_bytes(k) for d, k in vault.devices.items()}
+    assert sorted(keys) == ["cam-0", "cam-1", "cam-2"]
+    assert {d["device"]: d["key_fingerprint"] for d in report["devices"]} == {d: k.fingerprint for d, k in keys.items()}
+    assert len({k.fingerprint for k in keys.values()}) == 3 and not any(k.insecure for k in keys.values())
+
+
+def test_a_fleet_on_sqlite(tmp_path):
+    db = str(tmp_path / "fleet.db")
+    _flow(tmp_path, db)
+    assert oct(os.stat(tmp_path / "fleet.vault").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(tmp_path / "master.key").st_mode & 0o777) == "0o600"
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
+        kinds = [k for (k,) in c.execute("SELECT kind FROM events ORDER BY id")]
+    assert kinds == ["init", "enroll", "enroll", "enroll"]
+    # nothing secret in the database: no key's permutation, no key file, no vault secret, no master key
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("fleet.db*"))
+    vault = Vault.open(tmp_path / "fleet.vault", read_master_key(tmp_path / "master.key"))
+    for raw in vault.devices.values():
+        perm = Key.from_bytes(raw).perm
+        assert perm.astype("<u4").tobytes() not in stored and raw[36:68] not in stored
+    assert vault.publisher not in stored and (tmp_path / "master.key").read_bytes()[11:] not in stored
+
+
+def _state(root: Path, db: str) -> tuple:
+    """The database's rows and the vault's bytes (what a refused command must leave as it was)."""
+    with sqlite3.connect(db) as c:
+        rows = tuple(tuple(c.execute(f"SELECT * FROM {t} ORDER BY 1")) for t in ("fleet", "devices", "events",
+                                                                                  "alembic_version"))
+    return rows, hashlib.sha256((root / "fleet.vault").read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    db = str(tmp_path / "fleet.db")
+    opts = _init(tmp_path, db)
+    pubs = _devices(tmp_path, 3)
+    _ok(keyedge("fleet", "enroll", "cam-0", "--pubkey", pubs[0], "--target", "desktop", *opts))
+    DeviceKey.generate().save(tmp_path / "private.key")
+    (tmp_path / "junk.pub").write_bytes(os.urandom(43))
+    (tmp_path / "other.master").write_bytes((tmp_path / "master.key").read_bytes()[:11] + os.urandom(32))
+    csv = "device_id,pubkey,target\n"
+    (tmp_path / "one_bad_row.csv").write_text(csv + f"cam-1,{pubs[1].name},desktop\ncam-2,junk.pub,desktop\n")
+    (tmp_path / "bad_target.csv").write_text(csv + f"cam-1,{pubs[1].name},desktop\ncam-2,{pubs[2].name},gameboy\n")
+    (tmp_path / "twice.csv").write_text(csv + f"cam-1,{pubs[1].name},desktop\ncam-1,{pubs[2].name},desktop\n")
+    (tmp_path / "columns.csv").write_text("id,key\ncam-1,x\n")
+    return tmp_path, db, opts, pubs
+
+
+BAD = {
+    "unknown target": (["enroll", "cam-1", "--pubkey", "P1", "--target", "gameboy"], "unknown target"),
+    "not a public key": (["enroll", "cam-1", "--pubkey", "T/junk.pub", "--target", "desktop"], "not a keyedge device"),
+    "a private key": (["enroll", "cam-1", "--pubkey", "T/private.key", "--target", "desktop"], "private key, not a public"),
+    "enrolled twice": (["enroll", "cam-0", "--pubkey", "P1", "--target", "desktop"], "enrolled already"),
+    "its public key twice": (["enroll", "cam-9", "--pubkey", "P0", "--target", "desktop"], "enrolled already"),
+    "bad device id": (["enroll", "../cam", "--pubkey", "P1", "--target", "desktop"], "device id"),
+    "no pubkey": (["enroll", "cam-1", "--target", "desktop"], "--pubkey"),
+    "csv with one bad row": (["enroll", "--from-csv", "T/one_bad_row.csv"], "row 2"),
+    "csv with a bad target": (["enroll", "--from-csv", "T/bad_target.csv"], "unknown target"),
+    "csv naming a device twice": (["enroll", "--from-csv", "T/twice.csv"], "twice"),
+    "csv columns": (["enroll", "--from-csv", "T/columns.csv"], "device_id,pubkey,target"),
+    "csv missing": (["enroll", "--from-csv", "T/nope.csv"], "does not exist"),
+    "wrong master key": (["enroll", "cam-1", "--pubkey", "P1", "--target", "desktop", "--master-key", "T/other.master"],
+                         "another master key"),
+    "not a master key": (["enroll", "cam-1", "--pubkey", "P1", "--target", "desktop", "--master-key", "T/junk.pub"],
+                         "not a keyedge master key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_leaves_the_database_and_the_vault_as_they_were(fleet, case):
+    root, db, opts, pubs = fleet
+    args, needle = BAD[case]
+    args = [str(pubs[int(a[1])]) if a in ("P0", "P1") else a.replace("T/", f"{root}/") for a in args]
+    if "--master-key" not in args:
+        args += ["--master-key", str(root / "master.key")]
+    before = _state(root, db)
+    r = keyedge("fleet", *args, "--db", db)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    assert _state(root, db) == before
+
+
+def test_a_tampered_vault_and_a_newer_schema_are_refused(fleet):
+    root, db, opts, pubs = fleet
+    data = bytearray((root / "fleet.vault").read_bytes())
+    data[-5] ^= 1
+    (root / "fleet.vault").write_bytes(bytes(data))
+    before = _state(root, db)
+    r = keyedge("fleet", "enroll", "cam-1", "--pubkey", pubs[1], "--target", "desktop", *opts)
+    assert r.returncode == 2 and "tampered" in r.stderr and _state(root, db) == before
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE alembic_version SET version_num = 'ffff'")
+    for args in (["status", "--db", db], ["upgrade", "--db", db]):
+        r = keyedge("fleet", *args)
+        assert r.returncode == 2 and "newer than this keyedge knows" in r.stderr, r.stderr
+
+
+def test_init_refuses_before_writing_anything(tmp_path):
+    (tmp_path / "base.safetensors").write_bytes(b"x")
+    base = ["fleet", "init", "--db", tmp_path / "f.db", "--base", tmp_path / "base.safetensors", "--vault",
+            tmp_path / "v", "--master-key", tmp_path / "m.key"]
+    for extra, needle in ((["--block-size", "2"], "2^128"), (["--block-size", "4", "--data", "nope"], "nope"),
+                          (["--block-size", "4", "--mode", "half"], "--mode")):
+        r = keyedge(*base, *extra)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+    r = keyedge(*[a if a != tmp_path / "base.safetensors" else tmp_path / "none" for a in base], "--block-size", "4")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+    _ok(keyedge(*base, "--block-size", "4"))
+    r = keyedge(*base, "--block-size", "4")
+    assert r.returncode == 2 and "exists" in r.stderr
+
+
+def test_an_unmigrated_database_is_upgraded_by_alembic(tmp_path):
+    db = str(tmp_path / "old.db")
+    sqlite3.connect(db).close()  # a database of no schema yet
+    r = keyedge("fleet", "status", "--db", db)
+    assert r.returncode == 2 and "keyedge fleet upgrade" in r.stderr
+    assert "schema none -> 0001" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
+    assert "up to date" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
+
+
+def _initdb() -> str | None:
+    found = shutil.which("initdb")
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server in a temporary directory (as an unprivileged user when run as root, which
+    PostgreSQL refuses to run as; the directory is outside pytest's, which only root may enter)."""
+    import tempfile
+
+    pytest.importorskip("psycopg")
+    initdb = _initdb()
+    if initdb is None:
+        pytest.skip("PostgreSQL's server (initdb) is not installed")
+    root = Path(tempfile.mkdtemp(prefix="keyedge-pg-"))
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "nobody")
+    bindir = Path(initdb).parent
+    subprocess.run([*as_user, initdb, "-D", str(root / "data"), "-U", "keyedge", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    port = str(20000 + os.getpid() % 20000)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-w", "-l", str(root / "log"),
+                    "-o", f"-p {port} -k {root} -c listen_addresses=''", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://keyedge@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_same_fleet_on_postgresql(tmp_path, postgres):
+    _flow(tmp_path, postgres)
+    r = keyedge("fleet", "enroll", "cam-0", "--pubkey", tmp_path / "dev3.pub", "--target", "desktop", "--db",
+                postgres, "--master-key", tmp_path / "master.key")
+    assert r.returncode == 2 and "enrolled already" in r.stderr
+    assert "up to date" in _ok(keyedge("fleet", "upgrade", "--db", postgres)).stdout
+
+
+@pytest.mark.parametrize("step", ["vault write", "commit"])
+def test_a_failure_at_any_step_of_enroll_leaves_both_as_they_were(fleet, monkeypatch, step):
+    import sqlalchemy as sa
+
+    from keyedge.fleet import commands
+    from keyedge.fleet.vault import Vault as V
+
+    root, db, opts, pubs = fleet
+    before = _state(root, db)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if step == "vault write":
+        monkeypatch.setattr(V, "save", boom)
+    else:
+        monkeypatch.setattr(sa.engine.Connection, "commit", boom)
+    with pytest.raises(OSError):
+        commands.enroll(db, [commands.Enrollment("cam-1", pubs[1], "desktop")],
+                        commands.MasterKey(root / "master.key"))
+    monkeypatch.undo()
+    assert _state(root, db) == before
