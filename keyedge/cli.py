@@ -540,6 +540,21 @@ def fleet_enroll(device_id: str | None = typer.Argument(None, help="The device's
     enroll(db, [Enrollment(device_id, pubkey, target)], MasterKey(master_key, master_key_command))
 
 
+@command(fleet_app, "train")
+def fleet_train(device_ids: list[str] = typer.Argument(None, help="Only these devices (default: every pending one)."),
+                db: str = DB, master_key: Path | None = MASTER_KEY, master_key_command: str | None = MASTER_KEY_COMMAND,
+                runs: Path = typer.Option(Path("fleet-runs"), help="Where each device's run goes (0700; keyed weights)."),
+                epochs: int | None = typer.Option(None, min=1, help="Epochs (default: the fleet's recipe)."),
+                worker: str | None = typer.Option(None, help="This worker's id (default host:pid)."),
+                lease_seconds: float = typer.Option(60.0, min=1.0, help="The lease's length; renewed every third.")) -> None:
+    """Train pending devices from the fleet's base; run as many workers as you like on one database."""
+    from .fleet.commands import MasterKey
+    from .fleet.training import train_devices
+
+    train_devices(db, MasterKey(master_key, master_key_command).read(), runs, only=device_ids or None, epochs=epochs,
+                  worker=worker, lease_s=lease_seconds)
+
+
 @command(fleet_app, "status")
 def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
     """Every device: target, key fingerprint, state, when; and a summary line."""
@@ -556,10 +571,11 @@ def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", hel
         return
     table = Table(title=f"fleet {db}: {report['fleet']['model']} ({report['fleet']['mode']}), publisher "
                         f"{report['fleet']['publisher']}")
-    for column in ("device", "target", "key fingerprint", "state", "updated"):
+    for column in ("device", "target", "key fingerprint", "state", "worker", "updated"):
         table.add_column(column)
     for d in report["devices"]:
-        table.add_row(d["device"], d["target"], d["key_fingerprint"], d["state"], d["updated_at"][:19])
+        table.add_row(d["device"], d["target"], d["key_fingerprint"], d["state"], d["worker"] or "",
+                      d["updated_at"][:19])
     Console().print(table)
     typer.echo(f"{len(report['devices'])} devices: " + (", ".join(f"{n} {s}" for s, n in report["counts"].items())
                                                          or "none enrolled"))

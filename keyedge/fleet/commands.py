@@ -212,7 +212,8 @@ def status(database: str) -> dict[str, Any]:
             raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
         rows = conn.execute(devices.select().order_by(devices.c.device_id)).all()
     listed = [{"device": r.device_id, "target": r.target, "key_fingerprint": r.key_fingerprint,
-               "device_fingerprint": r.device_fingerprint, "state": r.state,
+               "device_fingerprint": r.device_fingerprint, "state": r.state, "worker": r.lease_owner,
+               "attempts": r.attempts, "run": r.run_dir,
                "enrolled_at": r.enrolled_at.isoformat(), "updated_at": r.updated_at.isoformat()} for r in rows]
     counts = {s: sum(d["state"] == s for d in listed) for s in sorted({d["state"] for d in listed})}
     return {"fleet": {"model": row.model, "mode": row.mode, "block_size": row.block_size,

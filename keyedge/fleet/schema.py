@@ -40,6 +40,11 @@ devices = Table(
     Column("state", String(16), nullable=False),  # enrolled / training / trained / released / failed / revoked
     Column("enrolled_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # training work, claimed by a lease (revision 0002)
+    Column("lease_owner", String(128), nullable=True),
+    Column("lease_expires", DateTime(timezone=True), nullable=True),
+    Column("run_dir", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
     UniqueConstraint("device_fingerprint", name="uq_devices_device_fingerprint"),
 )
 

@@ -69,7 +69,7 @@ def test_a_fleet_on_sqlite(tmp_path):
     assert oct(os.stat(tmp_path / "master.key").st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
         kinds = [k for (k,) in c.execute("SELECT kind FROM events ORDER BY id")]
     assert kinds == ["init", "enroll", "enroll", "enroll"]
     # nothing secret in the database: no key's permutation, no key file, no vault secret, no master key
@@ -175,8 +175,28 @@ def test_an_unmigrated_database_is_upgraded_by_alembic(tmp_path):
     sqlite3.connect(db).close()  # a database of no schema yet
     r = keyedge("fleet", "status", "--db", db)
     assert r.returncode == 2 and "keyedge fleet upgrade" in r.stderr
-    assert "schema none -> 0001" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
+    assert "schema none -> 0002" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
     assert "up to date" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
+
+
+def test_a_fleet_of_an_older_schema_keeps_its_devices_through_the_migration(tmp_path):
+    """Revision 0001 (before training leases) with a device in it, upgraded by Alembic to 0002."""
+    from alembic import command
+
+    from keyedge.fleet import db as fleet_db
+
+    path = str(tmp_path / "fleet.db")
+    engine = fleet_db.engine_for(path, must_exist=False)
+    with engine.begin() as conn:
+        command.upgrade(fleet_db._config(conn), "0001")
+        conn.exec_driver_sql("INSERT INTO devices (device_id, target, device_public, device_fingerprint, "
+                             "key_fingerprint, state, enrolled_at, updated_at) VALUES ('cam-0', 'desktop', x'00', "
+                             "'ab', 'cd', 'enrolled', '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
+    engine.dispose()
+    assert "schema 0001 -> 0002" in _ok(keyedge("fleet", "upgrade", "--db", path)).stdout
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT device_id, state, attempts, lease_owner FROM devices").fetchall() == [
+            ("cam-0", "enrolled", 0, None)]
 
 
 def _initdb() -> str | None:
@@ -216,7 +236,13 @@ def postgres():
 
 
 def test_the_same_fleet_on_postgresql(tmp_path, postgres):
+    from keyedge.fleet.training import claim, leased_elsewhere
+
     _flow(tmp_path, postgres)
+    # training claims: FOR UPDATE SKIP LOCKED, one device per worker, none twice while leased
+    taken = [claim(postgres, w, 60)["device_id"] for w in ("a", "b", "c")]
+    assert sorted(taken) == ["cam-0", "cam-1", "cam-2"]
+    assert claim(postgres, "d", 60) is None and leased_elsewhere(postgres)
     r = keyedge("fleet", "enroll", "cam-0", "--pubkey", tmp_path / "dev3.pub", "--target", "desktop", "--db",
                 postgres, "--master-key", tmp_path / "master.key")
     assert r.returncode == 2 and "enrolled already" in r.stderr
