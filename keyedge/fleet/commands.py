@@ -80,7 +80,7 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
             created.append(master.path)  # type: ignore[arg-type]
         key = master.read()
         publisher = PublisherKey.generate()
-        Vault(bytes(publisher._signing), {}).save(vault_path, key, overwrite=False)
+        Vault(publisher.seed(), {}).save(vault_path, key, overwrite=False)
         created.append(vault_path)
         with db.transaction(database, must_exist=False, at_head=False) as conn:
             db.upgrade(conn)

@@ -226,6 +226,10 @@ class PublisherKey:
     def sign(self, message: bytes) -> bytes:
         return self._signing.sign(message).signature
 
+    def seed(self) -> bytes:
+        """The 32-byte Ed25519 seed, for a vault that keeps it (``keyedge fleet``); never print it."""
+        return bytes(self._signing)
+
 
 @dataclass(frozen=True)
 class Trust:

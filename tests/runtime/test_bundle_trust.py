@@ -117,7 +117,7 @@ def test_the_signature_covers_every_byte_but_itself(sealed):
             calls.append(1)
             return super().open_content_key(sealed_key)
 
-    spy = Opener(Spy(bytes(opener(root).device._private)), opener(root).trust)
+    spy = Opener(Spy.from_bytes((root / "device.key").read_bytes(), "device.key"), opener(root).trust)
     rng = np.random.default_rng(0)
     for at in [12, 16, 31, 32, 60, 111, 112, 143, 144, 207, *rng.integers(HEADER.size, len(data), 12)]:
         bad = bytearray(data)
