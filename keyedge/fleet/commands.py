@@ -158,7 +158,9 @@ def enroll(database: str, enrollments: list[Enrollment], master: MasterKey, *, w
         raise KeyedgeError(f"{where or 'the enrollment'} names a device twice")
     key = master.read()
     with db.transaction(database) as conn:
-        row = conn.execute(fleet.select()).first()
+        # the fleet row locked for the whole command (SQLite's BEGIN IMMEDIATE locks the database already):
+        # two enrollments never read and rewrite the vault at once
+        row = conn.execute(fleet.select().with_for_update()).first()
         if row is None:
             raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
         vault_path = Path(row.vault_path)

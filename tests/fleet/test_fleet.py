@@ -247,6 +247,32 @@ def test_the_same_fleet_on_postgresql(tmp_path, postgres):
                 postgres, "--master-key", tmp_path / "master.key")
     assert r.returncode == 2 and "enrolled already" in r.stderr
     assert "up to date" in _ok(keyedge("fleet", "upgrade", "--db", postgres)).stdout
+    # two enrollments at once: the fleet row's lock serializes their vault writes, neither key is lost
+    import threading
+
+    from keyedge.core.progress import quiet
+    from keyedge.fleet import commands
+
+    pubs = [tmp_path / f"par{i}.pub" for i in range(2)]
+    for path in pubs:
+        path.write_bytes(DeviceKey.generate().public.to_bytes())
+    errors: list[BaseException] = []
+
+    def enroll(i: int) -> None:
+        try:
+            commands.enroll(postgres, [commands.Enrollment(f"par-{i}", pubs[i], "desktop")],
+                            commands.MasterKey(tmp_path / "master.key"), echo=quiet)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    vault = Vault.open(tmp_path / "fleet.vault", read_master_key(tmp_path / "master.key"))
+    assert {"par-0", "par-1"} <= set(vault.devices)
 
 
 @pytest.mark.parametrize("step", ["vault write", "commit"])
