@@ -9,7 +9,9 @@ import contextlib
 import ctypes
 import io
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import typing
@@ -20,6 +22,51 @@ from .errors import KeyedgeError
 
 
 BytesLike = bytes | bytearray | memoryview
+
+
+@contextlib.contextmanager
+def read_secret(path: str | os.PathLike | None, command: str | None, limit: int, what: str,
+                kind: str) -> Iterator[tuple[memoryview, str]]:
+    """A small secret (a key file) from a file, standard input (``-``) or the output of ``command``, read
+    into a buffer that is wiped afterwards; yields (its bytes, where they came from). ``what``: "device
+    key", ...; ``kind``: what a file too large is not ("device private key")."""
+    if path is not None and str(path) == "-":
+        with secret_bytes(stdin_readinto(), limit,
+                          f"standard input is not a keyedge {kind} (more than {limit:,} bytes)") as data:
+            yield data, "standard input"
+    elif path is not None:
+        with read_secret_file(path, what, limit, kind) as data:
+            yield data, str(path)
+    else:
+        assert command is not None
+        with _command_secret(command, limit, what, kind) as data:
+            yield data, f"the {what.replace(' ', '-')} command's output"
+
+
+@contextlib.contextmanager
+def _command_secret(command: str, limit: int, what: str, kind: str) -> Iterator[memoryview]:
+    """What a command prints, read from its pipe straight into a wiped buffer (no ``bytes`` copy)."""
+    name = f"the {what.replace(' ', '-')} command"
+    try:
+        proc = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    except OSError as exc:
+        raise KeyedgeError(f"{name} failed to run: {exc.strerror}") from None
+    try:
+        assert isinstance(proc.stdout, io.FileIO)  # bufsize=0: the pipe itself
+        with secret_bytes(proc.stdout.readinto, limit,
+                          f"{name}'s output is not a keyedge {kind} (more than {limit:,} bytes)") as data:
+            code = proc.wait(timeout=60)
+            if code != 0:
+                raise KeyedgeError(f"{name} exited with {code}")
+            yield data
+    except subprocess.TimeoutExpired:
+        raise KeyedgeError(f"{name} did not finish within 60 s") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: BytesLike, *, mode: int = 0o644,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyedgeError
-from ..core.io import check_output_file
+from ..core.io import atomic_write_bytes, check_output_file
 from ..core.keys import Key, check_keyspace
 from ..core.models import file_sha256
 from ..core.progress import Echo, echo
@@ -142,8 +142,6 @@ def _vault_writes(path: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        from ..core.io import atomic_write_bytes
-
         atomic_write_bytes(path, before, mode=0o600)
         raise
 

@@ -103,16 +103,15 @@ def _train_one(spec, row: dict[str, Any], key: Key, run_dir: Path, epochs: int |
 
     kwargs = dict(spec.model_kwargs)
     top = {k: kwargs.pop(k) for k in ("img_size", "patch_size", "num_classes") if k in kwargs}
-    recipe = dict(spec.recipe or {})
+    recipe = {k: v for k, v in (spec.recipe or {}).items() if k in ("lr", "batch_size", "lora_rank")}
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path = run_dir / "key.bin"
     key.save(key_path, overwrite=True)
     resume = (run_dir / "run" / "checkpoint.pt").is_file()
     cfg = TrainConfig(model=spec.model, out=str(run_dir / "run"), data=spec.data, key=str(key_path),
                       checkpoint=spec.base_path, mode=spec.mode, model_kwargs=kwargs, progress=False,
-                      epochs=epochs or recipe.get("epochs", 1), lr=recipe.get("lr", 1e-3),
-                      batch_size=recipe.get("batch_size", 64), lora_rank=recipe.get("lora_rank", 8),
-                      resume=resume, force=not resume, seed=row["id"], workers=0, **top)
+                      epochs=epochs or (spec.recipe or {}).get("epochs", 1), resume=resume, force=not resume,
+                      seed=row["id"], workers=0, **top, **recipe)  # the rest: TrainConfig's own defaults
     manifest = train(cfg)
     return {"run": str(run_dir / "run"), "resumed": resume, "epochs": manifest.epochs_done,
             "test_acc": (manifest.metrics or {}).get("test_acc"), "per_key_bytes": manifest.per_key_bytes}

@@ -21,14 +21,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import struct
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes, read_secret_file, secret_bytes, stdin_readinto, wipe
+from ..core.io import atomic_write_bytes, read_secret, wipe
 
 MAGIC, VERSION = b"KEYEDGEV", 1
 HEADER = struct.Struct("<8sH24s")
@@ -66,21 +64,9 @@ def _parse_master(data, where: str) -> bytearray:
 def read_master_key(path: str | Path | None, command: str | None = None) -> bytearray:
     """The operator's master key: a file, standard input (``-``), or a command's output."""
     command = command or (os.environ.get(MASTER_COMMAND_ENV) if path is None else None)
-    too_large = "the master key is not a keyedge master key (more than 43 bytes)"
-    if path is not None and str(path) == "-":
-        with secret_bytes(stdin_readinto(), MASTER_FILE, too_large) as data:
-            return _parse_master(data, "standard input")
-    if path is not None:
-        with read_secret_file(path, "master key", MASTER_FILE, "master key") as data:
-            return _parse_master(data, str(path))
-    if command:
-        try:
-            proc = subprocess.run(shlex.split(command), capture_output=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise KeyedgeError(f"the master-key command failed to run: {exc}") from None
-        if proc.returncode != 0:
-            raise KeyedgeError(f"the master-key command exited with {proc.returncode}")
-        return _parse_master(proc.stdout, "the master-key command's output")
+    if path is not None or command:
+        with read_secret(path, command, MASTER_FILE, "master key", "master key") as (data, where):
+            return _parse_master(data, where)
     raise KeyedgeError(f"the fleet's vault needs the master key: pass --master-key PATH (or -), "
                        f"--master-key-command CMD, or set {MASTER_COMMAND_ENV}")
 

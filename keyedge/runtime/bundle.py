@@ -60,14 +60,11 @@ copies are freed (not zeroed) when the objects go.
 from __future__ import annotations
 
 import ctypes
-import io
 import hashlib
 import json
 import mmap
 import os
-import shlex
 import struct
-import subprocess
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,7 +72,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from ..core.errors import KeyedgeError
-from ..core.io import BytesLike, atomic_write_bytes, read_secret_file, reading, secret_bytes, stdin_readinto, wipe
+from ..core.io import BytesLike, atomic_write_bytes, read_secret, reading, wipe
 from ..core.keys import Key
 
 MAGIC = b"KEYEDGEB"
@@ -210,11 +207,8 @@ class PublisherKey:
     @classmethod
     def load(cls, path: str | Path) -> "PublisherKey":
         """From a file, or from standard input (``-``)."""
-        if str(path) == "-":
-            with secret_bytes(stdin_readinto(), KEY_FILE, _too_large("standard input", "publisher")) as data:
-                return cls(_parse_key(data, PUBLISHER_MAGIC, PRIVATE, "standard input"))
-        with read_secret_file(path, "publisher key", KEY_FILE, "publisher private key") as data:
-            return cls(_parse_key(data, PUBLISHER_MAGIC, PRIVATE, str(path)))
+        with read_secret(path, None, KEY_FILE, "publisher key", "publisher private key") as (data, where):
+            return cls(_parse_key(data, PUBLISHER_MAGIC, PRIVATE, where))
 
     @property
     def fingerprint(self) -> str:
@@ -306,10 +300,6 @@ def _save_secret(path: Path, magic: bytes, raw: bytes, overwrite: bool) -> Path:
         wipe(data)
 
 
-def _too_large(where: str, who: str) -> str:
-    return f"{where} is not a keyedge {who} private key (more than {KEY_FILE} bytes)"
-
-
 def _read(path: Path, what: str) -> bytes:
     with reading(path, what):
         return Path(path).read_bytes()
@@ -335,39 +325,11 @@ def read_device_key(path: str | Path | None = None, command: str | None = None) 
     command (``command``, or the environment's ``KEYEDGE_DEVICE_KEY_COMMAND``) -- e.g. one that unseals
     it from OP-TEE secure storage, the fTPM or a TPM 2.0 -- so it never has to lie on the disk."""
     command = command or (os.environ.get(KEY_COMMAND_ENV) if path is None else None)
-    if path is not None and str(path) == "-":
-        with secret_bytes(stdin_readinto(), KEY_FILE, _too_large("standard input", "device")) as data:
-            return DeviceKey.from_bytes(data, "standard input")
-    if path is not None:
-        with read_secret_file(path, "device key", KEY_FILE, "device private key") as data:
-            return DeviceKey.from_bytes(data, str(path))
-    if command:
-        return _key_from_command(command)
+    if path is not None or command:
+        with read_secret(path, command, KEY_FILE, "device key", "device private key") as (data, where):
+            return DeviceKey.from_bytes(data, where)
     raise KeyedgeError("a sealed bundle needs its device's private key: pass --device-key PATH (or -), "
                        f"--device-key-command CMD, or set {KEY_COMMAND_ENV}")
-
-
-def _key_from_command(command: str) -> DeviceKey:
-    """The private key a command prints, read from its pipe straight into a buffer that is wiped."""
-    try:
-        proc = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
-    except OSError as exc:
-        raise KeyedgeError(f"the device-key command failed to run: {exc.strerror}") from None
-    try:
-        assert isinstance(proc.stdout, io.FileIO)  # bufsize=0: the pipe itself
-        with secret_bytes(proc.stdout.readinto, KEY_FILE, _too_large("the device-key command's output", "device")) as data:
-            code = proc.wait(timeout=60)
-            if code != 0:
-                raise KeyedgeError(f"the device-key command exited with {code}")
-            return DeviceKey.from_bytes(data, "the device-key command's output")
-    except subprocess.TimeoutExpired:
-        raise KeyedgeError("the device-key command did not finish within 60 s") from None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @dataclass(frozen=True)
@@ -411,9 +373,9 @@ def _nonce(i: int, last: bool) -> bytes:
     return i.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
-def _records(body) -> list:
-    """The chunk records (ciphertext || tag) of a bundle's body, as views."""
-    return [body[at:at + CHUNK + TAG] for at in range(0, len(body), CHUNK + TAG)]
+def _record_spans(size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk record (ciphertext || tag) in a bundle of ``size`` bytes."""
+    return [(lo, min(size, lo + CHUNK + TAG)) for lo in range(HEADER.size, size, CHUNK + TAG)]
 
 
 def _record_hash(view: memoryview, at: int, n: int) -> bytes:
@@ -425,16 +387,10 @@ def _signed_message(data, hashes: list[bytes] | None = None) -> bytes:
     """What the publisher signs: the domain, header bytes [0, AAD) and the hash list of the chunk records
     (``hashes``: the records' SHA-256, when the reader already computed them)."""
     with memoryview(data) as view:
-        if hashes is not None:
-            return SIGNATURE_DOMAIN + bytes(view[:AAD]) + hashlib.sha256(b"".join(hashes)).digest()
-        records = _records(view[HEADER.size:])
-        if len(records) > 16:  # SHA-256 releases the GIL: hash the records on all cores
+        if hashes is None:  # SHA-256 releases the GIL: hash the records on all cores
             with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
-                hashes = list(pool.map(lambda r: hashlib.sha256(r).digest(), records))
-        else:
-            hashes = [hashlib.sha256(r).digest() for r in records]
-        for r in records:
-            r.release()
+                hashes = list(pool.map(lambda span: _record_hash(view, span[0], span[1] - span[0]),
+                                       _record_spans(len(view))))
         return SIGNATURE_DOMAIN + bytes(view[:AAD]) + hashlib.sha256(b"".join(hashes)).digest()
 
 
@@ -723,7 +679,7 @@ def _read_private(path: Path) -> tuple[mmap.mmap, list[bytes]]:
         if size < HEADER.size:
             raise BundleError(f"{path} is truncated (or not a keyedge bundle)")
         buf = mmap.mmap(-1, size + 1, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # ciphertext: nothing to hide
-        spans = [(0, HEADER.size)] + [(lo, min(size, lo + CHUNK + TAG)) for lo in range(HEADER.size, size, CHUNK + TAG)]
+        spans = [(0, HEADER.size)] + _record_spans(size)
         futures, complete = [], True
         with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool, memoryview(buf) as view:
             for i, (lo, hi) in enumerate(spans):
