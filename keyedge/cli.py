@@ -481,6 +481,10 @@ DB = typer.Option("fleet.db", "--db", help="The fleet database: a SQLite file, o
 MASTER_KEY = typer.Option(None, "--master-key", help="The operator's master key of the vault (a file, or -); "
                                                      "default: $KEYEDGE_MASTER_KEY_COMMAND's output.")
 MASTER_KEY_COMMAND = typer.Option(None, help="A command printing the master key (e.g. from a TPM or an HSM).")
+RUNS = typer.Option(Path("fleet-runs"), help="Where each device's run goes (0700; keyed weights).")
+RELEASES = typer.Option(Path("fleet-releases"), "--out", help="Where each device's releases go (0700): "
+                                                              "bundles and reports.")
+LEASE = typer.Option(60.0, "--lease-seconds", min=1.0, help="The lease's length; renewed every third.")
 
 
 @command(fleet_app, "init")
@@ -497,6 +501,9 @@ def fleet_init(db: str = DB,
                epochs: int = typer.Option(T.epochs, min=1), lr: float = typer.Option(T.lr),
                batch_size: int = typer.Option(T.batch_size, min=1), lora_rank: int = typer.Option(T.lora_rank, min=1),
                vault: Path = typer.Option(Path("fleet.vault"), help="The key vault to create (0600, encrypted)."),
+               publisher_pub: Path | None = typer.Option(None, help="Where the publisher's public key goes, for "
+                                                                    "the devices' --trust (default: publisher.pub "
+                                                                    "beside the vault)."),
                master_key: Path = typer.Option(Path("master.key"), "--master-key", help="The vault's master key "
                                                 "(created 0600 where it does not exist; or - for stdin)."),
                master_key_command: str | None = MASTER_KEY_COMMAND) -> None:
@@ -508,7 +515,7 @@ def fleet_init(db: str = DB,
               if v is not None}
     recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_rank": lora_rank}
     init(db, FleetSpec(base, model, kwargs, data, block_size, channels, mode, recipe), vault,
-         MasterKey(master_key, master_key_command))
+         MasterKey(master_key, master_key_command), publisher_pub=publisher_pub)
 
 
 @command(fleet_app, "upgrade")
@@ -543,10 +550,10 @@ def fleet_enroll(device_id: str | None = typer.Argument(None, help="The device's
 @command(fleet_app, "train")
 def fleet_train(device_ids: list[str] = typer.Argument(None, help="Only these devices (default: every pending one)."),
                 db: str = DB, master_key: Path | None = MASTER_KEY, master_key_command: str | None = MASTER_KEY_COMMAND,
-                runs: Path = typer.Option(Path("fleet-runs"), help="Where each device's run goes (0700; keyed weights)."),
+                runs: Path = RUNS,
                 epochs: int | None = typer.Option(None, min=1, help="Epochs (default: the fleet's recipe)."),
                 worker: str | None = typer.Option(None, help="This worker's id (default host:pid)."),
-                lease_seconds: float = typer.Option(60.0, min=1.0, help="The lease's length; renewed every third.")) -> None:
+                lease_seconds: float = LEASE) -> None:
     """Train pending devices from the fleet's base; run as many workers as you like on one database."""
     from .fleet.commands import MasterKey
     from .fleet.training import train_devices
@@ -555,9 +562,88 @@ def fleet_train(device_ids: list[str] = typer.Argument(None, help="Only these de
                   worker=worker, lease_s=lease_seconds)
 
 
+def _release_options(mode, parity_n: int, keep_plaintext: bool):
+    from .fleet.release import ReleaseOptions
+
+    return ReleaseOptions(mode=mode, parity_n=parity_n, keep_plaintext=keep_plaintext)
+
+
+@command(fleet_app, "release")
+def fleet_release(device_ids: list[str] = typer.Argument(None, help="Only these devices (default: every trained "
+                                                                    "one; a failed one is tried again when named)."),
+                  db: str = DB, master_key: Path | None = MASTER_KEY,
+                  master_key_command: str | None = MASTER_KEY_COMMAND, out: Path = RELEASES,
+                  mode: FoldMode | None = typer.Option(None, help="fused or gather (default: fused where the key "
+                                                                  "folds into the patch embedding)."),
+                  parity_n: int = typer.Option(200, min=10, help="Parity images."),
+                  keep_plaintext: bool = typer.Option(False, help="Keep the export and the plan's model beside "
+                                                                  "the bundle (as secret as the key)."),
+                  worker: str | None = typer.Option(None, help="This worker's id (default host:pid)."),
+                  lease_seconds: float = LEASE) -> None:
+    """Export, parity, build plan, seal + sign and audit each trained device; failures are recorded, not released."""
+    from .fleet.commands import MasterKey
+    from .fleet.release import release_devices
+
+    outcomes = release_devices(db, MasterKey(master_key, master_key_command).read(), out, only=device_ids or None,
+                               opts=_release_options(mode, parity_n, keep_plaintext), worker=worker,
+                               lease_s=lease_seconds)
+    if not outcomes:
+        typer.echo("nothing to release: no trained device waits (keyedge fleet status)")
+    elif any(v != "released" for v in outcomes.values()):
+        raise typer.Exit(1)
+
+
+@command(fleet_app, "rotate")
+def fleet_rotate(device_id: str = typer.Argument(..., help="The device to re-key."),
+                 db: str = DB, master_key: Path | None = MASTER_KEY,
+                 master_key_command: str | None = MASTER_KEY_COMMAND, runs: Path = RUNS, out: Path = RELEASES,
+                 epochs: int | None = typer.Option(None, min=1, help="Epochs (default: the fleet's recipe)."),
+                 parity_n: int = typer.Option(200, min=10, help="Parity images."),
+                 lease_seconds: float = LEASE) -> None:
+    """A new key, a new adapter and a new bundle for a device; the old bundle is revoked once the new one is out."""
+    from .fleet.commands import MasterKey, rotate
+    from .fleet.release import release_devices
+    from .fleet.training import train_devices
+
+    source = MasterKey(master_key, master_key_command)
+    if source.path is not None and str(source.path) == "-":
+        raise KeyedgeError("fleet rotate reads the master key three times: pass a file or --master-key-command")
+    rotate(db, device_id, source)
+    train_devices(db, source.read(), runs, only=[device_id], epochs=epochs, lease_s=lease_seconds)
+    outcomes = release_devices(db, source.read(), out, only=[device_id], opts=_release_options(None, parity_n, False),
+                               lease_s=lease_seconds)
+    if outcomes.get(device_id) != "released":
+        raise typer.Exit(1)
+
+
+@command(fleet_app, "revoke")
+def fleet_revoke(device_id: str = typer.Argument(..., help="The device to revoke."),
+                 reason: str = typer.Option("revoked by the operator", help="Recorded with the revocation."),
+                 db: str = DB, master_key: Path | None = MASTER_KEY,
+                 master_key_command: str | None = MASTER_KEY_COMMAND) -> None:
+    """Revoke a device for good: its bundles marked revoked, its key retired; never trained or released again."""
+    from .fleet.commands import MasterKey, revoke
+
+    revoke(db, device_id, MasterKey(master_key, master_key_command), reason=one_line(reason))
+
+
+@command(fleet_app, "report")
+def fleet_report(db: str = DB, master_key: Path | None = MASTER_KEY,
+                 master_key_command: str | None = MASTER_KEY_COMMAND,
+                 out: Path = typer.Option(Path("fleet-report"), "--out", help="Where report.md and report.json go."),
+                 sample: int = typer.Option(4, min=2, help="Devices in the blast-radius matrix."),
+                 n: int = typer.Option(100, min=10, help="Test images."), seed: int = typer.Option(0),
+                 force: bool = typer.Option(False, help="Replace the report in a non-empty --out.")) -> None:
+    """The K x K blast radius on a sample of devices, and per-device cost against one full model."""
+    from .fleet.commands import MasterKey
+    from .fleet.report import fleet_report as run
+
+    run(db, MasterKey(master_key, master_key_command).read(), out, sample=sample, n=n, seed=seed, force=force)
+
+
 @command(fleet_app, "status")
 def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
-    """Every device: target, key fingerprint, state, when; and a summary line."""
+    """Every device: target, key, state, accuracy, current bundle, when, and why it failed; a summary line."""
     import json
 
     from rich.console import Console
@@ -571,14 +657,21 @@ def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", hel
         return
     table = Table(title=f"fleet {db}: {report['fleet']['model']} ({report['fleet']['mode']}), publisher "
                         f"{report['fleet']['publisher']}")
-    for column in ("device", "target", "key fingerprint", "state", "worker", "updated"):
+    for column in ("device", "target", "key", "state", "clean", "transfer", "bundle", "updated", "why"):
         table.add_column(column)
     for d in report["devices"]:
-        table.add_row(d["device"], d["target"], d["key_fingerprint"], d["state"], d["worker"] or "",
-                      d["updated_at"][:19])
-    Console().print(table)
+        b = d["bundle"] or {}
+        table.add_row(d["device"], d["target"], d["key_fingerprint"][:12], d["state"] + (
+            f" ({d['worker']})" if d["worker"] else ""), _pct(b.get("clean")), _pct(b.get("transfer")),
+            f"r{b['release']} {b['sha256'][:12]}" if b else "", d["updated_at"][:19], d["reason"] or "")
+    Console(width=200).print(table)
+    released = sum(1 for d in report["devices"] if d["bundle"])
     typer.echo(f"{len(report['devices'])} devices: " + (", ".join(f"{n} {s}" for s, n in report["counts"].items())
-                                                         or "none enrolled"))
+                                                         or "none enrolled") + f"; {released} with a current bundle")
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.1f}%"
 
 
 def main() -> None:

@@ -260,6 +260,11 @@ class Key:
         except KeyedgeError as exc:
             raise KeyFileError(str(exc)) from None
 
+    @classmethod
+    def given(cls, key: "Key | str | os.PathLike | None") -> "Key | None":
+        """A key given as a :class:`Key` (the fleet's, from its vault: never on disk) or a key file's path."""
+        return key if key is None or isinstance(key, Key) else cls.load(key)
+
     def wipe(self) -> None:
         """Overwrite the permutation in place (a key dropped after use: a sealed runner's, at deactivation)."""
         self.perm.setflags(write=True)

@@ -1,4 +1,4 @@
-"""``keyedge fleet``: init, upgrade, enroll and status. Each command is one database transaction, and the
+"""``keyedge fleet``: init, upgrade, enroll, rotate, revoke and status. Each command is one database transaction, and the
 vault is written atomically inside it (and put back if the transaction fails), so a failed command
 leaves both as they were. Every input is checked before anything is written."""
 
@@ -21,7 +21,8 @@ from ..core.progress import Echo, echo
 from ..deploy.targets import load_target
 from ..runtime.bundle import DevicePublicKey, PublisherKey
 from . import db
-from .schema import devices, events, fleet
+from .pinned import fleet_row
+from .schema import STATES, devices, events, fleet, releases
 from .vault import Vault, new_master_key, read_master_key
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -54,10 +55,13 @@ class FleetSpec:
     recipe: dict[str, Any] | None = None
 
 
-def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *, echo: Echo = echo) -> str:
+def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *, publisher_pub: Path | None = None,
+         echo: Echo = echo) -> str:
     """Create a fleet: the database (migrated to this keyedge's schema), the publisher's signing key in a
-    new vault, and a new master key where ``master.path`` does not exist yet. Returns the publisher's
+    new vault (its public key in ``publisher_pub``, default ``publisher.pub`` beside the vault: what every
+    device trusts), and a new master key where ``master.path`` does not exist yet. Returns the publisher's
     fingerprint."""
+    publisher_pub = publisher_pub or vault_path.with_name("publisher.pub")
     if spec.mode not in ("full", "lora"):
         raise KeyedgeError(f"--mode must be full or lora, not {spec.mode!r}")
     if not spec.base.is_file():
@@ -69,6 +73,7 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
     if url.startswith("sqlite:///") and Path(url.removeprefix("sqlite:///")).exists():
         raise KeyedgeError(f"fleet database {database} exists: one fleet per database")
     check_output_file(vault_path, False)
+    check_output_file(publisher_pub, False)
     new_master = master.path is not None and str(master.path) != "-" and not master.path.exists()
     if new_master:
         check_output_file(master.path, False)  # type: ignore[arg-type]
@@ -82,6 +87,8 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
         publisher = PublisherKey.generate()
         Vault(publisher.seed(), {}).save(vault_path, key, overwrite=False)
         created.append(vault_path)
+        atomic_write_bytes(publisher_pub, publisher.public.to_bytes(), overwrite=False)
+        created.append(publisher_pub)
         with db.transaction(database, must_exist=False, at_head=False) as conn:
             db.upgrade(conn)
             if conn.execute(fleet.select()).first() is not None:
@@ -102,7 +109,8 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
                 Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
         raise
     echo(f"created fleet {database}: base {spec.base.name} (sha256 {base_sha256[:16]}...), {spec.model}, "
-         f"{spec.mode}, block size {spec.block_size}; publisher {publisher.fingerprint}; vault {vault_path}"
+         f"{spec.mode}, block size {spec.block_size}; publisher {publisher.fingerprint} ({publisher_pub}: every "
+         f"device trusts it); vault {vault_path}"
          + (f"; new master key {master.path} (0600: keep it apart from the vault)" if new_master else ""))
     return publisher.fingerprint
 
@@ -158,9 +166,7 @@ def enroll(database: str, enrollments: list[Enrollment], master: MasterKey, *, w
     with db.transaction(database) as conn:
         # the fleet row locked for the whole command (SQLite's BEGIN IMMEDIATE locks the database already):
         # two enrollments never read and rewrite the vault at once
-        row = conn.execute(fleet.select().with_for_update()).first()
-        if row is None:
-            raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
+        row = fleet_row(conn, database, lock=True)
         vault_path = Path(row.vault_path)
         vault = Vault.open(vault_path, key)
         for e, pub in checked:
@@ -204,18 +210,103 @@ def read_csv(path: Path) -> list[Enrollment]:
     return [Enrollment(r["device_id"] or "", path.parent / (r["pubkey"] or ""), r["target"] or "") for r in rows]
 
 
-def status(database: str) -> dict[str, Any]:
-    """The fleet and every device, as data (``fleet status --json``)."""
+def _one_device(conn, device_id: str):
+    row = conn.execute(devices.select().where(devices.c.device_id == device_id)).first()
+    if row is None:
+        raise KeyedgeError(f"unknown device {device_id}")
+    return row
+
+
+def rotate(database: str, device_id: str, master: MasterKey, *, echo: Echo = echo) -> str:
+    """A new key for a device (the old one retired in the vault): the device is trained and released again;
+    its current bundle stays valid until the new one is released, which revokes it. Returns the new key's
+    fingerprint."""
+    key = master.read()
     with db.transaction(database) as conn:
-        row = conn.execute(fleet.select()).first()
-        if row is None:
-            raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
+        spec = fleet_row(conn, database, lock=True)
+        row = _one_device(conn, device_id)
+        if row.state == "revoked":
+            raise KeyedgeError(f"device {device_id} is revoked: a revoked device is never released again "
+                               "(enroll it anew under another id)")
+        vault_path = Path(spec.vault_path)
+        vault = Vault.open(vault_path, key)
+        vault.retire(device_id, row.key_fingerprint)
+        k = Key.generate(spec.block_size, spec.channels)
+        vault.devices[device_id] = bytes(k.to_bytes())
+        t = _now()
+        conn.execute(devices.update().where(devices.c.id == row.id).values(
+            key_fingerprint=k.fingerprint, state="enrolled", lease_owner=None, lease_expires=None, run_dir=None,
+            attempts=0, updated_at=t))  # a lease held on the old key's work is void: its worker records nothing
+        conn.execute(events.insert().values(device=row.id, kind="rotate", detail={
+            "old_key_fingerprint": row.key_fingerprint, "key_fingerprint": k.fingerprint, "state_before": row.state},
+            at=t))
+        fingerprint = k.fingerprint
+        k.wipe()
+        with _vault_writes(vault_path):
+            vault.save(vault_path, key)
+            conn.commit()
+    echo(f"rotated {device_id}: key {row.key_fingerprint} retired, new key {fingerprint}; its current bundle stays "
+         "valid until the new one is released")
+    return fingerprint
+
+
+def revoke(database: str, device_id: str, master: MasterKey, *, reason: str = "revoked by the operator",
+           echo: Echo = echo) -> int:
+    """Revoke a device for good: its bundles are marked revoked, its key retired in the vault, and it is
+    never trained or released again. Returns how many released bundles were revoked."""
+    key = master.read()
+    with db.transaction(database) as conn:
+        spec = fleet_row(conn, database, lock=True)
+        row = _one_device(conn, device_id)
+        if row.state == "revoked":
+            raise KeyedgeError(f"device {device_id} is revoked already")
+        vault_path = Path(spec.vault_path)
+        vault = Vault.open(vault_path, key)
+        vault.retire(device_id, row.key_fingerprint)
+        t = _now()
+        revoked = conn.execute(releases.update().where(releases.c.device == row.id)
+                               .where(releases.c.state == "released")
+                               .values(state="revoked", reason=reason, revoked_at=t)).rowcount
+        conn.execute(devices.update().where(devices.c.id == row.id).values(
+            state="revoked", lease_owner=None, lease_expires=None, updated_at=t))
+        conn.execute(events.insert().values(device=row.id, kind="revoke", detail={
+            "reason": reason, "key_fingerprint": row.key_fingerprint, "bundles_revoked": revoked,
+            "state_before": row.state}, at=t))
+        with _vault_writes(vault_path):
+            vault.save(vault_path, key)
+            conn.commit()
+    echo(f"revoked {device_id}: {revoked} released bundle(s) marked revoked, key {row.key_fingerprint} retired")
+    return revoked
+
+
+def status(database: str) -> dict[str, Any]:
+    """The fleet and every device with its latest release, as data (``fleet status --json``)."""
+    import sqlalchemy as sa
+
+    with db.transaction(database) as conn:
+        spec = fleet_row(conn, database)
         rows = conn.execute(devices.select().order_by(devices.c.device_id)).all()
-    listed = [{"device": r.device_id, "target": r.target, "key_fingerprint": r.key_fingerprint,
-               "device_fingerprint": r.device_fingerprint, "state": r.state, "worker": r.lease_owner,
-               "attempts": r.attempts, "run": r.run_dir,
-               "enrolled_at": r.enrolled_at.isoformat(), "updated_at": r.updated_at.isoformat()} for r in rows]
-    counts = {s: sum(d["state"] == s for d in listed) for s in sorted({d["state"] for d in listed})}
-    return {"fleet": {"model": row.model, "mode": row.mode, "block_size": row.block_size,
-                      "base_sha256": row.base_sha256, "publisher": row.publisher_fingerprint},
+        latest = sa.select(releases.c.device, sa.func.max(releases.c.number).label("number")).group_by(
+            releases.c.device).subquery()
+        last = {r.device: r for r in conn.execute(releases.select().join(
+            latest, (releases.c.device == latest.c.device) & (releases.c.number == latest.c.number)))}
+        current = {r.device: r for r in conn.execute(releases.select().where(releases.c.state == "released"))}
+        counted = dict(conn.execute(sa.select(releases.c.device, sa.func.count()).group_by(releases.c.device)).all())
+    listed = []
+    for r in rows:
+        rel, cur = last.get(r.id), current.get(r.id)
+        listed.append({
+            "device": r.device_id, "target": r.target, "key_fingerprint": r.key_fingerprint,
+            "device_fingerprint": r.device_fingerprint, "state": r.state, "worker": r.lease_owner,
+            "attempts": r.attempts, "run": r.run_dir, "releases": counted.get(r.id, 0),
+            "reason": rel.reason if rel is not None and r.state in ("failed", "revoked") else None,
+            "bundle": None if cur is None else {
+                "release": cur.number, "path": cur.bundle_path, "sha256": cur.bundle_sha256,
+                "bytes": cur.bundle_bytes, "key_fingerprint": cur.key_fingerprint, "fold_mode": cur.fold_mode,
+                "clean": cur.clean, "transfer": cur.transfer, "publisher": cur.publisher_fingerprint,
+                "released_at": cur.finished_at.isoformat()},
+            "enrolled_at": r.enrolled_at.isoformat(), "updated_at": r.updated_at.isoformat()})
+    counts = {s: sum(d["state"] == s for d in listed) for s in STATES if any(d["state"] == s for d in listed)}
+    return {"fleet": {"model": spec.model, "mode": spec.mode, "block_size": spec.block_size,
+                      "base_sha256": spec.base_sha256, "publisher": spec.publisher_fingerprint},
             "devices": listed, "counts": counts}

@@ -4,8 +4,8 @@ module is the current shape, which the migrations must produce."""
 
 from __future__ import annotations
 
-from sqlalchemy import (JSON, Column, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Table, Text,
-                        UniqueConstraint)
+from sqlalchemy import (JSON, Column, DateTime, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table,
+                        Text, UniqueConstraint)
 
 metadata = MetaData()
 
@@ -48,6 +48,38 @@ devices = Table(
     UniqueConstraint("device_fingerprint", name="uq_devices_device_fingerprint"),
 )
 
+# every release of a device, kept: what was built, its verdicts, its bundle (revision 0003). A row's state
+# changes only from released to revoked (by rotation, which supersedes it, or revocation).
+releases = Table(
+    "releases", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("device", Integer, ForeignKey("devices.id", ondelete="RESTRICT"), nullable=False),
+    Column("number", Integer, nullable=False),  # 1, 2, ... per device
+    Column("key_fingerprint", String(32), nullable=False),
+    Column("target", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # released / failed / revoked
+    Column("reason", Text, nullable=True),  # why it failed, or why it was revoked
+    Column("fold_mode", String(16), nullable=True),
+    Column("precision", String(8), nullable=True),
+    Column("run_dir", Text, nullable=False),
+    Column("release_dir", Text, nullable=False),
+    Column("hashes", JSON, nullable=False),  # every artifact file's SHA-256, by its path in release_dir
+    Column("parity", JSON, nullable=True),  # the parity verdict and accuracies (None: not reached)
+    Column("audit", JSON, nullable=True),  # the audit gate's verdict (None: not reached)
+    Column("clean", Float, nullable=True),  # the released artifact's clean accuracy (parity images)
+    Column("transfer", Float, nullable=True),  # its accuracy on PGD l_inf transfer examples from the base
+    Column("bundle_path", Text, nullable=True),
+    Column("bundle_sha256", String(64), nullable=True),
+    Column("bundle_bytes", Integer, nullable=True),
+    Column("publisher_fingerprint", String(32), nullable=True),
+    Column("worker", String(128), nullable=False),
+    Column("seconds", Float, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("device", "number", name="uq_releases_device_number"),
+)
+
 # what happened, in order, never overwritten
 events = Table(
     "events", metadata,
@@ -58,4 +90,4 @@ events = Table(
     Column("at", DateTime(timezone=True), nullable=False),
 )
 
-STATES = ("enrolled", "training", "trained", "released", "failed", "revoked")
+STATES = ("enrolled", "training", "trained", "releasing", "released", "failed", "revoked")

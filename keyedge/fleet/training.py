@@ -9,92 +9,22 @@ last epoch checkpoint where there is one. A trained device is never claimed agai
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import KeyedgeError
 from ..core.keys import Key
-from ..core.models import file_sha256
 from ..core.progress import Echo, echo
 from . import db
-from .schema import devices, events, fleet
-from .vault import Vault
-
-PENDING = ("enrolled", "training")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+from .leases import TRAIN, Renewer, claim, default_worker, leased_elsewhere, now
+from .pinned import check_base, fleet_row, known_devices, open_vault
+from .schema import devices, events
 
 
-def default_worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
-
-def claim(database: str, worker: str, lease_s: float, only: list[str] | None = None) -> dict[str, Any] | None:
-    """Take one pending device whose lease is free or expired; None when there is none."""
-    import sqlalchemy as sa
-
-    with db.transaction(database) as conn:
-        now = _now()
-        query = sa.select(devices).where(devices.c.state.in_(PENDING)).where(
-            (devices.c.lease_expires.is_(None)) | (devices.c.lease_expires < now)).order_by(devices.c.id).limit(1)
-        if only:
-            query = query.where(devices.c.device_id.in_(only))
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        row = conn.execute(query).first()
-        if row is None:
-            return None
-        conn.execute(devices.update().where(devices.c.id == row.id).values(
-            state="training", lease_owner=worker, lease_expires=now + dt.timedelta(seconds=lease_s),
-            attempts=row.attempts + 1, updated_at=now))
-        conn.execute(events.insert().values(device=row.id, kind="claim",
-                                            detail={"worker": worker, "attempt": row.attempts + 1,
-                                                    "previous_owner": row.lease_owner}, at=now))
-        return dict(row._mapping)
-
-
-def leased_elsewhere(database: str, only: list[str] | None = None) -> bool:
-    """Are pending devices held by another worker's unexpired lease (to wait for: it may die)?"""
-    import sqlalchemy as sa
-
-    with db.transaction(database) as conn:
-        query = sa.select(sa.func.count()).select_from(devices).where(devices.c.state.in_(PENDING)).where(
-            devices.c.lease_expires >= _now())
-        if only:
-            query = query.where(devices.c.device_id.in_(only))
-        return bool(conn.execute(query).scalar())
-
-
-def renew(database: str, device: int, worker: str, lease_s: float) -> bool:
-    """Extend the lease if this worker still holds it."""
-    with db.transaction(database) as conn:
-        done = conn.execute(devices.update().where(devices.c.id == device).where(devices.c.lease_owner == worker)
-                            .values(lease_expires=_now() + dt.timedelta(seconds=lease_s)))
-        return done.rowcount == 1
-
-
-class _Renewer(threading.Thread):
-    """Renews a lease every third of its length until stopped."""
-
-    def __init__(self, database: str, device: int, worker: str, lease_s: float) -> None:
-        super().__init__(daemon=True)
-        self.args, self.stop, self.lost = (database, device, worker, lease_s), threading.Event(), False
-
-    def run(self) -> None:
-        while not self.stop.wait(self.args[3] / 3):
-            try:
-                if not renew(*self.args):
-                    self.lost = True
-                    return
-            except KeyedgeError:  # the database is busy: try again at the next tick
-                continue
+def run_dir_for(runs: Path, device_id: str, key_fingerprint: str) -> Path:
+    """One run per device and key: a rotated key trains a new run (the old one stays, as history)."""
+    return runs / device_id / key_fingerprint
 
 
 def _train_one(spec, row: dict[str, Any], key: Key, run_dir: Path, epochs: int | None) -> dict[str, Any]:
@@ -104,17 +34,17 @@ def _train_one(spec, row: dict[str, Any], key: Key, run_dir: Path, epochs: int |
     kwargs = dict(spec.model_kwargs)
     top = {k: kwargs.pop(k) for k in ("img_size", "patch_size", "num_classes") if k in kwargs}
     recipe = {k: v for k, v in (spec.recipe or {}).items() if k in ("lr", "batch_size", "lora_rank")}
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key_path = run_dir / "key.bin"
-    key.save(key_path, overwrite=True)
-    resume = (run_dir / "run" / "checkpoint.pt").is_file()
-    cfg = TrainConfig(model=spec.model, out=str(run_dir / "run"), data=spec.data, key=str(key_path),
-                      checkpoint=spec.base_path, mode=spec.mode, model_kwargs=kwargs, progress=False,
+    run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    resume = (run_dir / "checkpoint.pt").is_file()
+    cfg = TrainConfig(model=spec.model, out=str(run_dir), data=spec.data, checkpoint=spec.base_path,
+                      mode=spec.mode, model_kwargs=kwargs, progress=False,
                       epochs=epochs or (spec.recipe or {}).get("epochs", 1), resume=resume, force=not resume,
                       seed=row["id"], workers=0, **top, **recipe)  # the rest: TrainConfig's own defaults
-    manifest = train(cfg)
-    return {"run": str(run_dir / "run"), "resumed": resume, "epochs": manifest.epochs_done,
-            "test_acc": (manifest.metrics or {}).get("test_acc"), "per_key_bytes": manifest.per_key_bytes}
+    t0 = time.perf_counter()
+    manifest = train(cfg, key=key)  # the key from the vault, in memory: never written beside the run
+    return {"run": str(run_dir), "resumed": resume, "epochs": manifest.epochs_done,
+            "test_acc": (manifest.metrics or {}).get("test_acc"), "per_key_bytes": manifest.per_key_bytes,
+            "full_model_bytes": manifest.full_model_bytes, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def train_devices(database: str, master: bytearray, runs: Path, *, only: list[str] | None = None,
@@ -123,41 +53,32 @@ def train_devices(database: str, master: bytearray, runs: Path, *, only: list[st
     """Train pending devices until none is left to claim; returns the ids this worker trained."""
     worker = worker or default_worker()
     with db.transaction(database) as conn:
-        spec = conn.execute(fleet.select()).first()
-        if spec is None:
-            raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
-        if only:
-            known = {r.device_id for r in conn.execute(devices.select().where(devices.c.device_id.in_(only)))}
-            if set(only) - known:
-                raise KeyedgeError(f"unknown device {sorted(set(only) - known)[0]}")
-    if file_sha256(spec.base_path) != spec.base_sha256:
-        raise KeyedgeError(f"base checkpoint {spec.base_path} changed since fleet init (sha256 mismatch)")
-    vault = Vault.open(Path(spec.vault_path), master)
+        spec = fleet_row(conn, database)
+        known_devices(conn, only)
+    check_base(spec)
+    vault = open_vault(spec, master)
     done: list[str] = []
     while True:
-        row = claim(database, worker, lease_s, only)
+        row = claim(database, worker, lease_s, only, TRAIN)
         if row is None:
-            if not leased_elsewhere(database, only):
+            if not leased_elsewhere(database, only, TRAIN):
                 return done
             time.sleep(min(1.0, lease_s / 4))  # another worker trains it, or died: its lease will expire
             continue
         key = Key.from_bytes(vault.devices[row["device_id"]], source=f"the vault's key of {row['device_id']}")
-        renewer = _Renewer(database, row["id"], worker, lease_s)
-        renewer.start()
         try:
-            result = _train_one(spec, row, key, runs / row["device_id"], epochs)
+            with Renewer(database, row["id"], worker, lease_s):
+                result = _train_one(spec, row, key, run_dir_for(runs, row["device_id"], key.fingerprint), epochs)
         finally:
-            renewer.stop.set()
-            renewer.join()
             key.wipe()
         with db.transaction(database) as conn:
             recorded = conn.execute(devices.update().where(devices.c.id == row["id"])
                                     .where(devices.c.lease_owner == worker).where(devices.c.state == "training")
                                     .values(state="trained", lease_owner=None, lease_expires=None,
-                                            run_dir=result["run"], updated_at=_now())).rowcount
+                                            run_dir=result["run"], updated_at=now())).rowcount
             if recorded:
                 conn.execute(events.insert().values(device=row["id"], kind="trained",
-                                                    detail={"worker": worker, **result}, at=_now()))
+                                                    detail={"worker": worker, **result}, at=now()))
         if recorded:
             done.append(row["device_id"])
             echo(f"trained {row['device_id']} ({'resumed' if result['resumed'] else 'from the base'}): "

@@ -8,7 +8,10 @@ header as additional data::
     0   8   magic "KEYEDGEV"
     8   2   version = 1 (u16 LE)
     10  24  nonce
-    34  ..  ciphertext || 16-byte tag of the JSON {"publisher": hex seed, "devices": {id: hex key file}}
+    34  ..  ciphertext || 16-byte tag of the JSON {"publisher": hex seed, "devices": {id: hex key file},
+            "retired": {key fingerprint: hex key file}}
+
+``retired`` keeps the keys that rotation or revocation took out of use, for audits of old bundles.
 
 The master key file: ``"KEYEDGEM" || u16 version 1 || u8 kind 1 || 32 bytes``, 0600, read from a file,
 standard input (``-``) or a command (``--master-key-command`` / ``$KEYEDGE_MASTER_KEY_COMMAND``) whose
@@ -73,13 +76,31 @@ def read_master_key(path: str | Path | None, command: str | None = None) -> byte
 
 @dataclass
 class Vault:
-    """The secrets of a fleet, in memory: the publisher's Ed25519 seed and each device's key file."""
+    """The secrets of a fleet, in memory: the publisher's Ed25519 seed, each device's current key file,
+    and the retired keys by fingerprint."""
     publisher: bytes
     devices: dict[str, bytes] = field(default_factory=dict)
+    retired: dict[str, bytes] = field(default_factory=dict)
+
+    def retire(self, device_id: str, fingerprint: str) -> None:
+        """Take a device's key out of use; it is kept, by fingerprint, for audits."""
+        self.retired[fingerprint] = self.devices.pop(device_id)
+
+    def key_file(self, device_id: str, fingerprint: str) -> bytes:
+        """The key file of ``fingerprint``: the device's current key, or a retired one."""
+        from ..core.keys import Key
+
+        current = self.devices.get(device_id)
+        if current is not None and Key.from_bytes(current).fingerprint == fingerprint:
+            return current
+        if fingerprint in self.retired:
+            return self.retired[fingerprint]
+        raise VaultError(f"the vault holds no key {fingerprint} of device {device_id}")
 
     def to_plaintext(self) -> bytes:
         return json.dumps({"publisher": self.publisher.hex(),
-                           "devices": {k: v.hex() for k, v in sorted(self.devices.items())}}).encode()
+                           "devices": {k: v.hex() for k, v in sorted(self.devices.items())},
+                           "retired": {k: v.hex() for k, v in sorted(self.retired.items())}}).encode()
 
     def save(self, path: Path, master: bytearray, *, overwrite: bool = True) -> Path:
         """Encrypt and write atomically (0600), with a fresh nonce."""
@@ -115,6 +136,7 @@ class Vault:
         try:
             content = json.loads(plain)
             return cls(bytes.fromhex(content["publisher"]),
-                       {k: bytes.fromhex(v) for k, v in content["devices"].items()})
+                       {k: bytes.fromhex(v) for k, v in content["devices"].items()},
+                       {k: bytes.fromhex(v) for k, v in content.get("retired", {}).items()})
         except (ValueError, KeyError, TypeError, AttributeError):
             raise VaultError(f"vault {path} holds no keyedge fleet secrets") from None

@@ -60,7 +60,7 @@ def evaluate_accuracy(model: torch.nn.Module, dataset, batch_size: int = 256,
     return correct / max(1, total)
 
 
-def _validate(cfg: TrainConfig) -> tuple[Key | None, RunManifest | None]:
+def _validate(cfg: TrainConfig, given: Key | None = None) -> tuple[Key | None, RunManifest | None]:
     """Check every input before anything is written."""
     if cfg.mode not in ("full", "lora"):
         raise KeyedgeError(f"--mode must be full or lora, not {cfg.mode!r}")
@@ -70,7 +70,7 @@ def _validate(cfg: TrainConfig) -> tuple[Key | None, RunManifest | None]:
         raise KeyedgeError("--mode lora needs the base it adapts: pass --checkpoint")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise KeyedgeError(f"checkpoint {cfg.checkpoint} does not exist")
-    key = Key.load(cfg.key) if cfg.key else None
+    key = given if given is not None else Key.given(cfg.key)
     out = Path(cfg.out)
     previous = None
     if cfg.resume:
@@ -211,9 +211,10 @@ def _train_epoch(cfg: TrainConfig, s: _Setup, net: torch.nn.Module, step: int, t
     return stats, step, time.perf_counter() - t0
 
 
-def train(cfg: TrainConfig, console=None) -> RunManifest:
-    """Fine-tune; returns the final manifest. Writes ``cfg.out`` after each epoch."""
-    key, previous = _validate(cfg)
+def train(cfg: TrainConfig, console=None, *, key: Key | None = None) -> RunManifest:
+    """Fine-tune; returns the final manifest. Writes ``cfg.out`` after each epoch. The key: ``cfg.key``'s
+    file, or ``key`` given in memory (the fleet's, from its vault)."""
+    key, previous = _validate(cfg, key)
     world, rank, local_rank = _dist_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

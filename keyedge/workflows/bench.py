@@ -19,12 +19,12 @@ from ..runtime.artifacts import open_export
 from ..runtime.bundle import DeviceAccess
 
 
-def bench(artifacts: list[Path], out: Path, cfg: BenchConfig | None = None, *, key_path: Path | None = None,
+def bench(artifacts: list[Path], out: Path, cfg: BenchConfig | None = None, *, key_path: Path | Key | None = None,
           access: DeviceAccess = DeviceAccess(), force: bool = False,
           console: Console | None = None, echo: Echo = echo) -> dict[str, Any]:
     """Measure every artifact on every backend here, interleaved; the reports into ``out``."""
     check_output_dir(out, force)
-    key = Key.load(key_path) if key_path else None
+    key = Key.given(key_path)
     results = run_bench(artifacts, cfg, key=key, opener=access.opener_for(artifacts, echo),
                         status=status_printer(console or Console(stderr=True), "bench"))
     with staged_dir(out, force=force) as stage:

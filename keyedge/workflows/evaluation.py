@@ -23,7 +23,7 @@ from ..redteam.report import write_eval_report
 from ..runtime.runners import open_runner
 
 
-def evaluate_run(run: Path, key_path: Path | None, out: Path, cfg: EvalConfig, *, data: str | None = None,
+def evaluate_run(run: Path, key_path: Path | Key | None, out: Path, cfg: EvalConfig, *, data: str | None = None,
                  base: Path | None = None, plain_ft: Path | None = None, own_keys: Sequence[Path] = (),
                  artifact: Path | None = None, device: str = "cpu", force: bool = False,
                  console: Console | None = None, echo: Echo = echo) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def evaluate_run(run: Path, key_path: Path | None, out: Path, cfg: EvalConfig, *
     (run directories with their key.bin); ``artifact``: what the query attacks query (default: the run);
     ``data``: ``digits`` or an ImageFolder root (default: the run's own data set)."""
     manifest = read_run(run)
-    key = Key.load(key_path) if key_path else None
+    key = Key.given(key_path)
     check_key(manifest, key, f"run {run}", strict=True)
     check_output_dir(out, force)  # refuse before the (long) evaluation
     own = [load_run(r, Key.load(r / "key.bin"), device=device) for r in own_keys]

@@ -23,12 +23,12 @@ class VerificationFailed(KeyedgeError):
     exit_code = 1
 
 
-def export_run(run: Path, key_path: Path | None, out: Path, opts: ExportOptions, *, force: bool = False,
+def export_run(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOptions, *, force: bool = False,
                echo: Echo = echo) -> ArtifactManifest:
     """Export ``run`` into ``out`` with ``opts`` and verify it; nothing is written when verification fails."""
     check_output_dir(out, force)
     manifest = read_run(run)
-    key = Key.load(key_path) if key_path else None
+    key = Key.given(key_path)
     keyed = load_run(run, key)
     opts.resolved_mode(keyed.block_size, keyed.model.patch_embed.patch_size[0])  # refuse early
     real = run_images(manifest, VERIFY_IMAGES)

@@ -21,7 +21,7 @@ from ..runtime.platform import cpu
 from ..runtime.runners import open_runner
 
 
-def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], out: Path | None, *,
+def run_parity(reference: Path, key_path: Path | Key | None, artifacts: list[Path], out: Path | None, *,
                data: str | None = None, base: Path | None = None, cfg: ParityConfig | None = None,
                force: bool = False, access: DeviceAccess = DeviceAccess(),
                echo: Echo = echo) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def run_parity(reference: Path, key_path: Path | None, artifacts: list[Path], ou
     if out is not None:
         check_output_dir(out, force)
     manifest = read_run(reference)
-    key = Key.load(key_path) if key_path else None
+    key = Key.given(key_path)
     opener = access.opener_for(artifacts, echo)
     images = run_images(manifest, cfg.n, seed=cfg.seed, data=data)
     if images is None:

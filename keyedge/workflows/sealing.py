@@ -22,7 +22,7 @@ def read_signer(sign_with: Path | None, allow_unsigned: bool) -> PublisherKey | 
     return PublisherKey.load(sign_with) if sign_with is not None else None
 
 
-def seal_to(artifact: Path, recipient: Path, out: Path, key_path: Path | None = None, *,
+def seal_to(artifact: Path, recipient: Path, out: Path, key_path: Path | Key | None = None, *,
             sign_with: Path | None = None, allow_unsigned: bool = False, force: bool = False,
             echo: Echo = echo) -> dict[str, Any]:
     """Seal an export or build directory to the device whose public key is ``recipient`` (with the key, for
@@ -31,7 +31,7 @@ def seal_to(artifact: Path, recipient: Path, out: Path, key_path: Path | None = 
         raise KeyedgeError(f"a sealed bundle is named *{SUFFIX}, not {out.name}")
     check_output_file(out, force)
     device = DevicePublicKey.load(recipient)
-    key = Key.load(key_path) if key_path else None
+    key = Key.given(key_path)
     signer = read_signer(sign_with, allow_unsigned)
     data, summary = seal_artifact(artifact, device, key, signer)
     atomic_write_bytes(out, data, mode=0o600, overwrite=force)

@@ -69,7 +69,7 @@ def test_a_fleet_on_sqlite(tmp_path):
     assert oct(os.stat(tmp_path / "master.key").st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0003"
         kinds = [k for (k,) in c.execute("SELECT kind FROM events ORDER BY id")]
     assert kinds == ["init", "enroll", "enroll", "enroll"]
     # nothing secret in the database: no key's permutation, no key file, no vault secret, no master key
@@ -85,7 +85,7 @@ def _state(root: Path, db: str) -> tuple:
     """The database's rows and the vault's bytes (what a refused command must leave as it was)."""
     with sqlite3.connect(db) as c:
         rows = tuple(tuple(c.execute(f"SELECT * FROM {t} ORDER BY 1")) for t in ("fleet", "devices", "events",
-                                                                                  "alembic_version"))
+                                                                                  "releases", "alembic_version"))
     return rows, hashlib.sha256((root / "fleet.vault").read_bytes()).hexdigest()
 
 
@@ -123,6 +123,19 @@ BAD = {
                          "another master key"),
     "not a master key": (["enroll", "cam-1", "--pubkey", "P1", "--target", "desktop", "--master-key", "T/junk.pub"],
                          "not a keyedge master key"),
+    "release of an untrained device": (["release", "cam-0", "--out", "T/rel"], "only a trained device is released"),
+    "release of an unknown device": (["release", "cam-9", "--out", "T/rel"], "unknown device cam-9"),
+    "release with the wrong master key": (["release", "--out", "T/rel", "--master-key", "T/other.master"],
+                                          "another master key"),
+    "release into a file": (["release", "--out", "T/junk.pub"], "not a directory"),
+    "rotate of an unknown device": (["rotate", "cam-9", "--runs", "T/runs", "--out", "T/rel"], "unknown device cam-9"),
+    "rotate with the wrong master key": (["rotate", "cam-0", "--runs", "T/runs", "--out", "T/rel", "--master-key",
+                                          "T/other.master"], "another master key"),
+    "rotate reading the master key from stdin": (["rotate", "cam-0", "--master-key", "-"], "three times"),
+    "revoke of an unknown device": (["revoke", "cam-9"], "unknown device cam-9"),
+    "revoke with the wrong master key": (["revoke", "cam-0", "--master-key", "T/other.master"], "another master key"),
+    "report of a fleet with no trained device": (["report", "--out", "T/rep"], "needs two"),
+    "report of one device": (["report", "--out", "T/rep", "--sample", "1"], "--sample"),
 }
 
 
@@ -133,10 +146,10 @@ def test_bad_input_leaves_the_database_and_the_vault_as_they_were(fleet, case):
     args = [str(pubs[int(a[1])]) if a in ("P0", "P1") else a.replace("T/", f"{root}/") for a in args]
     if "--master-key" not in args:
         args += ["--master-key", str(root / "master.key")]
-    before = _state(root, db)
+    before, files = _state(root, db), sorted(root.rglob("*"))
     r = keyedge("fleet", *args, "--db", db)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
-    assert _state(root, db) == before
+    assert _state(root, db) == before and sorted(root.rglob("*")) == files
 
 
 def test_a_tampered_vault_and_a_newer_schema_are_refused(fleet):
@@ -175,12 +188,12 @@ def test_an_unmigrated_database_is_upgraded_by_alembic(tmp_path):
     sqlite3.connect(db).close()  # a database of no schema yet
     r = keyedge("fleet", "status", "--db", db)
     assert r.returncode == 2 and "keyedge fleet upgrade" in r.stderr
-    assert "schema none -> 0002" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
+    assert "schema none -> 0003" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
     assert "up to date" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
 
 
 def test_a_fleet_of_an_older_schema_keeps_its_devices_through_the_migration(tmp_path):
-    """Revision 0001 (before training leases) with a device in it, upgraded by Alembic to 0002."""
+    """Revision 0001 (before training leases) with a device in it, upgraded by Alembic to the head."""
     from alembic import command
 
     from keyedge.fleet import db as fleet_db
@@ -193,10 +206,31 @@ def test_a_fleet_of_an_older_schema_keeps_its_devices_through_the_migration(tmp_
                              "key_fingerprint, state, enrolled_at, updated_at) VALUES ('cam-0', 'desktop', x'00', "
                              "'ab', 'cd', 'enrolled', '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
     engine.dispose()
-    assert "schema 0001 -> 0002" in _ok(keyedge("fleet", "upgrade", "--db", path)).stdout
+    assert "schema 0001 -> 0003" in _ok(keyedge("fleet", "upgrade", "--db", path)).stdout
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT device_id, state, attempts, lease_owner FROM devices").fetchall() == [
             ("cam-0", "enrolled", 0, None)]
+
+
+def test_the_migrations_make_the_schema_keyedge_uses(tmp_path):
+    """Alembic's own comparison of the migrated database with schema.py: no table, column, type,
+    nullability or constraint differs."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from keyedge.fleet import db as fleet_db
+    from keyedge.fleet.schema import metadata
+
+    path = str(tmp_path / "fleet.db")
+    engine = fleet_db.engine_for(path, must_exist=False)
+    try:
+        with engine.begin() as conn:
+            fleet_db.upgrade(conn)
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    finally:
+        engine.dispose()
+    assert diff == []
 
 
 def _initdb() -> str | None:
@@ -236,7 +270,7 @@ def postgres():
 
 
 def test_the_same_fleet_on_postgresql(tmp_path, postgres):
-    from keyedge.fleet.training import claim, leased_elsewhere
+    from keyedge.fleet.leases import claim, leased_elsewhere
 
     _flow(tmp_path, postgres)
     # training claims: FOR UPDATE SKIP LOCKED, one device per worker, none twice while leased

@@ -1,0 +1,116 @@
+"""Work on a device claimed by a lease (a worker id and an expiry in the device's row), for training and
+for releasing alike.
+
+A worker claims one device at a time in one short transaction: ``BEGIN IMMEDIATE`` on SQLite, ``SELECT ...
+FOR UPDATE SKIP LOCKED`` on PostgreSQL; a thread renews the lease while the work runs; the result is
+recorded, and the lease released, only by the worker that still holds it. A killed worker's lease expires
+and another worker takes the device again."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.errors import KeyedgeError
+from . import db
+from .schema import devices, events
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def default_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Work:
+    """A kind of work: the states a device waits for it in, and the state it is in while leased. A device
+    in ``working`` whose lease expired is waiting for it too (its worker died)."""
+    waiting: tuple[str, ...]
+    working: str
+
+    @property
+    def claimable(self) -> tuple[str, ...]:
+        return (*self.waiting, self.working)
+
+
+TRAIN = Work(("enrolled",), "training")
+RELEASE = Work(("trained",), "releasing")
+
+
+def claim(database: str, worker: str, lease_s: float, only: list[str] | None = None,
+          work: Work = TRAIN) -> dict[str, Any] | None:
+    """Take one device waiting for ``work`` whose lease is free or expired; None when there is none."""
+    import sqlalchemy as sa
+
+    with db.transaction(database) as conn:
+        t = now()
+        query = sa.select(devices).where(devices.c.state.in_(work.claimable)).where(
+            (devices.c.lease_expires.is_(None)) | (devices.c.lease_expires < t)).order_by(devices.c.id).limit(1)
+        if only:
+            query = query.where(devices.c.device_id.in_(only))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        row = conn.execute(query).first()
+        if row is None:
+            return None
+        training = work is TRAIN  # attempts count trainings (a release is redone from the same run)
+        conn.execute(devices.update().where(devices.c.id == row.id).values(
+            state=work.working, lease_owner=worker, lease_expires=t + dt.timedelta(seconds=lease_s),
+            attempts=row.attempts + training, updated_at=t))
+        detail = {"worker": worker, "previous_owner": row.lease_owner,
+                  **({"attempt": row.attempts + 1} if training else {})}
+        conn.execute(events.insert().values(device=row.id, kind="claim" if training else "claim_release",
+                                            detail=detail, at=t))
+        return dict(row._mapping)
+
+
+def leased_elsewhere(database: str, only: list[str] | None = None, work: Work = TRAIN) -> bool:
+    """Are devices waiting for ``work`` held by another worker's unexpired lease (to wait for: it may die)?"""
+    import sqlalchemy as sa
+
+    with db.transaction(database) as conn:
+        query = sa.select(sa.func.count()).select_from(devices).where(devices.c.state == work.working).where(
+            devices.c.lease_expires >= now())
+        if only:
+            query = query.where(devices.c.device_id.in_(only))
+        return bool(conn.execute(query).scalar())
+
+
+def renew(database: str, device: int, worker: str, lease_s: float) -> bool:
+    """Extend the lease if this worker still holds it."""
+    with db.transaction(database) as conn:
+        done = conn.execute(devices.update().where(devices.c.id == device).where(devices.c.lease_owner == worker)
+                            .values(lease_expires=now() + dt.timedelta(seconds=lease_s)))
+        return done.rowcount == 1
+
+
+class Renewer(threading.Thread):
+    """Renews a lease every third of its length until stopped (use it as a context manager)."""
+
+    def __init__(self, database: str, device: int, worker: str, lease_s: float) -> None:
+        super().__init__(daemon=True)
+        self.args, self.stop, self.lost = (database, device, worker, lease_s), threading.Event(), False
+
+    def run(self) -> None:
+        while not self.stop.wait(self.args[3] / 3):
+            try:
+                if not renew(*self.args):
+                    self.lost = True
+                    return
+            except KeyedgeError:  # the database is busy: try again at the next tick
+                continue
+
+    def __enter__(self) -> "Renewer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join()
