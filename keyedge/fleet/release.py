@@ -18,6 +18,7 @@ plan's model) is removed once sealed unless ``keep_plaintext``; the reports stay
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -115,10 +116,14 @@ def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: 
     signed_by = _step("seal", Trust((publisher.public,)).check, data, str(bundle))  # as the device checks it
     record.update(bundle_path=str(bundle), bundle_sha256=file_sha256(bundle), bundle_bytes=len(data),
                   publisher_fingerprint=signed_by)
-    audit = _step("audit", audit_release, [bundle], base, key, d / "audit",
-                  AuditConfig(n=opts.parity_n, seed=opts.seed, fail_above=opts.fail_above), echo=quiet)
-    record["audit"] = {"passed": audit["passed"], "fail_above": audit["fail_above"],
-                       "findings": [{k: f[k] for k in ("kind", "holds_key", "leaked", "note")} for f in audit["artifacts"]]}
+    try:
+        _step("audit", audit_release, [bundle], base, key, d / "audit",
+              AuditConfig(n=opts.parity_n, seed=opts.seed, fail_above=opts.fail_above), echo=quiet)
+    finally:  # the gate's report is written whatever its verdict
+        if (d / "audit" / "audit.json").is_file():
+            audit = json.loads((d / "audit" / "audit.json").read_text())
+            record["audit"] = {"passed": audit["passed"], "fail_above": audit["fail_above"], "findings": [
+                {k: f[k] for k in ("kind", "holds_key", "leaked", "note")} for f in audit["artifacts"]]}
 
 
 def _remove_plaintext(d: Path) -> None:
@@ -162,15 +167,19 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     work = Work(RELEASABLE if only else ("trained",), "releasing")
     outcomes: dict[str, str] = {}
-    while True:
-        row = claim(database, worker, lease_s, only, work)
+    remaining = list(dict.fromkeys(only)) if only else None  # a named device is tried once per command
+    while remaining is None or remaining:
+        row = claim(database, worker, lease_s, remaining, work)
         if row is None:
-            if not leased_elsewhere(database, only, work):
-                return outcomes
+            if not leased_elsewhere(database, remaining, work):
+                break
             time.sleep(min(1.0, lease_s / 4))
             continue
         outcomes[row["device_id"]] = _release_claimed(database, spec, row, vault, publisher, out, opts, worker,
                                                       lease_s, echo)
+        if remaining is not None:
+            remaining.remove(row["device_id"])
+    return outcomes
 
 
 def _release_claimed(database, spec, row, vault, publisher, out: Path, opts: ReleaseOptions, worker: str,
@@ -186,7 +195,7 @@ def _release_claimed(database, spec, row, vault, publisher, out: Path, opts: Rel
     key = Key.from_bytes(vault.devices[row["device_id"]], source=f"the vault's key of {row['device_id']}")
     record: dict[str, Any] = {"number": number, "key_fingerprint": key.fingerprint, "target": row["target"],
                               "run_dir": row["run_dir"], "release_dir": str(d), "worker": worker,
-                              "started_at": now(), "parity": None, "audit": None}
+                              "started_at": now()}  # parity, audit: NULL until reached
     t0 = time.perf_counter()
     failure: StepFailed | None = None
     try:

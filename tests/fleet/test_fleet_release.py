@@ -1,0 +1,169 @@
+"""``keyedge fleet release`` when a step fails: a device whose parity or audit fails is not released (no
+bundle, no plaintext left) and its status says why; a failed device is tried again only when named; a
+killed releaser's device is taken over once its lease expires; ``rotate`` and ``revoke`` that fail at the
+vault write or the commit leave the database and the vault as they were."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from keyedge.core.progress import quiet
+from keyedge.fleet import commands
+from keyedge.fleet.leases import RELEASE, claim
+from keyedge.fleet.release import ReleaseOptions, release_devices
+from keyedge.fleet.training import train_devices
+from keyedge.fleet.vault import read_master_key
+from keyedge.runtime.bundle import DeviceKey
+
+from ..helpers import keyedge
+from .test_fleet import _state
+from .test_fleet_train import MODEL
+
+OPTS = ReleaseOptions(parity_n=30)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """Two devices trained (in this process) from a random-init base: enough for every release step."""
+    from safetensors.torch import save_file
+
+    from keyedge import create_vit
+
+    model = create_vit("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2, embed_dim=48, num_heads=3,
+                       num_classes=10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    db = str(tmp_path / "fleet.db")
+    r = keyedge("fleet", "init", "--db", db, "--base", tmp_path / "base.safetensors", *MODEL, "--data", "digits",
+                "--block-size", "4", "--epochs", "1", "--vault", tmp_path / "fleet.vault", "--master-key",
+                tmp_path / "master.key")
+    assert r.returncode == 0, r.stderr
+    for i, target in enumerate(("jetson-orin", "desktop")):
+        key = DeviceKey.generate()
+        (tmp_path / f"cam-{i}.pub").write_bytes(key.public.to_bytes())
+        r = keyedge("fleet", "enroll", f"cam-{i}", "--pubkey", tmp_path / f"cam-{i}.pub", "--target", target,
+                    "--db", db, "--master-key", tmp_path / "master.key")
+        assert r.returncode == 0, r.stderr
+    master = read_master_key(tmp_path / "master.key")
+    train_devices(db, master, tmp_path / "runs", echo=quiet)
+    return tmp_path, db, master
+
+
+def _rows(db: str, sql: str) -> list:
+    with sqlite3.connect(db) as c:
+        return c.execute(sql).fetchall()
+
+
+def _left(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root / "rel")) for p in (root / "rel").rglob("*") if p.is_file())
+
+
+def test_a_device_failing_parity_is_not_released_and_says_why(trained, monkeypatch):
+    from keyedge.checks import config
+
+    root, db, master = trained
+    impossible = {p: config.Tolerance(t.accuracy, 1.01, t.paired_test, t.alpha)  # top-1 agreement above 100%
+                  for p, t in config.DEFAULT_TOLERANCE.items()}
+    monkeypatch.setattr(config, "DEFAULT_TOLERANCE", impossible)
+    outcomes = release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet)
+    assert outcomes["cam-0"].startswith("parity: the export does not keep")
+    status = {d["device"]: d for d in commands.status(db)["devices"]}
+    assert status["cam-0"]["state"] == "failed" and status["cam-0"]["reason"].startswith("parity:")
+    assert status["cam-0"]["bundle"] is None
+    left = _left(root)
+    assert not [f for f in left if f.endswith((".kes", ".onnx"))]  # no bundle, no plaintext
+    assert "cam-0/r1/parity/parity.json" in left  # the report that says why
+    (state, parity, audit, sha), = _rows(db, "SELECT state, parity, audit, bundle_sha256 FROM releases")
+    assert state == "failed" and json.loads(parity)["passed"] is False and audit is None and sha is None
+    monkeypatch.undo()
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet) == {"cam-0": "released"}
+    assert [(n, s) for n, s in _rows(db, "SELECT r.number, r.state FROM releases r JOIN devices d ON r.device = d.id "
+                                         "WHERE d.device_id = 'cam-0' ORDER BY number")] == [(1, "failed"), (2, "released")]
+
+
+def test_a_failed_device_is_tried_again_only_when_named(trained, monkeypatch):
+    from keyedge.checks import config
+
+    root, db, master = trained
+    impossible = {p: config.Tolerance(t.accuracy, 1.01, t.paired_test, t.alpha)
+                  for p, t in config.DEFAULT_TOLERANCE.items()}
+    monkeypatch.setattr(config, "DEFAULT_TOLERANCE", impossible)
+    assert set(release_devices(db, master, root / "rel", opts=OPTS, echo=quiet)) == {"cam-0", "cam-1"}
+    monkeypatch.undo()
+    assert release_devices(db, master, root / "rel", opts=OPTS, echo=quiet) == {}
+    assert release_devices(db, master, root / "rel", only=["cam-1"], opts=OPTS, echo=quiet) == {"cam-1": "released"}
+
+
+def test_the_audit_gate_stops_a_bundle_that_holds_the_key(trained, monkeypatch):
+    """A sealer that let the key's permutation into the bundle's bytes: the audit finds it, the gate fails."""
+    from keyedge.redteam import audit
+
+    root, db, master = trained
+    real = audit.find_sealed
+
+    def leaky(path, key, opener=None):
+        leaked = path.with_name("leaky.kes")
+        leaked.write_bytes(path.read_bytes() + key.perm.astype("<u4").tobytes())
+        return real(leaked, key, opener)
+
+    monkeypatch.setattr(audit, "find_sealed", leaky)
+    outcomes = release_devices(db, master, root / "rel", only=["cam-1"], opts=OPTS, echo=quiet)
+    assert outcomes["cam-1"].startswith("audit: the gate failed")
+    (state, reason, parity, audit_json, sha), = _rows(db, "SELECT state, reason, parity, audit, bundle_sha256 "
+                                                          "FROM releases")
+    assert state == "failed" and json.loads(parity)["passed"] and sha is None
+    assert json.loads(audit_json)["passed"] is False and json.loads(audit_json)["findings"][0]["leaked"] == 1.0
+    assert not (root / "rel" / "cam-1" / "r1" / "model.kes").exists()
+    assert commands.status(db)["devices"][1]["state"] == "failed"
+
+
+def test_keep_plaintext_keeps_the_export_and_its_recorded_hashes(trained):
+    import hashlib
+
+    root, db, master = trained
+    opts = ReleaseOptions(parity_n=30, keep_plaintext=True)
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=opts, echo=quiet) == {"cam-0": "released"}
+    (hashes,), = _rows(db, "SELECT hashes FROM releases")
+    d = root / "rel" / "cam-0" / "r1"
+    for name in ("export/model.onnx", "plan/model.onnx", "model.kes"):
+        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == json.loads(hashes)[name]
+        assert os.stat(d / name).st_mode & 0o777 == 0o600
+
+
+def test_a_killed_releaser_s_device_is_released_once_its_lease_expires(trained):
+    root, db, master = trained
+    dead = claim(db, "dead", 0.5, ["cam-0"], RELEASE)  # a releaser that claimed cam-0 and was killed
+    assert dead is not None and dead["device_id"] == "cam-0"
+    partial = root / "rel" / "cam-0" / "r1" / "export"
+    partial.mkdir(parents=True)
+    (partial / "model.onnx").write_bytes(b"half written")
+    outcomes = release_devices(db, master, root / "rel", opts=OPTS, worker="alive", lease_s=5, echo=quiet)
+    assert outcomes == {"cam-0": "released", "cam-1": "released"}
+    assert not partial.exists()
+    claims = _rows(db, "SELECT e.detail FROM events e WHERE e.kind = 'claim_release'")
+    assert [json.loads(d)["previous_owner"] for (d,) in claims].count("dead") == 1
+
+
+@pytest.mark.parametrize("command", ["rotate", "revoke"])
+@pytest.mark.parametrize("step", ["vault write", "commit"])
+def test_a_failure_at_any_step_of_rotate_or_revoke_leaves_both_as_they_were(trained, monkeypatch, command, step):
+    import sqlalchemy as sa
+
+    from keyedge.fleet.vault import Vault
+
+    root, db, master = trained
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet) == {"cam-0": "released"}
+    before = _state(root, db)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(*((Vault, "save", boom) if step == "vault write" else (sa.engine.Connection, "commit", boom)))
+    with pytest.raises(OSError):
+        getattr(commands, command)(db, "cam-0", commands.MasterKey(root / "master.key"), echo=quiet)
+    monkeypatch.undo()
+    assert _state(root, db) == before
