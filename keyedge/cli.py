@@ -500,6 +500,8 @@ def fleet_init(db: str = DB,
                heads: int | None = typer.Option(None), num_classes: int | None = typer.Option(None),
                epochs: int = typer.Option(T.epochs, min=1), lr: float = typer.Option(T.lr),
                batch_size: int = typer.Option(T.batch_size, min=1), lora_rank: int = typer.Option(T.lora_rank, min=1),
+               max_steps: int | None = typer.Option(None, min=1, help="Stop each device's training after this "
+                                                                      "many optimizer steps (smoke runs)."),
                vault: Path = typer.Option(Path("fleet.vault"), help="The key vault to create (0600, encrypted)."),
                publisher_pub: Path | None = typer.Option(None, help="Where the publisher's public key goes, for "
                                                                     "the devices' --trust (default: publisher.pub "
@@ -513,7 +515,8 @@ def fleet_init(db: str = DB,
     kwargs = {k: v for k, v in (("img_size", img_size), ("patch_size", patch_size), ("depth", depth),
                                 ("embed_dim", embed_dim), ("num_heads", heads), ("num_classes", num_classes))
               if v is not None}
-    recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_rank": lora_rank}
+    recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_rank": lora_rank,
+              **({"max_steps": max_steps} if max_steps else {})}
     init(db, FleetSpec(base, model, kwargs, data, block_size, channels, mode, recipe), vault,
          MasterKey(master_key, master_key_command), publisher_pub=publisher_pub)
 

@@ -91,6 +91,21 @@ def renew(database: str, device: int, worker: str, lease_s: float) -> bool:
         return done.rowcount == 1
 
 
+def give_back(database: str, device: int, worker: str, state: str) -> None:
+    """Release a lease this worker holds, the device back in ``state``, after its work was interrupted (an
+    error, Ctrl-C): another worker need not wait for the lease to expire. Best effort: a database that
+    cannot be reached leaves the lease to expire."""
+    try:
+        with db.transaction(database) as conn:
+            done = conn.execute(devices.update().where(devices.c.id == device).where(devices.c.lease_owner == worker)
+                                .values(state=state, lease_owner=None, lease_expires=None, updated_at=now()))
+            if done.rowcount:
+                conn.execute(events.insert().values(device=device, kind="interrupted",
+                                                    detail={"worker": worker, "back_to": state}, at=now()))
+    except KeyedgeError:
+        pass
+
+
 class Renewer(threading.Thread):
     """Renews a lease every third of its length until stopped (use it as a context manager)."""
 

@@ -34,7 +34,7 @@ from ..core.manifests import FoldMode
 from ..core.models import file_sha256
 from ..core.progress import Echo, echo, quiet
 from . import db
-from .leases import Renewer, Work, claim, default_worker, leased_elsewhere, now
+from .leases import Renewer, Work, claim, default_worker, give_back, leased_elsewhere, now
 from .pinned import check_base, fleet_row, known_devices, open_vault
 from .schema import devices, events, releases
 
@@ -63,10 +63,11 @@ def _hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _step(name: str, fn, *args, **kwargs):
-    """Run a keyedge command as a release step; its refusal is the step's failure."""
+def _step(name: str, fn, *args, timings: dict[str, float], **kwargs):
+    """Run a keyedge command as a release step, timed into ``timings``; its refusal is the step's failure."""
     from ..redteam.audit import KeyLeak
 
+    t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
     except KeyLeak as exc:
@@ -75,11 +76,13 @@ def _step(name: str, fn, *args, **kwargs):
         raise
     except KeyedgeError as exc:
         raise StepFailed(name, str(exc)) from None
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: ReleaseOptions,
-                 record: dict[str, Any]) -> None:
-    """The five steps into ``d``; fills ``record`` (the release row) as it goes."""
+                 record: dict[str, Any], timings: dict[str, float]) -> None:
+    """The five steps into ``d``; fills ``record`` (the release row) and ``timings`` as it goes."""
     from ..checks.config import ParityConfig
     from ..deploy.config import ExportOptions
     from ..deploy.seal import seal_artifact
@@ -96,11 +99,11 @@ def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: 
     # fp32 export with the profile's precision flags
     precision = target.precision if target.strongly_typed else "fp32"
     art = _step("export", export_run, run, key, d / "export",
-                ExportOptions(mode=opts.mode, batch=None, precision=precision), echo=quiet)
+                ExportOptions(mode=opts.mode, batch=None, precision=precision), echo=quiet, timings=timings)
     record.update(fold_mode=art.fold_mode, precision=art.precision)
     onnx = d / "export" / "model.onnx"
     report = _step("parity", run_parity, run, key, [onnx], d / "parity", base=base,
-                   cfg=ParityConfig(n=opts.parity_n, seed=opts.seed), echo=quiet)
+                   cfg=ParityConfig(n=opts.parity_n, seed=opts.seed), echo=quiet, timings=timings)
     result = report["artifacts"][str(onnx)]
     sets = {name: {"accuracy": s["accuracy"], "difference": s["difference"]} for name, s in result["sets"].items()}
     record.update(parity={"passed": result["passed"], "n": report["n"], "sets": sets,
@@ -109,16 +112,20 @@ def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: 
     if not result["passed"]:
         raise StepFailed("parity", "the export does not keep the PyTorch model's accuracy: " + ", ".join(
             f"{name} {100 * s['difference']:+.1f} points" for name, s in sets.items()) + f" (see {d / 'parity'})")
-    _step("build plan", build, d / "export", row["target"], d / "plan", plan_only=True, echo=quiet)
+    _step("build plan", build, d / "export", row["target"], d / "plan", plan_only=True, echo=quiet,
+          timings=timings)
     bundle = d / "model.kes"
-    data, _ = _step("seal", seal_artifact, d / "export", DevicePublicKey(row["device_public"]), key, publisher)
+    data, _ = _step("seal", seal_artifact, d / "export", DevicePublicKey(row["device_public"]), key, publisher,
+                    timings=timings)
     atomic_write_bytes(bundle, data, mode=0o600, overwrite=False)
-    signed_by = _step("seal", Trust((publisher.public,)).check, data, str(bundle))  # as the device checks it
+    # the signature checked as a device checks it
+    signed_by = _step("verify", Trust((publisher.public,)).check, data, str(bundle), timings=timings)
     record.update(bundle_path=str(bundle), bundle_sha256=file_sha256(bundle), bundle_bytes=len(data),
                   publisher_fingerprint=signed_by)
     try:
         _step("audit", audit_release, [bundle], base, key, d / "audit",
-              AuditConfig(n=opts.parity_n, seed=opts.seed, fail_above=opts.fail_above), echo=quiet)
+              AuditConfig(n=opts.parity_n, seed=opts.seed, fail_above=opts.fail_above), echo=quiet,
+              timings=timings)
     finally:  # the gate's report is written whatever its verdict
         if (d / "audit" / "audit.json").is_file():
             audit = json.loads((d / "audit" / "audit.json").read_text())
@@ -196,20 +203,21 @@ def _release_claimed(database, spec, row, vault, publisher, out: Path, opts: Rel
     record: dict[str, Any] = {"number": number, "key_fingerprint": key.fingerprint, "target": row["target"],
                               "run_dir": row["run_dir"], "release_dir": str(d), "worker": worker,
                               "started_at": now()}  # parity, audit: NULL until reached
-    t0 = time.perf_counter()
+    t0, timings = time.perf_counter(), dict[str, float]()
     failure: StepFailed | None = None
     try:
         with Renewer(database, row["id"], worker, lease_s):
-            _release_one(spec, row, key, publisher, d, opts, record)
+            _release_one(spec, row, key, publisher, d, opts, record, timings)
     except StepFailed as exc:
         failure = exc
         (d / "model.kes").unlink(missing_ok=True)  # not released: no bundle to ship by mistake
         for field in ("bundle_path", "bundle_sha256", "bundle_bytes", "publisher_fingerprint"):
             record.pop(field, None)
-    except BaseException:  # interrupted: the lease expires and the device is released again; no plaintext left
+    except BaseException:  # interrupted (disk full, Ctrl-C): no plaintext, no bundle left, the device as it was
         if not opts.keep_plaintext:
             _remove_plaintext(d)
         (d / "model.kes").unlink(missing_ok=True)
+        give_back(database, row["id"], worker, row["state"] if row["state"] in RELEASABLE else "trained")
         raise
     finally:
         key.wipe()
@@ -233,7 +241,8 @@ def _release_claimed(database, spec, row, vault, publisher, out: Path, opts: Rel
             conn.execute(events.insert().values(
                 device=row["id"], kind="released" if not failure else "release_failed",
                 detail={"worker": worker, "number": number, "step": failure.step if failure else None,
-                        "bundle_sha256": record.get("bundle_sha256"), "seconds": record["seconds"]},
+                        "bundle_sha256": record.get("bundle_sha256"), "seconds": record["seconds"],
+                        "steps": timings},
                 at=record["finished_at"]))
     if not mine:
         (d / "model.kes").unlink(missing_ok=True)

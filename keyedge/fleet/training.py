@@ -16,7 +16,7 @@ from typing import Any
 from ..core.keys import Key
 from ..core.progress import Echo, echo
 from . import db
-from .leases import TRAIN, Renewer, claim, default_worker, leased_elsewhere, now
+from .leases import TRAIN, Renewer, claim, default_worker, give_back, leased_elsewhere, now
 from .pinned import check_base, fleet_row, known_devices, open_vault
 from .schema import devices, events
 
@@ -33,7 +33,7 @@ def _train_one(spec, row: dict[str, Any], key: Key, run_dir: Path, epochs: int |
 
     kwargs = dict(spec.model_kwargs)
     top = {k: kwargs.pop(k) for k in ("img_size", "patch_size", "num_classes") if k in kwargs}
-    recipe = {k: v for k, v in (spec.recipe or {}).items() if k in ("lr", "batch_size", "lora_rank")}
+    recipe = {k: v for k, v in (spec.recipe or {}).items() if k in ("lr", "batch_size", "lora_rank", "max_steps")}
     run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     resume = (run_dir / "checkpoint.pt").is_file()
     cfg = TrainConfig(model=spec.model, out=str(run_dir), data=spec.data, checkpoint=spec.base_path,
@@ -69,6 +69,9 @@ def train_devices(database: str, master: bytearray, runs: Path, *, only: list[st
         try:
             with Renewer(database, row["id"], worker, lease_s):
                 result = _train_one(spec, row, key, run_dir_for(runs, row["device_id"], key.fingerprint), epochs)
+        except BaseException:  # interrupted: the device waits for training again (from its checkpoint)
+            give_back(database, row["id"], worker, "enrolled")
+            raise
         finally:
             key.wipe()
         with db.transaction(database) as conn:

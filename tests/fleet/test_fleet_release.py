@@ -167,3 +167,31 @@ def test_a_failure_at_any_step_of_rotate_or_revoke_leaves_both_as_they_were(trai
         getattr(commands, command)(db, "cam-0", commands.MasterKey(root / "master.key"), echo=quiet)
     monkeypatch.undo()
     assert _state(root, db) == before
+
+
+def test_a_release_interrupted_by_a_full_disk_leaves_the_device_trained_and_no_plaintext(trained, monkeypatch):
+    from keyedge.fleet import release
+
+    root, db, master = trained
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(release, "atomic_write_bytes", full)  # the bundle's write
+    with pytest.raises(OSError):
+        release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet)
+    monkeypatch.undo()
+    device = commands.status(db)["devices"][0]
+    assert device["state"] == "trained" and device["worker"] is None and device["releases"] == 0
+    assert not [f for f in _left(root) if f.endswith((".kes", ".onnx"))]
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet) == {"cam-0": "released"}
+
+
+def test_release_refuses_a_changed_base_before_anything(trained):
+    root, db, master = trained
+    with open(root / "base.safetensors", "ab") as fh:
+        fh.write(b"\0")
+    before = _state(root, db)
+    r = keyedge("fleet", "release", "--db", db, "--master-key", root / "master.key", "--out", root / "rel")
+    assert r.returncode == 2 and "changed since fleet init" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert _state(root, db) == before and not (root / "rel").exists()
