@@ -604,18 +604,25 @@ def fleet_rotate(device_id: str = typer.Argument(..., help="The device to re-key
                  parity_n: int = typer.Option(200, min=10, help="Parity images."),
                  lease_seconds: float = LEASE) -> None:
     """A new key, a new adapter and a new bundle for a device; the old bundle is revoked once the new one is out."""
-    from .fleet.commands import MasterKey, rotate
+    from .core.io import check_output_dir
+    from .fleet.commands import MasterKey, rotate, status
     from .fleet.release import release_devices
     from .fleet.training import train_devices
 
     source = MasterKey(master_key, master_key_command)
     if source.path is not None and str(source.path) == "-":
         raise KeyedgeError("fleet rotate reads the master key three times: pass a file or --master-key-command")
-    rotate(db, device_id, source)
+    for directory in (runs, out):  # checked before the key is rotated
+        check_output_dir(directory, True)
+    new_key = rotate(db, device_id, source)
     train_devices(db, source.read(), runs, only=[device_id], epochs=epochs, lease_s=lease_seconds)
-    outcomes = release_devices(db, source.read(), out, only=[device_id], opts=_release_options(None, parity_n, False),
-                               lease_s=lease_seconds)
-    if outcomes.get(device_id) != "released":
+    release_devices(db, source.read(), out, only=[device_id], opts=_release_options(None, parity_n, False),
+                    lease_s=lease_seconds)
+    device = next(d for d in status(db)["devices"] if d["device"] == device_id)
+    if (device["bundle"] or {}).get("key_fingerprint") != new_key:
+        typer.echo(f"keyedge: {device_id} has no bundle of its new key yet ({device['state']}"
+                   + (f": {device['reason']}" if device["reason"] else "") + "); keyedge fleet release "
+                   f"{device_id} once it is trained", err=True)
         raise typer.Exit(1)
 
 
@@ -652,6 +659,7 @@ def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", hel
     from rich.console import Console
     from rich.table import Table
 
+    from .core.tables import pct
     from .fleet.commands import status
 
     report = status(db)
@@ -665,16 +673,12 @@ def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", hel
     for d in report["devices"]:
         b = d["bundle"] or {}
         table.add_row(d["device"], d["target"], d["key_fingerprint"][:12], d["state"] + (
-            f" ({d['worker']})" if d["worker"] else ""), _pct(b.get("clean")), _pct(b.get("transfer")),
+            f" ({d['worker']})" if d["worker"] else ""), pct(b.get("clean")), pct(b.get("transfer")),
             f"r{b['release']} {b['sha256'][:12]}" if b else "", d["updated_at"][:19], d["reason"] or "")
     Console(width=200).print(table)
     released = sum(1 for d in report["devices"] if d["bundle"])
     typer.echo(f"{len(report['devices'])} devices: " + (", ".join(f"{n} {s}" for s, n in report["counts"].items())
                                                          or "none enrolled") + f"; {released} with a current bundle")
-
-
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.1f}%"
 
 
 def main() -> None:

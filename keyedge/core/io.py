@@ -288,6 +288,19 @@ def new_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def private_dir(path: str | os.PathLike) -> Path:
+    """A directory for keyed weights: every directory this creates on the way is 0700 (existing ones are
+    the user's, and left as they are)."""
+    path = Path(path)
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700)
+    return Path(missing[0]) if missing else path
+
+
 def write_new_file(path: Path, data: BytesLike, mode: int = SECRET) -> None:
     """A file that must not exist yet (never through a symlink), written and flushed to the disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)

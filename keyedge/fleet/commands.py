@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime as dt
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,15 +20,12 @@ from ..core.progress import Echo, echo
 from ..deploy.targets import load_target
 from ..runtime.bundle import DevicePublicKey, PublisherKey
 from . import db
+from .leases import now
 from .pinned import fleet_row
 from .schema import STATES, devices, events, fleet, releases
 from .vault import Vault, new_master_key, read_master_key
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -98,9 +94,9 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
                 base_sha256=base_sha256, model=spec.model, model_kwargs=spec.model_kwargs, data=spec.data,
                 block_size=spec.block_size, channels=spec.channels, mode=spec.mode, recipe=spec.recipe or {},
                 publisher_fingerprint=publisher.fingerprint, publisher_public=publisher.public.raw,
-                vault_path=str(vault_path.resolve()), created_at=_now()))
+                vault_path=str(vault_path.resolve()), created_at=now()))
             conn.execute(events.insert().values(device=None, kind="init", detail={"base_sha256": base_sha256},
-                                                at=_now()))
+                                                at=now()))
     except BaseException:
         for path in reversed(created):
             path.unlink(missing_ok=True)
@@ -179,12 +175,12 @@ def enroll(database: str, enrollments: list[Enrollment], master: MasterKey, *, w
         for e, pub in checked:
             k = Key.generate(row.block_size, row.channels)
             vault.devices[e.device_id] = bytes(k.to_bytes())
-            now = _now()
+            t = now()
             device = conn.execute(devices.insert().values(
                 device_id=e.device_id, target=e.target, device_public=pub.raw, device_fingerprint=pub.fingerprint,
-                key_fingerprint=k.fingerprint, state="enrolled", enrolled_at=now, updated_at=now)).inserted_primary_key[0]
+                key_fingerprint=k.fingerprint, state="enrolled", enrolled_at=t, updated_at=t)).inserted_primary_key[0]
             conn.execute(events.insert().values(device=device, kind="enroll",
-                                                detail={"key_fingerprint": k.fingerprint, "target": e.target}, at=now))
+                                                detail={"key_fingerprint": k.fingerprint, "target": e.target}, at=t))
             fingerprints.append(k.fingerprint)
             k.wipe()
         with _vault_writes(vault_path):
@@ -211,7 +207,9 @@ def read_csv(path: Path) -> list[Enrollment]:
 
 
 def _one_device(conn, device_id: str):
-    row = conn.execute(devices.select().where(devices.c.device_id == device_id)).first()
+    """The device's row, locked for the transaction (on PostgreSQL: a release recording meanwhile waits, or
+    is waited for, so that no bundle of a revoked device stays current)."""
+    row = conn.execute(devices.select().where(devices.c.device_id == device_id).with_for_update()).first()
     if row is None:
         raise KeyedgeError(f"unknown device {device_id}")
     return row
@@ -233,7 +231,7 @@ def rotate(database: str, device_id: str, master: MasterKey, *, echo: Echo = ech
         vault.retire(device_id, row.key_fingerprint)
         k = Key.generate(spec.block_size, spec.channels)
         vault.devices[device_id] = bytes(k.to_bytes())
-        t = _now()
+        t = now()
         conn.execute(devices.update().where(devices.c.id == row.id).values(
             key_fingerprint=k.fingerprint, state="enrolled", lease_owner=None, lease_expires=None, run_dir=None,
             attempts=0, updated_at=t))  # a lease held on the old key's work is void: its worker records nothing
@@ -263,7 +261,7 @@ def revoke(database: str, device_id: str, master: MasterKey, *, reason: str = "r
         vault_path = Path(spec.vault_path)
         vault = Vault.open(vault_path, key)
         vault.retire(device_id, row.key_fingerprint)
-        t = _now()
+        t = now()
         revoked = conn.execute(releases.update().where(releases.c.device == row.id)
                                .where(releases.c.state == "released")
                                .values(state="revoked", reason=reason, revoked_at=t)).rowcount

@@ -8,6 +8,7 @@ and another worker takes the device again."""
 
 from __future__ import annotations
 
+import _thread
 import datetime as dt
 import os
 import socket
@@ -42,6 +43,12 @@ class Work:
 
 TRAIN = Work(("enrolled",), "training")
 RELEASE = Work(("trained",), "releasing")
+RELEASE_NAMED = Work(("trained", "failed"), "releasing")  # a failed device is tried again when named
+
+
+class LeaseLost(KeyedgeError):
+    """Another worker took the device, or an operator rotated or revoked it: this worker's work on it stops
+    and nothing of it is recorded."""
 
 
 def claim(database: str, worker: str, lease_s: float, only: list[str] | None = None,
@@ -107,7 +114,9 @@ def give_back(database: str, device: int, worker: str, state: str) -> None:
 
 
 class Renewer(threading.Thread):
-    """Renews a lease every third of its length until stopped (use it as a context manager)."""
+    """Renews a lease every third of its length while the block runs (a context manager). When the lease is
+    lost, the work in the main thread is interrupted and the block raises :class:`LeaseLost`: a worker
+    that lost its lease never goes on writing where the new holder works."""
 
     def __init__(self, database: str, device: int, worker: str, lease_s: float) -> None:
         super().__init__(daemon=True)
@@ -118,14 +127,22 @@ class Renewer(threading.Thread):
             try:
                 if not renew(*self.args):
                     self.lost = True
+                    _thread.interrupt_main()
                     return
-            except KeyedgeError:  # the database is busy: try again at the next tick
+            except KeyedgeError:  # the database is busy or restarting: try again at the next tick
                 continue
 
     def __enter__(self) -> "Renewer":
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, tb) -> None:
         self.stop.set()
-        self.join()
+        try:
+            self.join()
+        except KeyboardInterrupt:  # the interruption for the lost lease arrived late
+            if not self.lost:
+                raise
+        if self.lost and (kind is None or issubclass(kind, KeyboardInterrupt)):
+            raise LeaseLost("the lease was lost (another worker took the device, or it was rotated or "
+                            "revoked); nothing recorded")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import KeyedgeError
+from ..core.keys import Key
 from ..core.models import file_sha256
 from .schema import devices, fleet
 from .vault import Vault
@@ -40,3 +41,25 @@ def check_base(spec) -> Path:
 
 def open_vault(spec, master: bytearray) -> Vault:
     return Vault.open(Path(spec.vault_path), master)
+
+
+class VaultKeys:
+    """A command's view of the vault: reopened when a claimed device's key is not the one the open copy
+    holds (the device was rotated or enrolled since the command started)."""
+
+    def __init__(self, spec, master: bytearray) -> None:
+        self.spec, self.master = spec, master
+        self.vault = open_vault(spec, master)
+
+    def key(self, row) -> Key:
+        """The key of the claimed device ``row`` (a mapping with ``device_id`` and ``key_fingerprint``)."""
+        for fresh in (False, True):
+            if fresh:
+                self.vault = open_vault(self.spec, self.master)
+            raw = self.vault.devices.get(row["device_id"])
+            if raw is not None:
+                key = Key.from_bytes(raw, source=f"the vault's key of {row['device_id']}")
+                if key.fingerprint == row["key_fingerprint"]:
+                    return key
+                key.wipe()
+        raise KeyedgeError(f"the vault holds no key {row['key_fingerprint']} for device {row['device_id']}")

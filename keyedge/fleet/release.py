@@ -19,6 +19,7 @@ plan's model) is removed once sealed unless ``keep_plaintext``; the reports stay
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,18 +29,20 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..core.errors import KeyedgeError
-from ..core.io import atomic_write_bytes, check_output_dir
+from ..core.io import atomic_write_bytes, check_output_dir, private_dir
 from ..core.keys import Key
 from ..core.manifests import FoldMode
 from ..core.models import file_sha256
 from ..core.progress import Echo, echo, quiet
+from ..core.tables import pct
 from . import db
-from .leases import Renewer, Work, claim, default_worker, give_back, leased_elsewhere, now
-from .pinned import check_base, fleet_row, known_devices, open_vault
+from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, default_worker, give_back, leased_elsewhere,
+                     now)
+from .pinned import VaultKeys, check_base, fleet_row, known_devices
 from .schema import devices, events, releases
 
-RELEASABLE = ("trained", "failed")  # failed: tried again when named
-PLAINTEXT = ("export", "plan/model.onnx", "plan/model.onnx.data")
+RELEASABLE = RELEASE_NAMED.waiting
+PLAINTEXT = ("export", "plan/model.onnx")
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: 
     atomic_write_bytes(bundle, data, mode=0o600, overwrite=False)
     # the signature checked as a device checks it
     signed_by = _step("verify", Trust((publisher.public,)).check, data, str(bundle), timings=timings)
-    record.update(bundle_path=str(bundle), bundle_sha256=file_sha256(bundle), bundle_bytes=len(data),
+    record.update(bundle_sha256=file_sha256(bundle), bundle_bytes=len(data),
                   publisher_fingerprint=signed_by)
     try:
         _step("audit", audit_release, [bundle], base, key, d / "audit",
@@ -131,6 +134,13 @@ def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: 
             audit = json.loads((d / "audit" / "audit.json").read_text())
             record["audit"] = {"passed": audit["passed"], "fail_above": audit["fail_above"], "findings": [
                 {k: f[k] for k in ("kind", "holds_key", "leaked", "note")} for f in audit["artifacts"]]}
+
+
+def _retarget_reports(stage: Path, final: Path) -> None:
+    """The parity and audit reports name the files where they will be once the release is recorded."""
+    for report in [*stage.glob("parity/parity.*"), *stage.glob("audit/*")]:
+        if report.suffix in (".json", ".md"):
+            report.write_text(report.read_text().replace(str(stage), str(final)))
 
 
 def _remove_plaintext(d: Path) -> None:
@@ -152,11 +162,37 @@ def check_releasable(conn, only: list[str] | None) -> None:
                     "released": " (keyedge fleet rotate makes a new key, model and release)"}.get(r.state, ""))
 
 
+def _check_mode(spec, opts: ReleaseOptions) -> None:
+    """``--mode fused`` where the fleet's key cannot fold is refused before any device is claimed."""
+    from ..core.keys import can_fold
+
+    patch = spec.model_kwargs.get("patch_size") or _name_patch(spec.model)
+    if opts.mode == "fused" and patch is not None and not can_fold(spec.block_size, patch):
+        raise KeyedgeError(f"--mode fused: the fleet's block size {spec.block_size} does not divide its patch "
+                           f"size {patch}, so the key cannot be folded; use --mode gather (or the default)")
+
+
+def _name_patch(model: str) -> int | None:
+    import re
+
+    found = re.search(r"patch(\d+)", model)
+    return int(found.group(1)) if found else None
+
+
+def _held_elsewhere(database: str, names: list[str]) -> dict[str, str]:
+    """The named devices another worker is releasing now, and who."""
+    with db.transaction(database) as conn:
+        rows = conn.execute(devices.select().where(devices.c.device_id.in_(names))
+                            .where(devices.c.state == "releasing").where(devices.c.lease_expires >= now()))
+        return {r.device_id: r.lease_owner for r in rows}
+
+
 def release_devices(database: str, master: bytearray, out: Path, *, only: list[str] | None = None,
                     opts: ReleaseOptions = ReleaseOptions(), worker: str | None = None, lease_s: float = 60.0,
                     echo: Echo = echo) -> dict[str, str]:
     """Release trained devices (named failed ones again) until none is left to claim; returns each
-    device this worker took and its outcome (``released`` or the failed step's message)."""
+    device this worker took and its outcome (``released`` or the failed step's message). A named device
+    that another worker is releasing is left to it (``being released by WORKER``)."""
     from ..runtime.bundle import PublisherKey
 
     worker = worker or default_worker()
@@ -165,87 +201,86 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
         known_devices(conn, only)
         check_releasable(conn, only)
     check_base(spec)
+    _check_mode(spec, opts)
     check_output_dir(out, True)
-    vault = open_vault(spec, master)
-    publisher = PublisherKey(vault.publisher)
+    keys = VaultKeys(spec, master)
+    publisher = PublisherKey(keys.vault.publisher)
     if publisher.fingerprint != spec.publisher_fingerprint:
         raise KeyedgeError(f"the vault's publisher key is {publisher.fingerprint}, not the fleet's "
                            f"{spec.publisher_fingerprint}: this vault belongs to another fleet")
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    work = Work(RELEASABLE if only else ("trained",), "releasing")
+    out = private_dir(out)
+    work = RELEASE_NAMED if only else RELEASE
     outcomes: dict[str, str] = {}
     remaining = list(dict.fromkeys(only)) if only else None  # a named device is tried once per command
     while remaining is None or remaining:
         row = claim(database, worker, lease_s, remaining, work)
         if row is None:
+            if remaining is not None:  # named: one release of a device at a time; this one says so
+                for device, owner in _held_elsewhere(database, remaining).items():
+                    outcomes[device] = f"being released by {owner}"
+                    echo(f"{device} is being released by {owner}: not released here", err=True)
+                break
             if not leased_elsewhere(database, remaining, work):
                 break
-            time.sleep(min(1.0, lease_s / 4))
+            time.sleep(min(1.0, lease_s / 4))  # another releaser holds it, or died: its lease will expire
             continue
-        outcomes[row["device_id"]] = _release_claimed(database, spec, row, vault, publisher, out, opts, worker,
+        outcomes[row["device_id"]] = _release_claimed(database, spec, row, keys, publisher, out, opts, worker,
                                                       lease_s, echo)
         if remaining is not None:
             remaining.remove(row["device_id"])
     return outcomes
 
 
-def _release_claimed(database, spec, row, vault, publisher, out: Path, opts: ReleaseOptions, worker: str,
-                     lease_s: float, echo: Echo) -> str:
-    with db.transaction(database) as conn:
-        number = 1 + (conn.execute(sa.select(sa.func.max(releases.c.number)).where(
-            releases.c.device == row["id"])).scalar() or 0)
-    d = out / row["device_id"] / f"r{number}"
-    if d.exists():  # a killed worker's partial release of this number: this worker holds the lease now
-        shutil.rmtree(d)
-    d.parent.mkdir(mode=0o700, exist_ok=True)
-    d.mkdir(mode=0o700)
-    key = Key.from_bytes(vault.devices[row["device_id"]], source=f"the vault's key of {row['device_id']}")
-    record: dict[str, Any] = {"number": number, "key_fingerprint": key.fingerprint, "target": row["target"],
-                              "run_dir": row["run_dir"], "release_dir": str(d), "worker": worker,
-                              "started_at": now()}  # parity, audit: NULL until reached
+def _release_claimed(database, spec, row, keys: VaultKeys, publisher, out: Path, opts: ReleaseOptions,
+                     worker: str, lease_s: float, echo: Echo) -> str:
+    """Release one claimed device into a staging directory of this worker's own, renamed into place only
+    in the transaction that finds the lease still held; a lost lease records nothing and touches no file of
+    the worker that took over."""
+    key, stage = None, None
     t0, timings = time.perf_counter(), dict[str, float]()
-    failure: StepFailed | None = None
     try:
+        key = keys.key(row)
+        with db.transaction(database) as conn:
+            number = 1 + (conn.execute(sa.select(sa.func.max(releases.c.number)).where(
+                releases.c.device == row["id"])).scalar() or 0)
+        device_dir = private_dir(out / row["device_id"])
+        for stale in device_dir.glob("*.partial"):  # killed releasers' leftovers (plaintext): the lease is ours
+            shutil.rmtree(stale, ignore_errors=True)
+        final = device_dir / f"r{number}"
+        stage = device_dir / f"r{number}.{secrets.token_hex(6)}.partial"
+        stage.mkdir(mode=0o700)
+        record: dict[str, Any] = {"number": number, "key_fingerprint": key.fingerprint, "target": row["target"],
+                                  "run_dir": row["run_dir"], "release_dir": str(final), "worker": worker,
+                                  "started_at": now()}  # parity, audit: NULL until reached
+        failure: StepFailed | None = None
         with Renewer(database, row["id"], worker, lease_s):
-            _release_one(spec, row, key, publisher, d, opts, record, timings)
-    except StepFailed as exc:
-        failure = exc
-        (d / "model.kes").unlink(missing_ok=True)  # not released: no bundle to ship by mistake
-        for field in ("bundle_path", "bundle_sha256", "bundle_bytes", "publisher_fingerprint"):
-            record.pop(field, None)
-    except BaseException:  # interrupted (disk full, Ctrl-C): no plaintext, no bundle left, the device as it was
-        if not opts.keep_plaintext:
-            _remove_plaintext(d)
-        (d / "model.kes").unlink(missing_ok=True)
+            try:
+                _release_one(spec, row, key, publisher, stage, opts, record, timings)
+            except StepFailed as exc:
+                failure = exc
+                (stage / "model.kes").unlink(missing_ok=True)  # not released: no bundle to ship by mistake
+                for field in ("bundle_sha256", "bundle_bytes", "publisher_fingerprint"):
+                    record.pop(field, None)
+            _retarget_reports(stage, final)
+            record["hashes"] = _hashes(stage)
+            if not opts.keep_plaintext:
+                _remove_plaintext(stage)
+        record.update(state="failed" if failure else "released", reason=str(failure) if failure else None,
+                      seconds=round(time.perf_counter() - t0, 3), finished_at=now(),
+                      bundle_path=None if failure else str(final / "model.kes"))
+        mine = _record(database, row, record, failure, timings, stage, final)
+    except LeaseLost as exc:
+        echo(f"{row['device_id']}: {exc}", err=True)
+        return "lease lost"
+    except BaseException:  # interrupted (disk full, Ctrl-C): nothing of it left, the device as it was
         give_back(database, row["id"], worker, row["state"] if row["state"] in RELEASABLE else "trained")
         raise
     finally:
-        key.wipe()
-    record["hashes"] = _hashes(d)
-    if not opts.keep_plaintext:
-        _remove_plaintext(d)
-    record.update(state="failed" if failure else "released", reason=str(failure) if failure else None,
-                  seconds=round(time.perf_counter() - t0, 3), finished_at=now())
-    with db.transaction(database) as conn:
-        mine = conn.execute(devices.update().where(devices.c.id == row["id"]).where(devices.c.lease_owner == worker)
-                            .where(devices.c.state == "releasing")
-                            .values(state=record["state"], lease_owner=None, lease_expires=None,
-                                    updated_at=record["finished_at"])).rowcount
-        if mine:
-            if not failure:  # the bundle it replaces (a rotated key's) is revoked
-                conn.execute(releases.update().where(releases.c.device == row["id"])
-                             .where(releases.c.state == "released")
-                             .values(state="revoked", reason=f"superseded by release {number}",
-                                     revoked_at=record["finished_at"]))
-            conn.execute(releases.insert().values(device=row["id"], **record))
-            conn.execute(events.insert().values(
-                device=row["id"], kind="released" if not failure else "release_failed",
-                detail={"worker": worker, "number": number, "step": failure.step if failure else None,
-                        "bundle_sha256": record.get("bundle_sha256"), "seconds": record["seconds"],
-                        "steps": timings},
-                at=record["finished_at"]))
+        if key is not None:
+            key.wipe()
+        if stage is not None and stage.exists():  # not renamed into place: not recorded
+            shutil.rmtree(stage, ignore_errors=True)
     if not mine:
-        (d / "model.kes").unlink(missing_ok=True)
         echo(f"{row['device_id']}: the lease was lost while releasing (revoked, rotated or taken over); "
              "not recorded", err=True)
         return "lease lost"
@@ -253,12 +288,35 @@ def _release_claimed(database, spec, row, vault, publisher, out: Path, opts: Rel
         echo(f"NOT released {row['device_id']}: {failure}", err=True)
         return str(failure)
     echo(f"released {row['device_id']} r{number} ({record['fold_mode']}, {row['target']}): parity passed (clean "
-         f"{100 * record['clean']:.1f}%, transfer {_pct(record['transfer'])}), audit passed; {record['bundle_path']} "
+         f"{pct(record['clean'])}, transfer {pct(record['transfer'])}), audit passed; {record['bundle_path']} "
          f"({record['bundle_bytes']:,} bytes, sha256 {record['bundle_sha256'][:16]}...) signed by "
          f"{record['publisher_fingerprint']}" + ("" if not opts.keep_plaintext else "; plaintext kept"))
     return "released"
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
+def _record(database: str, row, record: dict[str, Any], failure: StepFailed | None, timings: dict[str, float],
+            stage: Path, final: Path) -> bool:
+    """Record the release if this worker still holds the lease, its directory renamed into place in the same
+    transaction; False when the lease was lost."""
+    with db.transaction(database) as conn:
+        mine = conn.execute(devices.update().where(devices.c.id == row["id"])
+                            .where(devices.c.lease_owner == record["worker"]).where(devices.c.state == "releasing")
+                            .values(state=record["state"], lease_owner=None, lease_expires=None,
+                                    updated_at=record["finished_at"])).rowcount
+        if not mine:
+            return False
+        if not failure:  # the bundle it replaces (a rotated key's) is revoked
+            conn.execute(releases.update().where(releases.c.device == row["id"])
+                         .where(releases.c.state == "released")
+                         .values(state="revoked", reason=f"superseded by release {record['number']}",
+                                 revoked_at=record["finished_at"]))
+        conn.execute(releases.insert().values(device=row["id"], **record))
+        conn.execute(events.insert().values(
+            device=row["id"], kind="released" if not failure else "release_failed",
+            detail={"worker": record["worker"], "number": record["number"], "step": failure.step if failure else None,
+                    "bundle_sha256": record.get("bundle_sha256"), "seconds": record["seconds"], "steps": timings},
+            at=record["finished_at"]))
+        if final.exists():  # an unrecorded leftover of this number (a commit that failed after its rename)
+            shutil.rmtree(final)
+        stage.rename(final)
+    return True

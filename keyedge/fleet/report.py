@@ -18,9 +18,6 @@ from . import db
 from .pinned import fleet_row, open_vault
 from .schema import devices, events, releases
 
-TRAINED = ("trained", "releasing", "released", "failed")
-
-
 def _costs(conn) -> list[dict[str, Any]]:
     """Per device with a run: its current run's bytes and training time, its latest release's time and
     bundle."""

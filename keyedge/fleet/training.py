@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.io import check_output_dir, private_dir
 from ..core.keys import Key
 from ..core.progress import Echo, echo
 from . import db
-from .leases import TRAIN, Renewer, claim, default_worker, give_back, leased_elsewhere, now
-from .pinned import check_base, fleet_row, known_devices, open_vault
+from .leases import TRAIN, LeaseLost, Renewer, claim, default_worker, give_back, leased_elsewhere, now
+from .pinned import VaultKeys, check_base, fleet_row, known_devices
 from .schema import devices, events
 
 
@@ -34,7 +35,7 @@ def _train_one(spec, row: dict[str, Any], key: Key, run_dir: Path, epochs: int |
     kwargs = dict(spec.model_kwargs)
     top = {k: kwargs.pop(k) for k in ("img_size", "patch_size", "num_classes") if k in kwargs}
     recipe = {k: v for k, v in (spec.recipe or {}).items() if k in ("lr", "batch_size", "lora_rank", "max_steps")}
-    run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(run_dir.parent)
     resume = (run_dir / "checkpoint.pt").is_file()
     cfg = TrainConfig(model=spec.model, out=str(run_dir), data=spec.data, checkpoint=spec.base_path,
                       mode=spec.mode, model_kwargs=kwargs, progress=False,
@@ -56,7 +57,8 @@ def train_devices(database: str, master: bytearray, runs: Path, *, only: list[st
         spec = fleet_row(conn, database)
         known_devices(conn, only)
     check_base(spec)
-    vault = open_vault(spec, master)
+    check_output_dir(runs, True)
+    keys = VaultKeys(spec, master)
     done: list[str] = []
     while True:
         row = claim(database, worker, lease_s, only, TRAIN)
@@ -65,15 +67,21 @@ def train_devices(database: str, master: bytearray, runs: Path, *, only: list[st
                 return done
             time.sleep(min(1.0, lease_s / 4))  # another worker trains it, or died: its lease will expire
             continue
-        key = Key.from_bytes(vault.devices[row["device_id"]], source=f"the vault's key of {row['device_id']}")
+        key = None
         try:
+            key = keys.key(row)
             with Renewer(database, row["id"], worker, lease_s):
-                result = _train_one(spec, row, key, run_dir_for(runs, row["device_id"], key.fingerprint), epochs)
+                run_dir = run_dir_for(private_dir(runs), row["device_id"], key.fingerprint)
+                result = _train_one(spec, row, key, run_dir, epochs)
+        except LeaseLost as exc:
+            echo(f"{row['device_id']}: {exc}", err=True)
+            continue
         except BaseException:  # interrupted: the device waits for training again (from its checkpoint)
             give_back(database, row["id"], worker, "enrolled")
             raise
         finally:
-            key.wipe()
+            if key is not None:
+                key.wipe()
         with db.transaction(database) as conn:
             recorded = conn.execute(devices.update().where(devices.c.id == row["id"])
                                     .where(devices.c.lease_owner == worker).where(devices.c.state == "training")

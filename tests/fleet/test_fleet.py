@@ -132,6 +132,11 @@ BAD = {
     "rotate with the wrong master key": (["rotate", "cam-0", "--runs", "T/runs", "--out", "T/rel", "--master-key",
                                           "T/other.master"], "another master key"),
     "rotate reading the master key from stdin": (["rotate", "cam-0", "--master-key", "-"], "three times"),
+    "train into runs under a file": (["train", "--runs", "T/junk.pub/runs"], "is not a directory"),
+    "rotate into runs under a file": (["rotate", "cam-0", "--runs", "T/junk.pub/runs", "--out", "T/rel"],
+                                      "is not a directory"),
+    "rotate into an out under a file": (["rotate", "cam-0", "--runs", "T/runs", "--out", "T/junk.pub/rel"],
+                                        "is not a directory"),
     "revoke of an unknown device": (["revoke", "cam-9"], "unknown device cam-9"),
     "revoke with the wrong master key": (["revoke", "cam-0", "--master-key", "T/other.master"], "another master key"),
     "report of a fleet with no trained device": (["report", "--out", "T/rep"], "needs two"),
@@ -331,3 +336,16 @@ def test_a_failure_at_any_step_of_enroll_leaves_both_as_they_were(fleet, monkeyp
                         commands.MasterKey(root / "master.key"))
     monkeypatch.undo()
     assert _state(root, db) == before
+
+
+def test_release_mode_fused_where_the_key_cannot_fold_is_refused_before_any_claim(tmp_path):
+    (tmp_path / "base.safetensors").write_bytes(os.urandom(256))
+    db = str(tmp_path / "fleet.db")
+    _ok(keyedge("fleet", "init", "--db", db, "--base", tmp_path / "base.safetensors", "--model", "vit_tiny_patch16_224",
+                "--data", "digits", "--block-size", "8", "--img-size", "16", "--patch-size", "4",
+                "--vault", tmp_path / "fleet.vault", "--master-key", tmp_path / "master.key"))
+    before = _state(tmp_path, db)
+    r = keyedge("fleet", "release", "--mode", "fused", "--db", db, "--master-key", tmp_path / "master.key",
+                "--out", tmp_path / "rel")
+    assert r.returncode == 2 and "cannot be folded" in r.stderr and _state(tmp_path, db) == before
+    assert not (tmp_path / "rel").exists()

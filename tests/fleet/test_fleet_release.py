@@ -44,6 +44,7 @@ def trained(tmp_path):
     assert r.returncode == 0, r.stderr
     for i, target in enumerate(("jetson-orin", "desktop")):
         key = DeviceKey.generate()
+        key.save(tmp_path / f"cam-{i}.key")
         (tmp_path / f"cam-{i}.pub").write_bytes(key.public.to_bytes())
         r = keyedge("fleet", "enroll", f"cam-{i}", "--pubkey", tmp_path / f"cam-{i}.pub", "--target", target,
                     "--db", db, "--master-key", tmp_path / "master.key")
@@ -195,3 +196,72 @@ def test_release_refuses_a_changed_base_before_anything(trained):
     r = keyedge("fleet", "release", "--db", db, "--master-key", root / "master.key", "--out", root / "rel")
     assert r.returncode == 2 and "changed since fleet init" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert _state(root, db) == before and not (root / "rel").exists()
+
+
+def test_a_gather_release_carries_the_key_inside_the_sealed_bundle(trained):
+    from keyedge.runtime.bundle import DeviceAccess, open_bundle
+
+    root, db, master = trained
+    opts = ReleaseOptions(parity_n=30, mode="gather")
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=opts, echo=quiet) == {"cam-0": "released"}
+    bundle = Path(commands.status(db)["devices"][0]["bundle"]["path"])
+    access = DeviceAccess(root / "cam-0.key", trust=(root / "publisher.pub",))
+    opened = open_bundle(bundle, access.opener(quiet))
+    try:
+        assert {"model.onnx", "manifest.json", "key.bin"} <= set(opened.plain.spans)
+    finally:
+        opened.wipe()
+    (fold,), = _rows(db, "SELECT fold_mode FROM releases")
+    assert fold == "gather"
+
+
+def test_a_worker_that_started_before_a_rotation_or_an_enrollment_takes_the_keys_as_they_are_now(trained):
+    from keyedge.fleet import db as fleet_db
+    from keyedge.fleet.pinned import VaultKeys, fleet_row
+
+    root, db, master = trained
+    with fleet_db.transaction(db) as conn:
+        spec = fleet_row(conn, db)
+    keys = VaultKeys(spec, master)  # opened when the worker started
+    new = commands.rotate(db, "cam-0", commands.MasterKey(root / "master.key"), echo=quiet)
+    assert keys.key({"device_id": "cam-0", "key_fingerprint": new}).fingerprint == new
+    (root / "cam-9.pub").write_bytes(DeviceKey.generate().public.to_bytes())
+    commands.enroll(db, [commands.Enrollment("cam-9", root / "cam-9.pub", "desktop")],
+                    commands.MasterKey(root / "master.key"), echo=quiet)
+    (fp,), = _rows(db, "SELECT key_fingerprint FROM devices WHERE device_id = 'cam-9'")
+    assert keys.key({"device_id": "cam-9", "key_fingerprint": fp}).fingerprint == fp
+    with pytest.raises(Exception, match="holds no key"):
+        keys.key({"device_id": "cam-9", "key_fingerprint": "0" * 32})
+
+
+def test_two_releases_of_one_device_at_once_one_wins_the_other_says_so(trained):
+    root, db, master = trained
+    assert claim(db, "first", 60, ["cam-0"], RELEASE) is not None  # the first release is under way
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet) == {
+        "cam-0": "being released by first"}
+    r = keyedge("fleet", "release", "cam-0", "--db", db, "--master-key", root / "master.key", "--out", root / "rel")
+    assert r.returncode == 1 and "cam-0 is being released by first: not released here" in r.stderr
+    assert _rows(db, "SELECT count(*) FROM releases") == [(0,)]
+
+
+def test_a_release_whose_lease_is_lost_records_nothing_and_stops(trained, monkeypatch):
+    """Revoked while its export runs: the renewer finds the lease gone, the release stops, nothing recorded."""
+    import time
+
+    from keyedge.workflows import export
+
+    root, db, master = trained
+    real = export.export_run
+
+    def export_then_revoked(*args, **kwargs):
+        real(*args, **kwargs)
+        commands.revoke(db, "cam-0", commands.MasterKey(root / "master.key"), echo=quiet)
+        time.sleep(5)  # the renewer (every 0.5 s) finds the lease gone and interrupts this
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr(export, "export_run", export_then_revoked)
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, lease_s=1.5,
+                           echo=quiet) == {"cam-0": "lease lost"}
+    assert _rows(db, "SELECT count(*) FROM releases") == [(0,)]
+    assert commands.status(db)["devices"][0]["state"] == "revoked"
+    assert _left(root) == []  # its staging directory, plaintext included, is gone
