@@ -265,6 +265,8 @@ def _release_claimed(database, spec, row, keys: VaultKeys, publisher, out: Path,
             record["hashes"] = _hashes(stage)
             if not opts.keep_plaintext:
                 _remove_plaintext(stage)
+        if failure is not None:  # its message names the reports where they will be
+            failure = StepFailed(failure.step, str(failure).split(": ", 1)[1].replace(str(stage), str(final)))
         record.update(state="failed" if failure else "released", reason=str(failure) if failure else None,
                       seconds=round(time.perf_counter() - t0, 3), finished_at=now(),
                       bundle_path=None if failure else str(final / "model.kes"))

@@ -42,7 +42,8 @@ def trained(tmp_path):
                 "--block-size", "4", "--epochs", "1", "--vault", tmp_path / "fleet.vault", "--master-key",
                 tmp_path / "master.key")
     assert r.returncode == 0, r.stderr
-    for i, target in enumerate(("jetson-orin", "desktop")):
+    for i, target in enumerate(("jetson-orin", "jetson-orin-nano")):  # fp32 exports: a random-init model's
+        # logits are near ties, which fp16 (the desktop profile's) flips often enough to fail its parity rule
         key = DeviceKey.generate()
         key.save(tmp_path / f"cam-{i}.key")
         (tmp_path / f"cam-{i}.pub").write_bytes(key.public.to_bytes())
@@ -72,6 +73,7 @@ def test_a_device_failing_parity_is_not_released_and_says_why(trained, monkeypat
     monkeypatch.setattr(config, "DEFAULT_TOLERANCE", impossible)
     outcomes = release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet)
     assert outcomes["cam-0"].startswith("parity: the export does not keep")
+    assert str(root / "rel" / "cam-0" / "r1" / "parity") in outcomes["cam-0"]
     status = {d["device"]: d for d in commands.status(db)["devices"]}
     assert status["cam-0"]["state"] == "failed" and status["cam-0"]["reason"].startswith("parity:")
     assert status["cam-0"]["bundle"] is None

@@ -34,7 +34,7 @@ def _base(root: Path) -> Path:
     from keyedge.training.train import train
 
     train(TrainConfig(model="vit_tiny_patch16_224", img_size=16, patch_size=4, num_classes=10, data="digits",
-                      model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 3}, epochs=3, lr=3e-3, batch_size=64,
+                      model_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 3}, epochs=8, lr=3e-3, batch_size=64,
                       out=str(root / "base"), progress=False, workers=0))
     return root / "base" / WEIGHTS
 
