@@ -557,12 +557,22 @@ def fleet_train(device_ids: list[str] = typer.Argument(None, help="Only these de
                 epochs: int | None = typer.Option(None, min=1, help="Epochs (default: the fleet's recipe)."),
                 worker: str | None = typer.Option(None, help="This worker's id (default host:pid)."),
                 lease_seconds: float = LEASE) -> None:
-    """Train pending devices from the fleet's base; run as many workers as you like on one database."""
+    """Train pending devices from the fleet's base; run as many workers as you like on one database (or one
+    per rank under torchrun / srun: each rank trains devices of its own)."""
     from .fleet.commands import MasterKey
     from .fleet.training import train_devices
 
+    _leases_given_back_on_sigterm()
     train_devices(db, MasterKey(master_key, master_key_command).read(), runs, only=device_ids or None, epochs=epochs,
                   worker=worker, lease_s=lease_seconds)
+
+
+def _leases_given_back_on_sigterm() -> None:
+    """torchrun tearing down its ranks, SLURM preempting a job, ``kill``: SIGTERM ends the command as an
+    exception does, so that the device it holds is given back rather than left to its lease's expiry."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _release_options(mode, parity_n: int, keep_plaintext: bool):
@@ -581,15 +591,21 @@ def fleet_release(device_ids: list[str] = typer.Argument(None, help="Only these 
                   parity_n: int = typer.Option(200, min=10, help="Parity images."),
                   keep_plaintext: bool = typer.Option(False, help="Keep the export and the plan's model beside "
                                                                   "the bundle (as secret as the key)."),
+                  wave: str | None = typer.Option(None, help="A staged release: the next N trained devices, or "
+                                                             "P% of the fleet; later waves go on from there."),
+                  abort_above: float = typer.Option(0.1, help="Stop the wave once more than this fraction of it "
+                                                              "has failed (parity, audit, build)."),
                   worker: str | None = typer.Option(None, help="This worker's id (default host:pid)."),
                   lease_seconds: float = LEASE) -> None:
     """Export, parity, build plan, seal + sign and audit each trained device; failures are recorded, not released."""
     from .fleet.commands import MasterKey
-    from .fleet.release import release_devices
+    from .fleet.release import Wave, release_devices
 
+    staged = Wave(wave, abort_above) if wave is not None else None  # a bad wave refused before anything
+    _leases_given_back_on_sigterm()
     outcomes = release_devices(db, MasterKey(master_key, master_key_command).read(), out, only=device_ids or None,
                                opts=_release_options(mode, parity_n, keep_plaintext), worker=worker,
-                               lease_s=lease_seconds)
+                               lease_s=lease_seconds, wave=staged)
     if not outcomes:
         typer.echo("nothing to release: no trained device waits (keyedge fleet status)")
     elif any(v != "released" for v in outcomes.values()):
@@ -651,6 +667,16 @@ def fleet_report(db: str = DB, master_key: Path | None = MASTER_KEY,
     run(db, MasterKey(master_key, master_key_command).read(), out, sample=sample, n=n, seed=seed, force=force)
 
 
+@command(fleet_app, "export")
+def fleet_export(to: Path = typer.Option(..., "--to", help="A new (or empty) directory: bundles/, index.json, "
+                                                          "publisher.pub."),
+                 db: str = DB) -> None:
+    """Hand-off to an OTA system: every released device's signed, sealed bundle and one index (revoked listed)."""
+    from .fleet.export import export_fleet
+
+    export_fleet(db, to)
+
+
 @command(fleet_app, "status")
 def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", help="JSON on stdout.")) -> None:
     """Every device: target, key, state, accuracy, current bundle, when, and why it failed; a summary line."""
@@ -676,6 +702,9 @@ def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", hel
             f" ({d['worker']})" if d["worker"] else ""), pct(b.get("clean")), pct(b.get("transfer")),
             f"r{b['release']} {b['sha256'][:12]}" if b else "", d["updated_at"][:19], d["reason"] or "")
     Console(width=200).print(table)
+    for w in report["waves"]:
+        typer.echo(f"wave {w['wave']} ({w['requested']}, up to {w['size']}): {w['state']}, {w['released']} released, "
+                   f"{w['failed']} failed (abort above {100 * w['abort_above']:.0f}%), {w['started_at'][:19]}")
     released = sum(1 for d in report["devices"] if d["bundle"])
     typer.echo(f"{len(report['devices'])} devices: " + (", ".join(f"{n} {s}" for s, n in report["counts"].items())
                                                          or "none enrolled") + f"; {released} with a current bundle")

@@ -22,7 +22,7 @@ from ..runtime.bundle import DevicePublicKey, PublisherKey
 from . import db
 from .leases import now
 from .pinned import fleet_row
-from .schema import STATES, devices, events, fleet, releases
+from .schema import STATES, devices, events, fleet, releases, waves
 from .vault import Vault, new_master_key, read_master_key
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -101,6 +101,7 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
         for path in reversed(created):
             path.unlink(missing_ok=True)
         if url.startswith("sqlite:///"):
+            db.forget(database)
             for suffix in ("", "-wal", "-shm"):
                 Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
         raise
@@ -290,6 +291,10 @@ def status(database: str) -> dict[str, Any]:
             latest, (releases.c.device == latest.c.device) & (releases.c.number == latest.c.number)))}
         current = {r.device: r for r in conn.execute(releases.select().where(releases.c.state == "released"))}
         counted = dict(conn.execute(sa.select(releases.c.device, sa.func.count()).group_by(releases.c.device)).all())
+        staged = [{"wave": w.number, "requested": w.requested, "size": w.size, "abort_above": w.abort_above,
+                   "state": w.state, "released": w.released, "failed": w.failed,
+                   "started_at": w.started_at.isoformat()}
+                  for w in conn.execute(waves.select().order_by(waves.c.number))]
     listed = []
     for r in rows:
         rel, cur = last.get(r.id), current.get(r.id)
@@ -307,4 +312,4 @@ def status(database: str) -> dict[str, Any]:
     counts = {s: sum(d["state"] == s for d in listed) for s in STATES if any(d["state"] == s for d in listed)}
     return {"fleet": {"model": spec.model, "mode": spec.mode, "block_size": spec.block_size,
                       "base_sha256": spec.base_sha256, "publisher": spec.publisher_fingerprint},
-            "devices": listed, "counts": counts}
+            "devices": listed, "counts": counts, "waves": staged}

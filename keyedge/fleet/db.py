@@ -5,8 +5,11 @@ One transaction per command: :func:`transaction`."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import KeyedgeError
 
@@ -18,15 +21,33 @@ def database_url(db: str) -> str:
     return db if "://" in db else f"sqlite:///{Path(db).resolve()}"
 
 
-def engine_for(db: str, *, must_exist: bool = True):
-    """An engine for the fleet database; a SQLite file must exist unless the fleet is being created."""
-    import sqlalchemy as sa
+_ENGINES: dict[tuple[int, str], Any] = {}  # one pool per process and database: a claim is one short transaction
 
+
+def engine_for(db: str, *, must_exist: bool = True):
+    """The engine for the fleet database (one per process); a SQLite file must exist unless the fleet is
+    being created."""
     url = database_url(db)
     if url.startswith("sqlite:///") and must_exist and not Path(url.removeprefix("sqlite:///")).is_file():
         raise KeyedgeError(f"fleet database {db} does not exist (keyedge fleet init creates one)")
+    cached = _ENGINES.get((os.getpid(), url))
+    if cached is None:
+        cached = _ENGINES[(os.getpid(), url)] = _new_engine(db, url)
+    return cached
+
+
+def forget(db: str) -> None:
+    """Close this process's connections to ``db`` (a file that is removed or replaced)."""
+    engine = _ENGINES.pop((os.getpid(), database_url(db)), None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _new_engine(db: str, url: str):
+    import sqlalchemy as sa
+
     try:
-        engine = sa.create_engine(url, future=True)
+        engine = sa.create_engine(url, future=True, pool_pre_ping=True)  # a restarted server: reconnect
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
         raise KeyedgeError(f"cannot use database {db}: {exc}") from None
     if engine.dialect.name == "sqlite":
@@ -53,6 +74,7 @@ def _config(connection=None):
     return config
 
 
+@functools.lru_cache(maxsize=1)
 def _script():
     from alembic.script import ScriptDirectory
 
@@ -115,5 +137,3 @@ def transaction(db: str, *, must_exist: bool = True, at_head: bool = True) -> It
                 raise
     except sa.exc.SQLAlchemyError as exc:
         raise KeyedgeError(f"fleet database {db}: {getattr(exc, 'orig', None) or exc}") from None
-    finally:
-        engine.dispose()

@@ -29,6 +29,13 @@ def default_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def rank_worker(worker: str | None) -> str:
+    """This process's worker id: under torchrun each rank is a worker of its own."""
+    worker = worker or default_worker()
+    rank = os.environ.get("RANK")
+    return f"{worker}/rank{rank}" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else worker
+
+
 @dataclass(frozen=True)
 class Work:
     """A kind of work: the states a device waits for it in, and the state it is in while leased. A device

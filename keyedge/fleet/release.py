@@ -19,6 +19,7 @@ plan's model) is removed once sealed unless ``keep_plaintext``; the reports stay
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import shutil
 import time
@@ -36,10 +37,10 @@ from ..core.models import file_sha256
 from ..core.progress import Echo, echo, quiet
 from ..core.tables import pct
 from . import db
-from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, default_worker, give_back, leased_elsewhere,
+from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, rank_worker, give_back, leased_elsewhere,
                      now)
 from .pinned import VaultKeys, check_base, fleet_row, known_devices
-from .schema import devices, events, releases
+from .schema import devices, events, releases, waves
 
 RELEASABLE = RELEASE_NAMED.waiting
 PLAINTEXT = ("export", "plan/model.onnx")
@@ -179,6 +180,55 @@ def _name_patch(model: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+@dataclass(frozen=True)
+class Wave:
+    """A staged release: ``requested`` devices ("10%" of the fleet's devices that are not revoked, or a
+    count), stopped once more than ``abort_above`` of the wave's size has failed."""
+    requested: str
+    abort_above: float = 0.1
+
+    def __post_init__(self) -> None:
+        text = self.requested.strip()
+        try:
+            value = float(text[:-1]) if text.endswith("%") else int(text)
+        except ValueError:
+            raise KeyedgeError(f"--wave must be a percentage (10%) or a number of devices, not {text!r}") from None
+        if value <= 0 or (text.endswith("%") and value > 100):
+            raise KeyedgeError(f"--wave {text}: a wave is more than 0 and at most 100% of the fleet")
+        if not 0 <= self.abort_above < 1:
+            raise KeyedgeError(f"--abort-above must be a fraction in [0, 1), not {self.abort_above}")
+
+    def size(self, fleet_devices: int) -> int:
+        text = self.requested.strip()
+        if text.endswith("%"):
+            return max(1, math.ceil(float(text[:-1]) / 100 * fleet_devices))
+        return int(text)
+
+
+def _start_wave(database: str, wave: Wave, worker: str) -> tuple[int, int, int]:
+    """A new wave row; returns its id, number and size."""
+    with db.transaction(database) as conn:
+        alive = conn.execute(sa.select(sa.func.count()).select_from(devices)
+                             .where(devices.c.state != "revoked")).scalar() or 0
+        number = 1 + (conn.execute(sa.select(sa.func.max(waves.c.number))).scalar() or 0)
+        size = wave.size(alive)
+        wave_id = conn.execute(waves.insert().values(
+            number=number, requested=wave.requested.strip(), size=size, abort_above=wave.abort_above,
+            state="running", released=0, failed=0, worker=worker, started_at=now())).inserted_primary_key[0]
+    return wave_id, number, size
+
+
+def _count_in_wave(database: str, wave_id: int, outcome: str, *, state: str | None = None) -> dict[str, Any]:
+    with db.transaction(database) as conn:
+        column = {"released": waves.c.released, "failed": waves.c.failed}.get(outcome)
+        values: dict[str, Any] = {} if column is None else {column.name: column + 1}
+        if state is not None:
+            values.update(state=state, finished_at=now())
+        if values:
+            conn.execute(waves.update().where(waves.c.id == wave_id).values(**values))
+        return dict(conn.execute(waves.select().where(waves.c.id == wave_id)).first()._mapping)
+
+
 def _held_elsewhere(database: str, names: list[str]) -> dict[str, str]:
     """The named devices another worker is releasing now, and who."""
     with db.transaction(database) as conn:
@@ -189,13 +239,16 @@ def _held_elsewhere(database: str, names: list[str]) -> dict[str, str]:
 
 def release_devices(database: str, master: bytearray, out: Path, *, only: list[str] | None = None,
                     opts: ReleaseOptions = ReleaseOptions(), worker: str | None = None, lease_s: float = 60.0,
-                    echo: Echo = echo) -> dict[str, str]:
-    """Release trained devices (named failed ones again) until none is left to claim; returns each
-    device this worker took and its outcome (``released`` or the failed step's message). A named device
-    that another worker is releasing is left to it (``being released by WORKER``)."""
+                    wave: Wave | None = None, echo: Echo = echo) -> dict[str, str]:
+    """Release trained devices (named failed ones again) until none is left to claim, or, with ``wave``,
+    until the wave's size is reached or more than its ``abort_above`` has failed; returns each device
+    this worker took and its outcome (``released`` or the failed step's message). A named device that
+    another worker is releasing is left to it (``being released by WORKER``)."""
     from ..runtime.bundle import PublisherKey
 
-    worker = worker or default_worker()
+    if wave is not None and only:
+        raise KeyedgeError("--wave releases the next trained devices: name no devices with it")
+    worker = rank_worker(worker)
     with db.transaction(database) as conn:
         spec = fleet_row(conn, database)
         known_devices(conn, only)
@@ -212,27 +265,53 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
     work = RELEASE_NAMED if only else RELEASE
     outcomes: dict[str, str] = {}
     remaining = list(dict.fromkeys(only)) if only else None  # a named device is tried once per command
-    while remaining is None or remaining:
-        row = claim(database, worker, lease_s, remaining, work)
-        if row is None:
-            if remaining is not None:  # named: one release of a device at a time; this one says so
-                for device, owner in _held_elsewhere(database, remaining).items():
-                    outcomes[device] = f"being released by {owner}"
-                    echo(f"{device} is being released by {owner}: not released here", err=True)
+    wave_id, wave_state, size, abort_above = None, None, 0, 0.0
+    if wave is not None:
+        wave_id, wave_number, size = _start_wave(database, wave, worker)
+        abort_above = wave.abort_above
+        echo(f"wave {wave_number}: up to {size} device(s), stopped once more than {100 * abort_above:.0f}% "
+             "of them have failed")
+    try:
+        while remaining is None or remaining:
+            if wave_id is not None and len(outcomes) >= size:
                 break
-            if not leased_elsewhere(database, remaining, work):
-                break
-            time.sleep(min(1.0, lease_s / 4))  # another releaser holds it, or died: its lease will expire
-            continue
-        outcomes[row["device_id"]] = _release_claimed(database, spec, row, keys, publisher, out, opts, worker,
-                                                      lease_s, echo)
-        if remaining is not None:
-            remaining.remove(row["device_id"])
+            row = claim(database, worker, lease_s, remaining, work)
+            if row is None:
+                if remaining is not None:  # named: one release of a device at a time; this one says so
+                    for device, owner in _held_elsewhere(database, remaining).items():
+                        outcomes[device] = f"being released by {owner}"
+                        echo(f"{device} is being released by {owner}: not released here", err=True)
+                    break
+                if not leased_elsewhere(database, remaining, work):
+                    break
+                time.sleep(min(1.0, lease_s / 4))  # another releaser holds it, or died: its lease will expire
+                continue
+            outcome = _release_claimed(database, spec, row, keys, publisher, out, opts, worker, lease_s, echo,
+                                       wave_id)
+            outcomes[row["device_id"]] = outcome
+            if remaining is not None:
+                remaining.remove(row["device_id"])
+            if wave_id is not None:
+                counts = _count_in_wave(database, wave_id, "released" if outcome == "released" else
+                                        "lease lost" if outcome == "lease lost" else "failed")
+                if counts["failed"] > abort_above * size:
+                    wave_state = "aborted"
+                    echo(f"wave {counts['number']} ABORTED: {counts['failed']} of its {size} device(s) failed, more "
+                         f"than {100 * abort_above:.0f}%; the rest of the fleet is not released", err=True)
+                    break
+    except BaseException:
+        if wave_id is not None:
+            _count_in_wave(database, wave_id, "", state="interrupted")
+        raise
+    if wave_id is not None:
+        counts = _count_in_wave(database, wave_id, "", state=wave_state or "completed")
+        if wave_state is None:
+            echo(f"wave {counts['number']} completed: {counts['released']} released, {counts['failed']} failed")
     return outcomes
 
 
 def _release_claimed(database, spec, row, keys: VaultKeys, publisher, out: Path, opts: ReleaseOptions,
-                     worker: str, lease_s: float, echo: Echo) -> str:
+                     worker: str, lease_s: float, echo: Echo, wave_id: int | None = None) -> str:
     """Release one claimed device into a staging directory of this worker's own, renamed into place only
     in the transaction that finds the lease still held; a lost lease records nothing and touches no file of
     the worker that took over."""
@@ -251,7 +330,7 @@ def _release_claimed(database, spec, row, keys: VaultKeys, publisher, out: Path,
         stage.mkdir(mode=0o700)
         record: dict[str, Any] = {"number": number, "key_fingerprint": key.fingerprint, "target": row["target"],
                                   "run_dir": row["run_dir"], "release_dir": str(final), "worker": worker,
-                                  "started_at": now()}  # parity, audit: NULL until reached
+                                  "started_at": now(), "wave": wave_id}  # parity, audit: NULL until reached
         failure: StepFailed | None = None
         with Renewer(database, row["id"], worker, lease_s):
             try:

@@ -77,7 +77,25 @@ releases = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("wave", Integer, ForeignKey("waves.id", name="fk_releases_wave", ondelete="RESTRICT"), nullable=True),
     UniqueConstraint("device", "number", name="uq_releases_device_number"),
+)
+
+# staged releases (revision 0004): a wave releases up to ``size`` devices and stops (``aborted``) once more
+# than ``abort_above`` of its size has failed
+waves = Table(
+    "waves", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("number", Integer, nullable=False, unique=True),
+    Column("requested", String(16), nullable=False),  # "10%" or "25", as asked
+    Column("size", Integer, nullable=False),
+    Column("abort_above", Float, nullable=False),
+    Column("state", String(16), nullable=False),  # running / completed / aborted
+    Column("released", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("worker", String(128), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
 )
 
 # what happened, in order, never overwritten

@@ -17,7 +17,7 @@ from ..core.io import check_output_dir, private_dir
 from ..core.keys import Key
 from ..core.progress import Echo, echo
 from . import db
-from .leases import TRAIN, LeaseLost, Renewer, claim, default_worker, give_back, leased_elsewhere, now
+from .leases import TRAIN, LeaseLost, Renewer, claim, rank_worker, give_back, leased_elsewhere, now
 from .pinned import VaultKeys, check_base, fleet_row, known_devices
 from .schema import devices, events
 
@@ -42,7 +42,7 @@ def _train_one(spec, row: dict[str, Any], key: Key, run_dir: Path, epochs: int |
                       epochs=epochs or (spec.recipe or {}).get("epochs", 1), resume=resume, force=not resume,
                       seed=row["id"], workers=0, **top, **recipe)  # the rest: TrainConfig's own defaults
     t0 = time.perf_counter()
-    manifest = train(cfg, key=key)  # the key from the vault, in memory: never written beside the run
+    manifest = train(cfg, key=key, alone=True)  # the key from the vault, in memory; one device per rank
     return {"run": str(run_dir), "resumed": resume, "epochs": manifest.epochs_done,
             "test_acc": (manifest.metrics or {}).get("test_acc"), "per_key_bytes": manifest.per_key_bytes,
             "full_model_bytes": manifest.full_model_bytes, "seconds": round(time.perf_counter() - t0, 3)}
@@ -52,7 +52,7 @@ def train_devices(database: str, master: bytearray, runs: Path, *, only: list[st
                   epochs: int | None = None, worker: str | None = None, lease_s: float = 60.0,
                   echo: Echo = echo) -> list[str]:
     """Train pending devices until none is left to claim; returns the ids this worker trained."""
-    worker = worker or default_worker()
+    worker = rank_worker(worker)
     with db.transaction(database) as conn:
         spec = fleet_row(conn, database)
         known_devices(conn, only)

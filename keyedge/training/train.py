@@ -60,7 +60,7 @@ def evaluate_accuracy(model: torch.nn.Module, dataset, batch_size: int = 256,
     return correct / max(1, total)
 
 
-def _validate(cfg: TrainConfig, given: Key | None = None) -> tuple[Key | None, RunManifest | None]:
+def _validate(cfg: TrainConfig, given: Key | None = None, rank: int = 0) -> tuple[Key | None, RunManifest | None]:
     """Check every input before anything is written."""
     if cfg.mode not in ("full", "lora"):
         raise KeyedgeError(f"--mode must be full or lora, not {cfg.mode!r}")
@@ -78,7 +78,7 @@ def _validate(cfg: TrainConfig, given: Key | None = None) -> tuple[Key | None, R
             raise KeyedgeError(f"nothing to resume: {out / CHECKPOINT} does not exist")
         previous = read_run(out)
         check_key(previous, key, f"run {out}", strict=True)
-    elif _dist_env()[1] == 0:  # rank 0 owns out/
+    elif rank == 0:  # rank 0 owns out/
         check_output_dir(out, cfg.force, alternative="--resume to continue it, or ")
     return key, previous
 
@@ -211,11 +211,15 @@ def _train_epoch(cfg: TrainConfig, s: _Setup, net: torch.nn.Module, step: int, t
     return stats, step, time.perf_counter() - t0
 
 
-def train(cfg: TrainConfig, console=None, *, key: Key | None = None) -> RunManifest:
+def train(cfg: TrainConfig, console=None, *, key: Key | None = None, alone: bool = False) -> RunManifest:
     """Fine-tune; returns the final manifest. Writes ``cfg.out`` after each epoch. The key: ``cfg.key``'s
-    file, or ``key`` given in memory (the fleet's, from its vault)."""
-    key, previous = _validate(cfg, key)
+    file, or ``key`` given in memory (the fleet's, from its vault). Under torchrun the ranks train one
+    model together (DDP), unless ``alone``: then this rank trains a model of its own on its own GPU
+    (``fleet train``: one device per rank)."""
     world, rank, local_rank = _dist_env()
+    if alone:
+        world, rank = 1, 0
+    key, previous = _validate(cfg, key, rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     main_process = rank == 0

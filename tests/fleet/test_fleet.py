@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,7 +67,7 @@ def test_a_fleet_on_sqlite(tmp_path):
     assert oct(os.stat(tmp_path / "master.key").st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0003"
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0004"
         kinds = [k for (k,) in c.execute("SELECT kind FROM events ORDER BY id")]
     assert kinds == ["init", "enroll", "enroll", "enroll"]
     # nothing secret in the database: no key's permutation, no key file, no vault secret, no master key
@@ -137,6 +135,11 @@ BAD = {
                                       "is not a directory"),
     "rotate into an out under a file": (["rotate", "cam-0", "--runs", "T/runs", "--out", "T/junk.pub/rel"],
                                         "is not a directory"),
+    "a wave of 0": (["release", "--wave", "0", "--out", "T/rel"], "more than 0"),
+    "a wave over 100%": (["release", "--wave", "150%", "--out", "T/rel"], "at most 100%"),
+    "a wave that is no size": (["release", "--wave", "half", "--out", "T/rel"], "a percentage"),
+    "a wave with named devices": (["release", "cam-0", "--wave", "1", "--out", "T/rel"], "name no devices"),
+    "an abort fraction of 1": (["release", "--wave", "1", "--abort-above", "1", "--out", "T/rel"], "fraction"),
     "revoke of an unknown device": (["revoke", "cam-9"], "unknown device cam-9"),
     "revoke with the wrong master key": (["revoke", "cam-0", "--master-key", "T/other.master"], "another master key"),
     "report of a fleet with no trained device": (["report", "--out", "T/rep"], "needs two"),
@@ -193,7 +196,7 @@ def test_an_unmigrated_database_is_upgraded_by_alembic(tmp_path):
     sqlite3.connect(db).close()  # a database of no schema yet
     r = keyedge("fleet", "status", "--db", db)
     assert r.returncode == 2 and "keyedge fleet upgrade" in r.stderr
-    assert "schema none -> 0003" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
+    assert "schema none -> 0004" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
     assert "up to date" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
 
 
@@ -211,7 +214,7 @@ def test_a_fleet_of_an_older_schema_keeps_its_devices_through_the_migration(tmp_
                              "key_fingerprint, state, enrolled_at, updated_at) VALUES ('cam-0', 'desktop', x'00', "
                              "'ab', 'cd', 'enrolled', '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
     engine.dispose()
-    assert "schema 0001 -> 0003" in _ok(keyedge("fleet", "upgrade", "--db", path)).stdout
+    assert "schema 0001 -> 0004" in _ok(keyedge("fleet", "upgrade", "--db", path)).stdout
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT device_id, state, attempts, lease_owner FROM devices").fetchall() == [
             ("cam-0", "enrolled", 0, None)]
@@ -236,42 +239,6 @@ def test_the_migrations_make_the_schema_keyedge_uses(tmp_path):
     finally:
         engine.dispose()
     assert diff == []
-
-
-def _initdb() -> str | None:
-    found = shutil.which("initdb")
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return str(candidates[-1]) if candidates else None
-
-
-@pytest.fixture
-def postgres():
-    """A real PostgreSQL server in a temporary directory (as an unprivileged user when run as root, which
-    PostgreSQL refuses to run as; the directory is outside pytest's, which only root may enter)."""
-    import tempfile
-
-    pytest.importorskip("psycopg")
-    initdb = _initdb()
-    if initdb is None:
-        pytest.skip("PostgreSQL's server (initdb) is not installed")
-    root = Path(tempfile.mkdtemp(prefix="keyedge-pg-"))
-    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(root, "nobody")
-    bindir = Path(initdb).parent
-    subprocess.run([*as_user, initdb, "-D", str(root / "data"), "-U", "keyedge", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    port = str(20000 + os.getpid() % 20000)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-w", "-l", str(root / "log"),
-                    "-o", f"-p {port} -k {root} -c listen_addresses=''", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg://keyedge@/postgres?host={root}&port={port}"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_same_fleet_on_postgresql(tmp_path, postgres):
@@ -349,3 +316,13 @@ def test_release_mode_fused_where_the_key_cannot_fold_is_refused_before_any_clai
                 "--out", tmp_path / "rel")
     assert r.returncode == 2 and "cannot be folded" in r.stderr and _state(tmp_path, db) == before
     assert not (tmp_path / "rel").exists()
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://keyedge@/postgres?host=/nonexistent&port=1",
+                                 "postgresql+psycopg://nobody:wrong@127.0.0.1:1/fleet"])
+def test_a_postgresql_server_that_cannot_be_reached_is_one_line(url):
+    pytest.importorskip("psycopg")
+    for args in (["status"], ["upgrade"], ["export", "--to", "/nonexistent-parent/x"]):
+        r = keyedge("fleet", *args, "--db", url)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr

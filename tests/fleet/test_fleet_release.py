@@ -267,3 +267,56 @@ def test_a_release_whose_lease_is_lost_records_nothing_and_stops(trained, monkey
     assert _rows(db, "SELECT count(*) FROM releases") == [(0,)]
     assert commands.status(db)["devices"][0]["state"] == "revoked"
     assert _left(root) == []  # its staging directory, plaintext included, is gone
+
+
+def test_waves_stop_when_too_many_fail_and_the_next_goes_on_from_there(trained, monkeypatch):
+    from keyedge.checks import config
+    from keyedge.fleet.release import Wave
+
+    root, db, master = trained
+    impossible = {p: config.Tolerance(t.accuracy, 1.01, t.paired_test, t.alpha)
+                  for p, t in config.DEFAULT_TOLERANCE.items()}
+    monkeypatch.setattr(config, "DEFAULT_TOLERANCE", impossible)
+    # a wave of the whole fleet that aborts at its first failure: the second device is not touched
+    assert len(release_devices(db, master, root / "rel", opts=OPTS, wave=Wave("100%", 0.0), echo=quiet)) == 1
+    monkeypatch.undo()
+    status = commands.status(db)
+    assert [d["state"] for d in status["devices"]] == ["failed", "trained"]
+    assert status["waves"][0] | {"started_at": None} == {
+        "wave": 1, "requested": "100%", "size": 2, "abort_above": 0.0, "state": "aborted", "released": 0,
+        "failed": 1, "started_at": None}
+    # the next wave (50% of 2 devices: 1) goes on with the device the last one did not reach
+    assert release_devices(db, master, root / "rel", opts=OPTS, wave=Wave("50%"), echo=quiet) == {"cam-1": "released"}
+    wave = commands.status(db)["waves"][1]
+    assert (wave["size"], wave["state"], wave["released"], wave["failed"]) == (1, "completed", 1, 0)
+    (w,), = _rows(db, "SELECT wave FROM releases r JOIN devices d ON r.device = d.id WHERE d.device_id = 'cam-1'")
+    assert w is not None
+    assert "wave 2 (50%, up to 1): completed, 1 released, 0 failed" in keyedge("fleet", "status", "--db", db).stdout
+
+
+def test_export_hands_the_released_bundles_and_one_index_to_an_ota_system(trained):
+    import hashlib
+
+    root, db, master = trained
+    assert release_devices(db, master, root / "rel", opts=OPTS, echo=quiet) == {"cam-0": "released",
+                                                                                 "cam-1": "released"}
+    commands.revoke(db, "cam-0", commands.MasterKey(root / "master.key"), reason="lost", echo=quiet)
+    r = keyedge("fleet", "export", "--to", root / "ota", "--db", db)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((root / "ota" / "index.json").read_text())
+    entries = {e["device"]: e for e in index["devices"]}
+    assert entries["cam-0"]["state"] == "revoked" and entries["cam-0"]["bundle"] is None
+    assert entries["cam-0"]["revoked"][0]["reason"] == "lost" and entries["cam-0"]["revoked"][0]["sha256"]
+    shipped = root / "ota" / entries["cam-1"]["bundle"]
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == entries["cam-1"]["sha256"]
+    assert entries["cam-1"]["bytes"] == shipped.stat().st_size and entries["cam-1"]["state"] == "released"
+    assert (root / "ota" / "publisher.pub").read_bytes() == (root / "publisher.pub").read_bytes()
+    assert index["publisher"]["fingerprint"] == entries["cam-1"]["publisher"]
+    assert sorted(p.name for p in (root / "ota" / "bundles").iterdir()) == ["cam-1.kes"]
+    # into a non-empty directory, or from a bundle changed since its release: one line, nothing written
+    r = keyedge("fleet", "export", "--to", root / "ota", "--db", db)
+    assert r.returncode == 2 and "not an empty directory" in r.stderr
+    bundle = Path(commands.status(db)["devices"][1]["bundle"]["path"])
+    bundle.write_bytes(bundle.read_bytes() + b"x")
+    r = keyedge("fleet", "export", "--to", root / "ota2", "--db", db)
+    assert r.returncode == 2 and "changed since its release" in r.stderr and not (root / "ota2").exists()
