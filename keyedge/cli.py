@@ -103,6 +103,10 @@ def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[.
             except KeyedgeError as exc:  # one line, whatever a library put in the message
                 typer.echo(f"keyedge: error: {one_line(str(exc))}", err=True)
                 raise typer.Exit(exc.exit_code) from None
+            except OSError as exc:  # the machine's fault, not the input's (a full disk): one line, exit 1
+                where = f": {exc.filename}" if exc.filename else ""
+                typer.echo(f"keyedge: error: {one_line(exc.strerror or str(exc))}{where}", err=True)
+                raise typer.Exit(1) from None
         group.command(name)(wrapper)
         return fn
     return register

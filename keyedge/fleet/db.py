@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,29 @@ def check_known(revision: str | None, *, allow_older: bool = False) -> None:
                            f"keyedge's {script.get_current_head()}: run keyedge fleet upgrade")
 
 
+_REACHED: set[tuple[int, str]] = set()  # databases this process has reached once
+RECONNECT_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # waits between attempts to reach a server that was there
+
+
+def _connect(engine, db: str):
+    """A connection; a server this process reached before (restarting, failing over) is waited for, about
+    16 s in all, before the command gives up; one never reached is refused at once (a wrong URL)."""
+    import sqlalchemy as sa
+
+    known = (os.getpid(), database_url(db))
+    for wait in (*RECONNECT_S, None):
+        try:
+            connection = engine.connect()
+        except sa.exc.OperationalError:
+            if wait is None or known not in _REACHED:
+                raise
+            time.sleep(wait)
+            continue
+        _REACHED.add(known)
+        return connection
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def transaction(db: str, *, must_exist: bool = True, at_head: bool = True) -> Iterator:
     """One transaction for a whole command (``BEGIN IMMEDIATE`` on SQLite): committed when the block ends
@@ -123,7 +147,7 @@ def transaction(db: str, *, must_exist: bool = True, at_head: bool = True) -> It
 
     engine = engine_for(db, must_exist=must_exist)
     try:
-        with engine.connect() as connection:
+        with _connect(engine, db) as connection:
             connection.begin()
             try:
                 if at_head:

@@ -4,7 +4,6 @@ bad input refused with the database and the vault as they were."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -17,6 +16,7 @@ from keyedge.fleet.vault import Vault, read_master_key
 from keyedge.runtime.bundle import DeviceKey
 
 from ..helpers import keyedge
+from .conftest import state
 
 
 def _ok(r):
@@ -79,17 +79,12 @@ def test_a_fleet_on_sqlite(tmp_path):
     assert vault.publisher not in stored and (tmp_path / "master.key").read_bytes()[11:] not in stored
 
 
-def _state(root: Path, db: str) -> tuple:
-    """The database's rows and the vault's bytes (what a refused command must leave as it was)."""
-    with sqlite3.connect(db) as c:
-        rows = tuple(tuple(c.execute(f"SELECT * FROM {t} ORDER BY 1")) for t in ("fleet", "devices", "events",
-                                                                                  "releases", "alembic_version"))
-    return rows, hashlib.sha256((root / "fleet.vault").read_bytes()).hexdigest()
+_state = state
 
 
 @pytest.fixture
-def fleet(tmp_path):
-    db = str(tmp_path / "fleet.db")
+def fleet(tmp_path, database):
+    db = database
     opts = _init(tmp_path, db)
     pubs = _devices(tmp_path, 3)
     _ok(keyedge("fleet", "enroll", "cam-0", "--pubkey", pubs[0], "--target", "desktop", *opts))
@@ -161,6 +156,8 @@ def test_bad_input_leaves_the_database_and_the_vault_as_they_were(fleet, case):
 
 
 def test_a_tampered_vault_and_a_newer_schema_are_refused(fleet):
+    from keyedge.fleet import db as fleet_db
+
     root, db, opts, pubs = fleet
     data = bytearray((root / "fleet.vault").read_bytes())
     data[-5] ^= 1
@@ -168,8 +165,8 @@ def test_a_tampered_vault_and_a_newer_schema_are_refused(fleet):
     before = _state(root, db)
     r = keyedge("fleet", "enroll", "cam-1", "--pubkey", pubs[1], "--target", "desktop", *opts)
     assert r.returncode == 2 and "tampered" in r.stderr and _state(root, db) == before
-    with sqlite3.connect(db) as c:
-        c.execute("UPDATE alembic_version SET version_num = 'ffff'")
+    with fleet_db.engine_for(db).begin() as c:
+        c.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff'")
     for args in (["status", "--db", db], ["upgrade", "--db", db]):
         r = keyedge("fleet", *args)
         assert r.returncode == 2 and "newer than this keyedge knows" in r.stderr, r.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,15 @@ from keyedge.fleet.vault import read_master_key
 from keyedge.runtime.bundle import DeviceKey
 
 from ..helpers import keyedge
-from .test_fleet import _state
+from .conftest import as_json, rows
+from .conftest import state as _state
 from .test_fleet_train import MODEL
 
 OPTS = ReleaseOptions(parity_n=30)
 
 
 @pytest.fixture
-def trained(tmp_path):
+def trained(tmp_path, database):
     """Two devices trained (in this process) from a random-init base: enough for every release step."""
     from safetensors.torch import save_file
 
@@ -37,7 +37,7 @@ def trained(tmp_path):
     model = create_vit("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2, embed_dim=48, num_heads=3,
                        num_classes=10)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
-    db = str(tmp_path / "fleet.db")
+    db = database
     r = keyedge("fleet", "init", "--db", db, "--base", tmp_path / "base.safetensors", *MODEL, "--data", "digits",
                 "--block-size", "4", "--epochs", "1", "--vault", tmp_path / "fleet.vault", "--master-key",
                 tmp_path / "master.key")
@@ -55,9 +55,7 @@ def trained(tmp_path):
     return tmp_path, db, master
 
 
-def _rows(db: str, sql: str) -> list:
-    with sqlite3.connect(db) as c:
-        return c.execute(sql).fetchall()
+_rows = rows
 
 
 def _left(root: Path) -> list[str]:
@@ -81,7 +79,7 @@ def test_a_device_failing_parity_is_not_released_and_says_why(trained, monkeypat
     assert not [f for f in left if f.endswith((".kes", ".onnx"))]  # no bundle, no plaintext
     assert "cam-0/r1/parity/parity.json" in left  # the report that says why
     (state, parity, audit, sha), = _rows(db, "SELECT state, parity, audit, bundle_sha256 FROM releases")
-    assert state == "failed" and json.loads(parity)["passed"] is False and audit is None and sha is None
+    assert state == "failed" and as_json(parity)["passed"] is False and audit is None and sha is None
     monkeypatch.undo()
     assert release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet) == {"cam-0": "released"}
     assert [(n, s) for n, s in _rows(db, "SELECT r.number, r.state FROM releases r JOIN devices d ON r.device = d.id "
@@ -118,8 +116,8 @@ def test_the_audit_gate_stops_a_bundle_that_holds_the_key(trained, monkeypatch):
     assert outcomes["cam-1"].startswith("audit: the gate failed")
     (state, reason, parity, audit_json, sha), = _rows(db, "SELECT state, reason, parity, audit, bundle_sha256 "
                                                           "FROM releases")
-    assert state == "failed" and json.loads(parity)["passed"] and sha is None
-    assert json.loads(audit_json)["passed"] is False and json.loads(audit_json)["findings"][0]["leaked"] == 1.0
+    assert state == "failed" and as_json(parity)["passed"] and sha is None
+    assert as_json(audit_json)["passed"] is False and as_json(audit_json)["findings"][0]["leaked"] == 1.0
     assert not (root / "rel" / "cam-1" / "r1" / "model.kes").exists()
     assert commands.status(db)["devices"][1]["state"] == "failed"
 
@@ -133,7 +131,7 @@ def test_keep_plaintext_keeps_the_export_and_its_recorded_hashes(trained):
     (hashes,), = _rows(db, "SELECT hashes FROM releases")
     d = root / "rel" / "cam-0" / "r1"
     for name in ("export/model.onnx", "plan/model.onnx", "model.kes"):
-        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == json.loads(hashes)[name]
+        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == as_json(hashes)[name]
         assert os.stat(d / name).st_mode & 0o777 == 0o600
 
 
@@ -148,7 +146,7 @@ def test_a_killed_releaser_s_device_is_released_once_its_lease_expires(trained):
     assert outcomes == {"cam-0": "released", "cam-1": "released"}
     assert not partial.exists()
     claims = _rows(db, "SELECT e.detail FROM events e WHERE e.kind = 'claim_release'")
-    assert [json.loads(d)["previous_owner"] for (d,) in claims].count("dead") == 1
+    assert [as_json(d)["previous_owner"] for (d,) in claims].count("dead") == 1
 
 
 @pytest.mark.parametrize("command", ["rotate", "revoke"])

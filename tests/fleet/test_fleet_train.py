@@ -6,10 +6,8 @@ parity, build plan, seal + sign, audit gate), ``status``, ``rotate``, ``revoke``
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from keyedge.fleet.vault import Vault, read_master_key
 from keyedge.runtime.bundle import DeviceKey
 
 from ..helpers import keyedge
+from .conftest import as_json, rows
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "2",
          "--embed-dim", "48", "--heads", "3", "--num-classes", "10"]
@@ -40,8 +39,8 @@ def _base(root: Path) -> Path:
 
 
 @pytest.fixture
-def fleet3(tmp_path):
-    db = str(tmp_path / "fleet.db")
+def fleet3(tmp_path, database):
+    db = database
     r = keyedge("fleet", "init", "--db", db, "--base", _base(tmp_path), *MODEL,
                 "--data", "digits", "--block-size", "4", "--mode", "lora", "--epochs", "1", "--batch-size", "64",
                 "--vault", tmp_path / "fleet.vault", "--master-key", tmp_path / "master.key")
@@ -65,9 +64,7 @@ def _worker(root: Path, db: str, name: str) -> subprocess.Popen:
                              "--lease-seconds", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _rows(db: str, sql: str) -> list:
-    with sqlite3.connect(db, timeout=30) as c:
-        return c.execute(sql).fetchall()
+_rows = rows
 
 
 def _kill_one_of_two_workers(root: Path, db: str) -> None:
@@ -87,7 +84,7 @@ def _kill_one_of_two_workers(root: Path, db: str) -> None:
 def _status(db: str) -> dict:
     r = keyedge("fleet", "status", "--db", db, "--json")
     assert r.returncode == 0, r.stderr
-    return {d["device"]: d for d in json.loads(r.stdout)["devices"]}
+    return {d["device"]: d for d in as_json(r.stdout)["devices"]}
 
 
 def test_a_3_device_fleet_end_to_end(fleet3):
@@ -100,10 +97,10 @@ def test_a_3_device_fleet_end_to_end(fleet3):
     trained = _rows(db, "SELECT d.device_id, e.detail FROM events e JOIN devices d ON e.device = d.id "
                         "WHERE e.kind = 'trained'")
     assert sorted(d for d, _ in trained) == ["cam-0", "cam-1", "cam-2"]  # exactly once each
-    assert all(json.loads(detail)["worker"] == "survivor" for _, detail in trained)
+    assert all(as_json(detail)["worker"] == "survivor" for _, detail in trained)
     claims = _rows(db, "SELECT d.device_id, e.detail FROM events e JOIN devices d ON e.device = d.id "
                        "WHERE e.kind = 'claim'")
-    taken_over = [d for d, detail in claims if json.loads(detail)["previous_owner"] == "victim"]
+    taken_over = [d for d, detail in claims if as_json(detail)["previous_owner"] == "victim"]
     assert len(taken_over) == 1  # the lease expiry brought the killed worker's device back
     run_dirs = dict(_rows(db, "SELECT device_id, run_dir FROM devices"))
     fingerprints = {read_run(Path(run_dirs[d])).key_fingerprint for d in states}
@@ -133,9 +130,9 @@ def test_a_3_device_fleet_end_to_end(fleet3):
     assert not [p for p in (root / "rel").rglob("*") if p.suffix in (".onnx", ".data")]  # no plaintext left
     (hashes, parity, audit, fold), = _rows(db, "SELECT r.hashes, r.parity, r.audit, r.fold_mode FROM releases r JOIN "
                                               "devices d ON r.device = d.id WHERE d.device_id = 'cam-1'")
-    hashes = json.loads(hashes)
+    hashes = as_json(hashes)
     assert {"export/model.onnx", "export/manifest.json", "plan/manifest.json", "model.kes"} <= set(hashes)
-    assert json.loads(parity)["passed"] and json.loads(audit)["passed"] and fold == "fused"
+    assert as_json(parity)["passed"] and as_json(audit)["passed"] and fold == "fused"
     assert "nothing to release" in keyedge("fleet", "release", *master, "--out", root / "rel").stdout
     table = keyedge("fleet", "status", "--db", db).stdout
     assert "3 devices: 3 released; 3 with a current bundle" in table
@@ -170,7 +167,7 @@ def test_a_3_device_fleet_end_to_end(fleet3):
     # report: the blast radius across the devices (the revoked one's too), and what each costs
     r = keyedge("fleet", "report", *master, "--out", root / "report", "--sample", "3", "--n", "40")
     assert r.returncode == 0, r.stderr
-    report = json.loads((root / "report" / "report.json").read_text())
+    report = as_json((root / "report" / "report.json").read_text())
     matrix = report["blast_radius"]["matrix"]
     assert report["blast_radius"]["devices"] == ["cam-0", "cam-1", "cam-2"] and len(matrix) == 3
     assert all(0 <= v <= c for row in matrix for v, c in zip(row, report["blast_radius"]["clean"]))
