@@ -107,9 +107,14 @@ def vitb16(root: Path, max_steps: int, parity_n: int) -> dict:
     outcome = release_devices(db, master.read(), root / "rel", opts=ReleaseOptions(parity_n=parity_n), echo=quiet)
     t2 = time.perf_counter()
     assert outcome == {"cam-0": "released"}, outcome
+    from keyedge.core.manifests import read_run
+
     detail = _release_steps(db, "cam-0")
-    status = commands.status(db)["devices"][0]["bundle"]
+    device = commands.status(db)["devices"][0]
+    status = device["bundle"]
+    metrics = read_run(Path(device["run"])).metrics or {}
     return {"model": "vit_base_patch16_224", "block_size": 16, "train_s": t1 - t0, "max_steps": max_steps,
+            "train_images_per_s": metrics.get("images_per_s"), "train_batch": 8,
             "release_s": t2 - t1, "release_steps_s": detail["steps"], "parity_n": parity_n,
             "bundle_bytes": status["bytes"], "fold_mode": status["fold_mode"]}
 

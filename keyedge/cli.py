@@ -7,6 +7,7 @@ error's exit code. A command imports its workflow when it runs, so ``keyedge --h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -566,17 +567,23 @@ def fleet_train(device_ids: list[str] = typer.Argument(None, help="Only these de
     from .fleet.commands import MasterKey
     from .fleet.training import train_devices
 
-    _leases_given_back_on_sigterm()
-    train_devices(db, MasterKey(master_key, master_key_command).read(), runs, only=device_ids or None, epochs=epochs,
-                  worker=worker, lease_s=lease_seconds)
+    with _leases_given_back_on_sigterm():
+        train_devices(db, MasterKey(master_key, master_key_command).read(), runs, only=device_ids or None,
+                      epochs=epochs, worker=worker, lease_s=lease_seconds)
 
 
-def _leases_given_back_on_sigterm() -> None:
-    """torchrun tearing down its ranks, SLURM preempting a job, ``kill``: SIGTERM ends the command as an
-    exception does, so that the device it holds is given back rather than left to its lease's expiry."""
+@contextlib.contextmanager
+def _leases_given_back_on_sigterm():
+    """torchrun tearing down its ranks, SLURM preempting a job, ``kill``: while the block runs, SIGTERM ends
+    the command as an exception does, so that the device it holds is given back rather than left to its
+    lease's expiry; the previous handler is put back after."""
     import signal
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _release_options(mode, parity_n: int, keep_plaintext: bool):
@@ -597,19 +604,21 @@ def fleet_release(device_ids: list[str] = typer.Argument(None, help="Only these 
                                                                   "the bundle (as secret as the key)."),
                   wave: str | None = typer.Option(None, help="A staged release: the next N trained devices, or "
                                                              "P% of the fleet; later waves go on from there."),
-                  abort_above: float = typer.Option(0.1, help="Stop the wave once more than this fraction of it "
-                                                              "has failed (parity, audit, build)."),
+                  abort_above: float | None = typer.Option(None, help="Stop the wave once more than this fraction "
+                                                                     "of it has failed (default 0.1)."),
                   worker: str | None = typer.Option(None, help="This worker's id (default host:pid)."),
                   lease_seconds: float = LEASE) -> None:
     """Export, parity, build plan, seal + sign and audit each trained device; failures are recorded, not released."""
     from .fleet.commands import MasterKey
     from .fleet.release import Wave, release_devices
 
-    staged = Wave(wave, abort_above) if wave is not None else None  # a bad wave refused before anything
-    _leases_given_back_on_sigterm()
-    outcomes = release_devices(db, MasterKey(master_key, master_key_command).read(), out, only=device_ids or None,
-                               opts=_release_options(mode, parity_n, keep_plaintext), worker=worker,
-                               lease_s=lease_seconds, wave=staged)
+    if abort_above is not None and wave is None:
+        raise KeyedgeError("--abort-above belongs to a staged release: pass --wave too")
+    staged = Wave(wave, 0.1 if abort_above is None else abort_above) if wave is not None else None
+    with _leases_given_back_on_sigterm():
+        outcomes = release_devices(db, MasterKey(master_key, master_key_command).read(), out,
+                                   only=device_ids or None, opts=_release_options(mode, parity_n, keep_plaintext),
+                                   worker=worker, lease_s=lease_seconds, wave=staged)
     if not outcomes:
         typer.echo("nothing to release: no trained device waits (keyedge fleet status)")
     elif any(v != "released" for v in outcomes.values()):
@@ -635,9 +644,10 @@ def fleet_rotate(device_id: str = typer.Argument(..., help="The device to re-key
     for directory in (runs, out):  # checked before the key is rotated
         check_output_dir(directory, True)
     new_key = rotate(db, device_id, source)
-    train_devices(db, source.read(), runs, only=[device_id], epochs=epochs, lease_s=lease_seconds)
-    release_devices(db, source.read(), out, only=[device_id], opts=_release_options(None, parity_n, False),
-                    lease_s=lease_seconds)
+    with _leases_given_back_on_sigterm():
+        train_devices(db, source.read(), runs, only=[device_id], epochs=epochs, lease_s=lease_seconds)
+        release_devices(db, source.read(), out, only=[device_id], opts=_release_options(None, parity_n, False),
+                        lease_s=lease_seconds)
     device = next(d for d in status(db)["devices"] if d["device"] == device_id)
     if (device["bundle"] or {}).get("key_fingerprint") != new_key:
         typer.echo(f"keyedge: {device_id} has no bundle of its new key yet ({device['state']}"
@@ -691,12 +701,13 @@ def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", hel
 
     from .core.tables import pct
     from .fleet.commands import status
+    from .fleet.db import shown
 
     report = status(db)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    table = Table(title=f"fleet {db}: {report['fleet']['model']} ({report['fleet']['mode']}), publisher "
+    table = Table(title=f"fleet {shown(db)}: {report['fleet']['model']} ({report['fleet']['mode']}), publisher "
                         f"{report['fleet']['publisher']}")
     for column in ("device", "target", "key", "state", "clean", "transfer", "bundle", "updated", "why"):
         table.add_column(column)

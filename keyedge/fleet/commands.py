@@ -67,7 +67,7 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
         raise KeyedgeError(f"data {spec.data} is neither 'digits' nor a directory")
     url = db.database_url(database)
     if url.startswith("sqlite:///") and Path(url.removeprefix("sqlite:///")).exists():
-        raise KeyedgeError(f"fleet database {database} exists: one fleet per database")
+        raise KeyedgeError(f"fleet database {db.shown(database)} exists: one fleet per database")
     check_output_file(vault_path, False)
     check_output_file(publisher_pub, False)
     new_master = master.path is not None and str(master.path) != "-" and not master.path.exists()
@@ -88,7 +88,7 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
         with db.transaction(database, must_exist=False, at_head=False) as conn:
             db.upgrade(conn)
             if conn.execute(fleet.select()).first() is not None:
-                raise KeyedgeError(f"{database} already holds a fleet")
+                raise KeyedgeError(f"{db.shown(database)} already holds a fleet")
             conn.execute(fleet.insert().values(
                 name=Path(database).stem if "://" not in database else "fleet", base_path=str(spec.base.resolve()),
                 base_sha256=base_sha256, model=spec.model, model_kwargs=spec.model_kwargs, data=spec.data,
@@ -105,7 +105,7 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
             for suffix in ("", "-wal", "-shm"):
                 Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
         raise
-    echo(f"created fleet {database}: base {spec.base.name} (sha256 {base_sha256[:16]}...), {spec.model}, "
+    echo(f"created fleet {db.shown(database)}: base {spec.base.name} (sha256 {base_sha256[:16]}...), {spec.model}, "
          f"{spec.mode}, block size {spec.block_size}; publisher {publisher.fingerprint} ({publisher_pub}: every "
          f"device trusts it); vault {vault_path}"
          + (f"; new master key {master.path} (0600: keep it apart from the vault)" if new_master else ""))
@@ -116,8 +116,8 @@ def upgrade(database: str, *, echo: Echo = echo) -> str:
     """Migrate the fleet database to this keyedge's schema (Alembic); a newer schema is refused."""
     with db.transaction(database, at_head=False) as conn:
         before, after = db.upgrade(conn)
-    echo(f"{database}: schema {before or 'none'} -> {after}" if before != after else
-         f"{database}: schema {after}, up to date")
+    echo(f"{db.shown(database)}: schema {before or 'none'} -> {after}" if before != after else
+         f"{db.shown(database)}: schema {after}, up to date")
     return after
 
 
@@ -280,21 +280,26 @@ def revoke(database: str, device_id: str, master: MasterKey, *, reason: str = "r
 
 def status(database: str) -> dict[str, Any]:
     """The fleet and every device with its latest release, as data (``fleet status --json``)."""
+    with db.transaction(database) as conn:
+        return status_in(conn, database)
+
+
+def status_in(conn, database: str) -> dict[str, Any]:
+    """:func:`status` inside a transaction the caller holds."""
     import sqlalchemy as sa
 
-    with db.transaction(database) as conn:
-        spec = fleet_row(conn, database)
-        rows = conn.execute(devices.select().order_by(devices.c.device_id)).all()
-        latest = sa.select(releases.c.device, sa.func.max(releases.c.number).label("number")).group_by(
-            releases.c.device).subquery()
-        last = {r.device: r for r in conn.execute(releases.select().join(
-            latest, (releases.c.device == latest.c.device) & (releases.c.number == latest.c.number)))}
-        current = {r.device: r for r in conn.execute(releases.select().where(releases.c.state == "released"))}
-        counted = dict(conn.execute(sa.select(releases.c.device, sa.func.count()).group_by(releases.c.device)).all())
-        staged = [{"wave": w.number, "requested": w.requested, "size": w.size, "abort_above": w.abort_above,
-                   "state": w.state, "released": w.released, "failed": w.failed,
-                   "started_at": w.started_at.isoformat()}
-                  for w in conn.execute(waves.select().order_by(waves.c.number))]
+    spec = fleet_row(conn, database)
+    rows = conn.execute(devices.select().order_by(devices.c.device_id)).all()
+    latest = sa.select(releases.c.device, sa.func.max(releases.c.number).label("number")).group_by(
+        releases.c.device).subquery()
+    last = {r.device: r for r in conn.execute(releases.select().join(
+        latest, (releases.c.device == latest.c.device) & (releases.c.number == latest.c.number)))}
+    current = {r.device: r for r in conn.execute(releases.select().where(releases.c.state == "released"))}
+    counted = dict(conn.execute(sa.select(releases.c.device, sa.func.count()).group_by(releases.c.device)).all())
+    staged = [{"wave": w.number, "requested": w.requested, "size": w.size, "abort_above": w.abort_above,
+               "state": w.state, "released": w.released, "failed": w.failed,
+               "started_at": w.started_at.isoformat()}
+              for w in conn.execute(waves.select().order_by(waves.c.number))]
     listed = []
     for r in rows:
         rel, cur = last.get(r.id), current.get(r.id)

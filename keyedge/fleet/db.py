@@ -17,6 +17,18 @@ from ..core.errors import KeyedgeError
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+def shown(db: str) -> str:
+    """The database as messages show it: never its password."""
+    if "://" not in db:
+        return db
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(db).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "(a database URL that does not parse)"
+
+
 def database_url(db: str) -> str:
     """A path is a SQLite file; anything with ``://`` is a SQLAlchemy URL (``postgresql+psycopg://...``)."""
     return db if "://" in db else f"sqlite:///{Path(db).resolve()}"
@@ -48,9 +60,12 @@ def _new_engine(db: str, url: str):
     import sqlalchemy as sa
 
     try:
-        engine = sa.create_engine(url, future=True, pool_pre_ping=True)  # a restarted server: reconnect
+        if url.startswith("sqlite"):  # a connection per transaction: a replaced file is the new file
+            engine = sa.create_engine(url, future=True, poolclass=sa.pool.NullPool)
+        else:  # pre-pinged (a restarted server: reconnect), small (many workers share one server)
+            engine = sa.create_engine(url, future=True, pool_pre_ping=True, pool_size=2, max_overflow=2)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-        raise KeyedgeError(f"cannot use database {db}: {exc}") from None
+        raise KeyedgeError(f"cannot use database {shown(db)}: {str(exc).replace(db, shown(db))}") from None
     if engine.dialect.name == "sqlite":
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # every connection: WAL, foreign keys, wait on locks
@@ -129,8 +144,8 @@ def _connect(engine, db: str):
     for wait in (*RECONNECT_S, None):
         try:
             connection = engine.connect()
-        except sa.exc.OperationalError:
-            if wait is None or known not in _REACHED:
+        except sa.exc.OperationalError as exc:
+            if wait is None or known not in _REACHED or "authentication" in str(exc):
                 raise
             time.sleep(wait)
             continue
@@ -160,4 +175,5 @@ def transaction(db: str, *, must_exist: bool = True, at_head: bool = True) -> It
                     connection.rollback()
                 raise
     except sa.exc.SQLAlchemyError as exc:
-        raise KeyedgeError(f"fleet database {db}: {getattr(exc, 'orig', None) or exc}") from None
+        detail = str(getattr(exc, "orig", None) or exc).replace(db, shown(db))
+        raise KeyedgeError(f"fleet database {shown(db)}: {detail}") from None

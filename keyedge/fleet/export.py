@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..core.io import check_new_dir, new_dir, write_new_file
 from ..core.models import file_sha256
 from ..core.progress import Echo, echo
 from . import db
-from .commands import status
+from .commands import status_in
 from .pinned import fleet_row
 from .schema import devices, releases
 
@@ -47,13 +48,26 @@ def _revoked(conn) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _copy_hashed(source: Path, dest: Path, chunk: int = 1 << 22) -> str:
+    """Copy in chunks (a ViT-B/16 bundle is 344 MB), hashing what is written; the copy's SHA-256."""
+    digest = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+        while block := src.read(chunk):
+            digest.update(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
 def export_fleet(database: str, to: Path, *, echo: Echo = echo) -> dict[str, Any]:
     """Write the OTA hand-off into the new directory ``to``; returns the index."""
     check_new_dir(to)
-    report = status(database)
-    with db.transaction(database) as conn:
+    with db.transaction(database) as conn:  # one view of the fleet: a revocation is in all of it or none
         spec = fleet_row(conn, database)
         revoked = _revoked(conn)
+        report = status_in(conn, database)
     entries, files = [], {}
     for d in report["devices"]:
         b = d["bundle"]
@@ -76,13 +90,12 @@ def export_fleet(database: str, to: Path, *, echo: Echo = echo) -> dict[str, Any
              "devices": entries}
     from ..runtime.bundle import PublisherPublicKey
 
-    with new_dir(to) as stage:
-        (stage / "bundles").mkdir(mode=0o700)
+    with new_dir(to) as stage:  # ciphertext and public data only: readable by the OTA tool's user too
+        stage.chmod(0o755)
+        (stage / "bundles").mkdir(mode=0o755)
         for name, (path, sha256) in files.items():
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != sha256:  # what is shipped is what was released
+            if _copy_hashed(path, stage / name) != sha256:  # what is shipped is what was released
                 raise KeyedgeError(f"{path} changed while it was exported")
-            write_new_file(stage / name, data)
         write_new_file(stage / "publisher.pub", PublisherPublicKey(spec.publisher_public).to_bytes(), mode=0o644)
         write_new_file(stage / "index.json", (json.dumps(index, indent=2) + "\n").encode(), mode=0o644)
     shipped = sum(1 for e in entries if e["bundle"])

@@ -33,7 +33,9 @@ def rank_worker(worker: str | None) -> str:
     """This process's worker id: under torchrun each rank is a worker of its own."""
     worker = worker or default_worker()
     rank = os.environ.get("RANK")
-    return f"{worker}/rank{rank}" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else worker
+    if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+        worker = f"{worker[:118]}/rank{rank}"
+    return worker[:128]  # the column's width
 
 
 @dataclass(frozen=True)

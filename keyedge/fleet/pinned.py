@@ -8,6 +8,7 @@ from pathlib import Path
 from ..core.errors import KeyedgeError
 from ..core.keys import Key
 from ..core.models import file_sha256
+from . import db
 from .schema import devices, fleet
 from .vault import Vault
 
@@ -17,7 +18,7 @@ def fleet_row(conn, database: str, *, lock: bool = False):
     query = fleet.select().with_for_update() if lock else fleet.select()
     row = conn.execute(query).first()
     if row is None:
-        raise KeyedgeError(f"{database} holds no fleet (keyedge fleet init)")
+        raise KeyedgeError(f"{db.shown(database)} holds no fleet (keyedge fleet init)")
     return row
 
 

@@ -18,6 +18,7 @@ plan's model) is removed once sealed unless ``keep_plaintext``; the reports stay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -193,7 +194,7 @@ class Wave:
             value = float(text[:-1]) if text.endswith("%") else int(text)
         except ValueError:
             raise KeyedgeError(f"--wave must be a percentage (10%) or a number of devices, not {text!r}") from None
-        if value <= 0 or (text.endswith("%") and value > 100):
+        if not math.isfinite(value) or value <= 0 or (text.endswith("%") and value > 100):
             raise KeyedgeError(f"--wave {text}: a wave is more than 0 and at most 100% of the fleet")
         if not 0 <= self.abort_above < 1:
             raise KeyedgeError(f"--abort-above must be a fraction in [0, 1), not {self.abort_above}")
@@ -205,9 +206,22 @@ class Wave:
         return int(text)
 
 
-def _start_wave(database: str, wave: Wave, worker: str) -> tuple[int, int, int]:
-    """A new wave row; returns its id, number and size."""
+def _start_wave(database: str, wave: Wave, worker: str) -> tuple[int, int, int] | None:
+    """A new wave row; returns its id, number and size; None when no device waits for release. One wave
+    runs at a time: a running wave whose worker holds no lease any more (it was killed) is marked
+    ``interrupted``; one whose worker is still releasing is refused."""
     with db.transaction(database) as conn:
+        for running in conn.execute(waves.select().where(waves.c.state == "running").with_for_update()).all():
+            busy = conn.execute(sa.select(sa.func.count()).select_from(devices).where(
+                devices.c.lease_owner == running.worker).where(devices.c.lease_expires >= now())).scalar()
+            if busy:
+                raise KeyedgeError(f"wave {running.number} is running (worker {running.worker}): one wave at a time")
+            conn.execute(waves.update().where(waves.c.id == running.id).values(state="interrupted",
+                                                                               finished_at=now()))
+        waiting = conn.execute(sa.select(sa.func.count()).select_from(devices)
+                               .where(devices.c.state.in_(RELEASE.claimable))).scalar() or 0
+        if not waiting:
+            return None
         alive = conn.execute(sa.select(sa.func.count()).select_from(devices)
                              .where(devices.c.state != "revoked")).scalar() or 0
         number = 1 + (conn.execute(sa.select(sa.func.max(waves.c.number))).scalar() or 0)
@@ -218,14 +232,16 @@ def _start_wave(database: str, wave: Wave, worker: str) -> tuple[int, int, int]:
     return wave_id, number, size
 
 
-def _count_in_wave(database: str, wave_id: int, outcome: str, *, state: str | None = None) -> dict[str, Any]:
+def _count_in_wave(database: str, wave_id: int, *, state: str | None = None) -> dict[str, Any]:
+    """The wave's counts, from its release rows (the truth), written to its row; with ``state``, it ends."""
     with db.transaction(database) as conn:
-        column = {"released": waves.c.released, "failed": waves.c.failed}.get(outcome)
-        values: dict[str, Any] = {} if column is None else {column.name: column + 1}
+        counted = dict(conn.execute(sa.select(releases.c.state, sa.func.count()).where(releases.c.wave == wave_id)
+                                    .group_by(releases.c.state)).all())
+        values: dict[str, Any] = {"released": counted.get("released", 0) + counted.get("revoked", 0),
+                                  "failed": counted.get("failed", 0)}
         if state is not None:
             values.update(state=state, finished_at=now())
-        if values:
-            conn.execute(waves.update().where(waves.c.id == wave_id).values(**values))
+        conn.execute(waves.update().where(waves.c.id == wave_id).values(**values))
         return dict(conn.execute(waves.select().where(waves.c.id == wave_id)).first()._mapping)
 
 
@@ -261,17 +277,20 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
     if publisher.fingerprint != spec.publisher_fingerprint:
         raise KeyedgeError(f"the vault's publisher key is {publisher.fingerprint}, not the fleet's "
                            f"{spec.publisher_fingerprint}: this vault belongs to another fleet")
-    out = private_dir(out)
+    out = private_dir(out).resolve()  # recorded paths are absolute: exported from anywhere
     work = RELEASE_NAMED if only else RELEASE
     outcomes: dict[str, str] = {}
     remaining = list(dict.fromkeys(only)) if only else None  # a named device is tried once per command
     wave_id, wave_state, size, abort_above = None, None, 0, 0.0
-    if wave is not None:
-        wave_id, wave_number, size = _start_wave(database, wave, worker)
-        abort_above = wave.abort_above
-        echo(f"wave {wave_number}: up to {size} device(s), stopped once more than {100 * abort_above:.0f}% "
-             "of them have failed")
     try:
+        if wave is not None:
+            started = _start_wave(database, wave, worker)
+            if started is None:
+                return outcomes
+            wave_id, wave_number, size = started
+            abort_above = wave.abort_above
+            echo(f"wave {wave_number}: up to {size} device(s), stopped once more than {100 * abort_above:.0f}% "
+                 "of them have failed")
         while remaining is None or remaining:
             if wave_id is not None and len(outcomes) >= size:
                 break
@@ -292,8 +311,7 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
             if remaining is not None:
                 remaining.remove(row["device_id"])
             if wave_id is not None:
-                counts = _count_in_wave(database, wave_id, "released" if outcome == "released" else
-                                        "lease lost" if outcome == "lease lost" else "failed")
+                counts = _count_in_wave(database, wave_id)
                 if counts["failed"] > abort_above * size:
                     wave_state = "aborted"
                     echo(f"wave {counts['number']} ABORTED: {counts['failed']} of its {size} device(s) failed, more "
@@ -301,10 +319,11 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
                     break
     except BaseException:
         if wave_id is not None:
-            _count_in_wave(database, wave_id, "", state="interrupted")
+            with contextlib.suppress(KeyedgeError):  # best effort: the next wave marks it otherwise
+                _count_in_wave(database, wave_id, state="interrupted")
         raise
     if wave_id is not None:
-        counts = _count_in_wave(database, wave_id, "", state=wave_state or "completed")
+        counts = _count_in_wave(database, wave_id, state=wave_state or "completed")
         if wave_state is None:
             echo(f"wave {counts['number']} completed: {counts['released']} released, {counts['failed']} failed")
     return outcomes

@@ -140,6 +140,8 @@ def _first_manifest(cfg: TrainConfig, key: Key | None, spec: dict[str, Any], num
 def _setup(cfg: TrainConfig, key: Key | None, previous: RunManifest | None, world: int,
            local_rank: int) -> _Setup:
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # AMP checks, the scaler and pinned memory use this rank's GPU, not GPU 0
     model, spec, data = _build_model(cfg, key)
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     num_classes = model.num_classes

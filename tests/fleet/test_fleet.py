@@ -133,6 +133,8 @@ BAD = {
     "a wave of 0": (["release", "--wave", "0", "--out", "T/rel"], "more than 0"),
     "a wave over 100%": (["release", "--wave", "150%", "--out", "T/rel"], "at most 100%"),
     "a wave that is no size": (["release", "--wave", "half", "--out", "T/rel"], "a percentage"),
+    "a wave of nan%": (["release", "--wave", "nan%", "--out", "T/rel"], "more than 0"),
+    "an abort fraction without a wave": (["release", "--abort-above", "0.2", "--out", "T/rel"], "--wave"),
     "a wave with named devices": (["release", "cam-0", "--wave", "1", "--out", "T/rel"], "name no devices"),
     "an abort fraction of 1": (["release", "--wave", "1", "--abort-above", "1", "--out", "T/rel"], "fraction"),
     "revoke of an unknown device": (["revoke", "cam-9"], "unknown device cam-9"),
@@ -322,4 +324,4 @@ def test_a_postgresql_server_that_cannot_be_reached_is_one_line(url):
     for args in (["status"], ["upgrade"], ["export", "--to", "/nonexistent-parent/x"]):
         r = keyedge("fleet", *args, "--db", url)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert "Traceback" not in r.stderr
+        assert "Traceback" not in r.stderr and "wrong" not in r.stderr  # the password is never shown

@@ -41,22 +41,30 @@ def _fleet(root: Path, db: str, n: int, epochs: int = 3) -> list:
     return ["--db", db, "--master-key", str(root / "master.key")]
 
 
-def test_a_postgresql_restart_while_training_loses_no_device_and_trains_none_twice(tmp_path, postgres):
-    opts = _fleet(tmp_path, postgres, 3)
-    worker = subprocess.Popen([sys.executable, "-m", "keyedge.cli", "fleet", "train", *opts, "--runs",
-                               str(tmp_path / "runs"), "--lease-seconds", "6"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+def _restart_while(postgres, tmp_path, opts: list, command: list, working: str) -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "keyedge.cli", "fleet", *command, *opts, "--lease-seconds", "6"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not rows(postgres, "SELECT 1 FROM devices WHERE state = 'training'"):
+    while not rows(postgres, f"SELECT 1 FROM devices WHERE state = '{working}'"):
         assert time.monotonic() < deadline and worker.poll() is None, worker.communicate()
         time.sleep(0.1)
     postgres.restart()  # every connection the worker holds is cut
     out, err = worker.communicate(timeout=600)
     assert worker.returncode == 0, err[-2000:]
+
+
+def test_a_postgresql_restart_while_training_and_releasing_loses_no_device_and_does_none_twice(tmp_path, postgres):
+    opts = _fleet(tmp_path, postgres, 3)
+    _restart_while(postgres, tmp_path, opts, ["train", "--runs", str(tmp_path / "runs")], "training")
     assert dict(rows(postgres, "SELECT device_id, state FROM devices")) == {f"cam-{i}": "trained" for i in range(3)}
     trained = rows(postgres, "SELECT d.device_id FROM events e JOIN devices d ON e.device = d.id "
                              "WHERE e.kind = 'trained'")
     assert sorted(d for (d,) in trained) == ["cam-0", "cam-1", "cam-2"]
+    _restart_while(postgres, tmp_path, opts, ["release", "--out", str(tmp_path / "rel"), "--parity-n", "20"],
+                   "releasing")
+    assert {s for (s,) in rows(postgres, "SELECT state FROM devices")} == {"released"}
+    assert sorted(d for (d,) in rows(postgres, "SELECT d.device_id FROM releases r JOIN devices d ON "
+                                               "r.device = d.id")) == ["cam-0", "cam-1", "cam-2"]
 
 
 def test_a_full_disk_during_release_is_one_line_and_leaves_the_device_trained(tmp_path):
