@@ -87,16 +87,18 @@ def claim(database: str, worker: str, lease_s: float, only: list[str] | None = N
         return dict(row._mapping)
 
 
-def leased_elsewhere(database: str, only: list[str] | None = None, work: Work = TRAIN) -> bool:
-    """Are devices waiting for ``work`` held by another worker's unexpired lease (to wait for: it may die)?"""
-    import sqlalchemy as sa
-
+def holders(database: str, only: list[str] | None = None, work: Work = TRAIN) -> dict[str, str]:
+    """The devices waiting for ``work`` that a worker holds by an unexpired lease, and who holds each."""
     with db.transaction(database) as conn:
-        query = sa.select(sa.func.count()).select_from(devices).where(devices.c.state == work.working).where(
-            devices.c.lease_expires >= now())
+        query = devices.select().where(devices.c.state == work.working).where(devices.c.lease_expires >= now())
         if only:
             query = query.where(devices.c.device_id.in_(only))
-        return bool(conn.execute(query).scalar())
+        return {r.device_id: r.lease_owner for r in conn.execute(query)}
+
+
+def leased_elsewhere(database: str, only: list[str] | None = None, work: Work = TRAIN) -> bool:
+    """Are devices waiting for ``work`` held by another worker's unexpired lease (to wait for: it may die)?"""
+    return bool(holders(database, only, work))
 
 
 def renew(database: str, device: int, worker: str, lease_s: float) -> bool:

@@ -38,8 +38,8 @@ from ..core.models import file_sha256
 from ..core.progress import Echo, echo, quiet
 from ..core.tables import pct
 from . import db
-from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, rank_worker, give_back, leased_elsewhere,
-                     now)
+from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, give_back, holders,
+                     leased_elsewhere, now, rank_worker)
 from .pinned import VaultKeys, check_base, fleet_row, known_devices
 from .schema import devices, events, releases, waves
 
@@ -165,13 +165,13 @@ def check_releasable(conn, only: list[str] | None) -> None:
 
 
 def _check_mode(spec, opts: ReleaseOptions) -> None:
-    """``--mode fused`` where the fleet's key cannot fold is refused before any device is claimed."""
-    from ..core.keys import can_fold
+    """``--mode fused`` where the fleet's key cannot fold is refused before any device is claimed (by the
+    export's own rule)."""
+    from ..deploy.config import ExportOptions
 
     patch = spec.model_kwargs.get("patch_size") or _name_patch(spec.model)
-    if opts.mode == "fused" and patch is not None and not can_fold(spec.block_size, patch):
-        raise KeyedgeError(f"--mode fused: the fleet's block size {spec.block_size} does not divide its patch "
-                           f"size {patch}, so the key cannot be folded; use --mode gather (or the default)")
+    if opts.mode == "fused" and patch is not None:
+        ExportOptions(mode=opts.mode).resolved_mode(spec.block_size, patch)
 
 
 def _name_patch(model: str) -> int | None:
@@ -191,19 +191,18 @@ class Wave:
     def __post_init__(self) -> None:
         text = self.requested.strip()
         try:
-            value = float(text[:-1]) if text.endswith("%") else int(text)
+            value: float = float(text[:-1]) if text.endswith("%") else int(text)
         except ValueError:
             raise KeyedgeError(f"--wave must be a percentage (10%) or a number of devices, not {text!r}") from None
         if not math.isfinite(value) or value <= 0 or (text.endswith("%") and value > 100):
             raise KeyedgeError(f"--wave {text}: a wave is more than 0 and at most 100% of the fleet")
         if not 0 <= self.abort_above < 1:
             raise KeyedgeError(f"--abort-above must be a fraction in [0, 1), not {self.abort_above}")
+        object.__setattr__(self, "_parsed", (text.endswith("%"), value))
 
     def size(self, fleet_devices: int) -> int:
-        text = self.requested.strip()
-        if text.endswith("%"):
-            return max(1, math.ceil(float(text[:-1]) / 100 * fleet_devices))
-        return int(text)
+        percent, value = self._parsed  # type: ignore[attr-defined]
+        return max(1, math.ceil(value / 100 * fleet_devices)) if percent else int(value)
 
 
 def _start_wave(database: str, wave: Wave, worker: str) -> tuple[int, int, int] | None:
@@ -243,14 +242,6 @@ def _count_in_wave(database: str, wave_id: int, *, state: str | None = None) -> 
             values.update(state=state, finished_at=now())
         conn.execute(waves.update().where(waves.c.id == wave_id).values(**values))
         return dict(conn.execute(waves.select().where(waves.c.id == wave_id)).first()._mapping)
-
-
-def _held_elsewhere(database: str, names: list[str]) -> dict[str, str]:
-    """The named devices another worker is releasing now, and who."""
-    with db.transaction(database) as conn:
-        rows = conn.execute(devices.select().where(devices.c.device_id.in_(names))
-                            .where(devices.c.state == "releasing").where(devices.c.lease_expires >= now()))
-        return {r.device_id: r.lease_owner for r in rows}
 
 
 def release_devices(database: str, master: bytearray, out: Path, *, only: list[str] | None = None,
@@ -297,7 +288,7 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
             row = claim(database, worker, lease_s, remaining, work)
             if row is None:
                 if remaining is not None:  # named: one release of a device at a time; this one says so
-                    for device, owner in _held_elsewhere(database, remaining).items():
+                    for device, owner in holders(database, remaining, work).items():
                         outcomes[device] = f"being released by {owner}"
                         echo(f"{device} is being released by {owner}: not released here", err=True)
                     break

@@ -5,6 +5,7 @@ K x K measurement, :func:`~keyedge.redteam.evaluate.blast_radius`), and what eac
 from __future__ import annotations
 
 import random
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,9 @@ def fleet_report(database: str, master: bytearray, out: Path, *, sample: int = 4
     return report
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _summary(costs: list[dict[str, Any]], blast: dict[str, Any]) -> dict[str, Any]:
