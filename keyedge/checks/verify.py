@@ -1,5 +1,10 @@
 """The check after every export: the file, run by ONNX Runtime through keyedge's runner, against the PyTorch
-keyed model on random and real images (logits, and top-1 agreement on the real ones)."""
+keyed model on random and real images (logits, and top-1 agreement on the real ones).
+
+A top-1 flip between classes the reference itself nearly ties (its margin within the precision's relative
+tolerance of its logit range) is what that tolerance allows, not a defect: it is reported but not held
+against the artifact. An undertrained model, whose logits are nearly flat, would otherwise fail an int8
+export on a 0.7% logit error."""
 
 from __future__ import annotations
 
@@ -12,6 +17,17 @@ from ..core.manifests import ArtifactManifest
 from ..core.models import KeyedClassifier
 from ..runtime.runners import OnnxRunner
 from .config import VERIFY_IMAGES, VERIFY_TOLERANCE
+
+
+def top1_agreement(got: torch.Tensor, want: torch.Tensor, tol: float) -> tuple[float, float]:
+    """(raw, material) top-1 agreement of ``got`` with ``want``: a disagreement is material when the reference
+    prefers its class to the artifact's by more than ``tol`` times the reference's logit range."""
+    rows = torch.arange(len(want))
+    mine, theirs = want.argmax(1), got.argmax(1)
+    margin = want[rows, mine] - want[rows, theirs]
+    span = want.max(1).values - want.min(1).values
+    material = margin > tol * span
+    return float((mine == theirs).float().mean()), float(1 - material.float().mean())
 
 
 def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None, *,
@@ -32,8 +48,8 @@ def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real:
             with torch.no_grad():
                 want = keyed(torch.as_tensor(manifest.input.to_canonical(feed)))
             rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
-            agree = float((got.argmax(1) == want.argmax(1)).float().mean())
-            report[name] = {"rel_error": rel, "top1_agreement": agree}
+            raw, material = top1_agreement(got, want, tol)
+            report[name] = {"rel_error": rel, "top1_agreement": raw, "material_agreement": material}
     report["passed"] = all(report[s]["rel_error"] <= tol and
-                           (s == "random" or report[s]["top1_agreement"] >= min_agree) for s in sets)
+                           (s == "random" or report[s]["material_agreement"] >= min_agree) for s in sets)
     return report

@@ -39,8 +39,10 @@ def export_run(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOp
         report = verify(stage / "model.onnx", keyed, art, real[0] if real else None)
         checks = ", ".join(f"{k} rel err {v['rel_error']:.2e}" for k, v in report.items() if isinstance(v, dict))
         if not report["passed"]:
-            raise VerificationFailed(f"ONNX Runtime verification failed ({checks}; tolerance "
-                                     f"{report['tolerance_rel']}); nothing written")
+            agree = f", real top-1 agreement {report['real']['material_agreement']:.1%}" if real else ""
+            raise VerificationFailed(f"ONNX Runtime verification failed ({checks}{agree}; tolerance "
+                                     f"{report['tolerance_rel']}, agreement at least {report['min_agreement']:.0%}, "
+                                     "near ties excused); nothing written")
         write_json(stage / "verification.json", report)
     echo(f"wrote {out / 'model.onnx'} ({art.fold_mode}, {art.precision}, "
          f"{art.input.dtype} {art.input.layout}); verified with ONNX Runtime on {report['images']} images: {checks}"

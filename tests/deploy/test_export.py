@@ -3,6 +3,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from keyedge import Key
@@ -205,3 +206,20 @@ def test_newer_or_foreign_manifest_is_refused_in_one_line(tmp_path, trained_keye
     (tmp_path / "newrun" / "manifest.json").write_text(json.dumps({**run_manifest, "version": 7}))
     r = keyedge("export", tmp_path / "newrun", "--key", key_path, "-o", tmp_path / "x")
     assert r.returncode == 2 and "version 7" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_verification_excuses_a_flip_between_near_tied_classes_only():
+    """A flip counts against top-1 agreement when the reference prefers its class to the artifact's by
+    more than the precision's relative tolerance of its logit range; between near-tied classes it is noise."""
+    from keyedge.checks.verify import top1_agreement
+
+    want = torch.tensor([[5.0, 0.0, -5.0],    # clear winner
+                         [1.00, 0.98, -9.0],  # a near tie: 0.02 of a 10.0 range
+                         [3.0, 2.0, -7.0]])   # margin 1.0 of 10.0
+    got = torch.tensor([[0.0, 5.0, -5.0], [0.98, 1.00, -9.0], [2.0, 3.0, -7.0]])  # all three flipped
+    raw, material = top1_agreement(got, want, tol=0.05)
+    assert raw == 0.0 and material == pytest.approx(1 / 3)  # only the near tie is excused at 5%
+    assert top1_agreement(got, want, tol=0.08) == (0.0, pytest.approx(1 / 3))  # 0.8 < 1.0: still counts
+    assert top1_agreement(got, want, tol=0.2)[1] == pytest.approx(2 / 3)
+    assert top1_agreement(want, want, tol=0.0) == (1.0, 1.0)
+    assert top1_agreement(got, want, tol=0.0) == (0.0, 0.0)  # fp32's rule: every flip counts
