@@ -137,11 +137,14 @@ def keygen(out: Path = typer.Option(..., "-o", "--out", help="Key file to write 
            insecure_seed: int | None = typer.Option(None, help="Draw from a seeded generator (tests only; recorded "
                                                                "as insecure)."),
            insecure_small_key: bool = typer.Option(False, help="Allow a key space below 2^128 keys (experiments "
-                                                               "only: a search finds such a key; recorded).")) -> None:
+                                                               "only: a search finds such a key; recorded)."),
+           ensemble: int | None = typer.Option(None, min=2, max=64, help="Draw N keys into one key set: a random "
+                                                                          "ensemble's, one key per member.")) -> None:
     """Generate a new secret key (and its random key ID) from the operating system's CSPRNG."""
     from .workflows.keys import keygen as run
 
-    run(out, block_size, channels, force=force, insecure_seed=insecure_seed, insecure_small_key=insecure_small_key)
+    run(out, block_size, channels, force=force, insecure_seed=insecure_seed, insecure_small_key=insecure_small_key,
+        members=ensemble)
 
 
 @command(key_app, "inspect")
@@ -191,6 +194,8 @@ def train(out: Path = typer.Option(..., "--out", "-o", help="Run directory to wr
           seed: int = typer.Option(T.seed),
           workers: int = typer.Option(T.workers, help="Data loader workers (ImageFolder)."),
           resume: bool = typer.Option(T.resume, help="Continue from the run's last epoch checkpoint."),
+          ensemble: int | None = typer.Option(None, min=2, max=64, help="Train a random ensemble of N keyed "
+                                              "members, one per key of the key set --key (keygen --ensemble N)."),
           force: bool = FORCE) -> None:
     """Fine-tune a keyed (or plain) ViT from a base checkpoint; torchrun for multi-GPU."""
     from rich.console import Console
@@ -206,6 +211,11 @@ def train(out: Path = typer.Option(..., "--out", "-o", help="Run directory to wr
                       lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       lora_targets=tuple(t for t in lora_targets.split(",") if t), lora_patch_embed=lora_patch_embed,
                       amp=amp, seed=seed, workers=workers, resume=resume, force=force)
+    if ensemble is not None:
+        from .workflows.ensemble import train_ensemble
+
+        train_ensemble(cfg, ensemble, console=Console(stderr=True))
+        return
     manifest = run(cfg, console=Console(stderr=True))
     if int(os.environ.get("RANK", 0)) == 0:  # torchrun: rank 0 reports
         m = manifest

@@ -61,3 +61,20 @@ def finetuned_keyed(tmp_path_factory, trained_plain):
     run, key_path, key, _ = _train_keyed(tmp_path_factory, "finetuned_keyed", seed=21, epochs=4,
                                          checkpoint=str(base_dir / "model.safetensors"))
     return run, key_path, key, base_dir / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def lora_ensemble(tmp_path_factory, trained_plain):
+    """A random ensemble of 3 LoRA members (block 4, rank 4) fine-tuned from the trained plain model:
+    (ensemble dir, key set path, key set, base file)."""
+    from keyedge.core.keyset import KeySet
+    from keyedge.training.ensemble import train_ensemble
+
+    base_dir, _, _ = trained_plain
+    out = tmp_path_factory.mktemp("lora_ensemble")
+    keys = KeySet.generate(3, 4, seed=40)
+    keys.save(out / "keys.bin")
+    train_ensemble(tiny_train_config(out / "ensemble", mode="lora", lora_rank=4, epochs=4, lr=3e-3, batch_size=32,
+                                     max_shift=0, warmup_epochs=0.5, checkpoint=str(base_dir / "model.safetensors")),
+                   keys)
+    return out / "ensemble", out / "keys.bin", keys, base_dir / "model.safetensors"

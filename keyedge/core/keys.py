@@ -218,6 +218,8 @@ class Key:
             raise KeyFileError(f"{source} is truncated ({len(data)} bytes, header needs {_HEADER.size})")
         magic, version, flags, m, c, n = _HEADER.unpack_from(data)
         if magic != MAGIC:
+            if magic == b"KEYEDGES":  # keyedge.core.keyset's: an ensemble's keys (the count at offset 10)
+                raise KeyFileError(f"{source} is a key set of {flags} keys (an ensemble's), not one key")
             raise KeyFileError(f"{source} is not a keyedge key (wrong magic)")
         if version not in (1, VERSION):
             raise KeyFileError(f"{source} has unknown key format version {version} (this keyedge reads 1 and "

@@ -378,6 +378,22 @@ class RunManifest(Manifest):
     per_key_bytes: int | None = None
 
 
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One member of a random ensemble: its run directory (relative to the ensemble's) and key."""
+    run: str
+    key_fingerprint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsembleManifest(Manifest):
+    """A random ensemble's training run: N member runs from one base, one key each (one key set)."""
+    FORMAT: ClassVar[str] = "keyedge-ensemble-run"
+    key_set_fingerprint: str
+    mode: TrainMode
+    members: tuple[EnsembleMember, ...]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ArtifactManifest(Manifest):
     """An exported ONNX artifact: everything a runtime needs to feed it the right images."""
