@@ -20,7 +20,7 @@ from typer.exceptions import Abort, TyperException
 
 from .checks.config import DEFAULT_TOLERANCE, BenchConfig, BenchDevice, ParityConfig
 from .core.errors import KeyedgeError
-from .core.manifests import FoldMode, InputKind, Int8Method, Layout, Precision, TrainMode
+from .core.manifests import EnsembleForm, FoldMode, InputKind, Int8Method, Layout, Precision, TrainMode
 from .deploy.config import ExportOptions
 from .redteam.config import AuditConfig, AutoAttackVersion, EvalConfig, Threat
 from .training.config import TrainConfig
@@ -304,14 +304,28 @@ def export_cmd(
         int8_method: Int8Method = typer.Option(X.int8_method, help="int8: dynamic, or static with calibration."),
         calibration_n: int = typer.Option(X.calibration_n, min=1, help="Calibration images for static int8."),
         opset: int = typer.Option(X.opset, min=17),
+        ensemble_form: EnsembleForm | None = typer.Option(None, help="A random ensemble's run: gathered (one graph: "
+                                                          "the base once, each member's folded patch embedding, LoRA "
+                                                          "deltas and head, any batch; LoRA members' default) or "
+                                                          "separate (each member's merged model; full fine-tunes)."),
         force: bool = FORCE) -> None:
     """Merge LoRA, fold the key (or keep a gather), export ONNX and verify it with ONNX Runtime."""
+    from .core.ensemble import is_ensemble
     from .workflows.export import export_run
 
-    export_run(run, key, out, ExportOptions(mode=mode, input=input, layout=layout,
-                                            batch=None if dynamic_batch else batch, embed_key=embed_key,
-                                            precision=precision, int8_method=int8_method,
-                                            calibration_n=calibration_n, opset=opset), force=force)
+    opts = ExportOptions(mode=mode, input=input, layout=layout, batch=None if dynamic_batch else batch,
+                         embed_key=embed_key, precision=precision, int8_method=int8_method,
+                         calibration_n=calibration_n, opset=opset)
+    if is_ensemble(run):
+        from .workflows.ensemble import export_ensemble
+
+        if key is None:
+            raise KeyedgeError(f"{run} is a random ensemble: pass its key set with --key")
+        export_ensemble(run, key, out, opts, form=ensemble_form, force=force)
+    elif ensemble_form is not None:
+        raise KeyedgeError(f"{run} is not a random ensemble's run: --ensemble-form does not apply")
+    else:
+        export_run(run, key, out, opts, force=force)
 
 
 @command(app)

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..core.manifests import ArtifactManifest
 from ..core.models import KeyedClassifier
 from ..runtime.runners import OnnxRunner
+from ..runtime.runners.ensemble import EnsembleRunner
 from .config import VERIFY_IMAGES, VERIFY_TOLERANCE
 
 
@@ -30,26 +32,62 @@ def top1_agreement(got: torch.Tensor, want: torch.Tensor, tol: float) -> tuple[f
     return float((mine == theirs).float().mean()), float(1 - material.float().mean())
 
 
-def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None, *,
-           n: int = VERIFY_IMAGES, seed: int = 0) -> dict[str, Any]:
-    """ONNX Runtime vs the PyTorch keyed model on ``n`` random and ``n`` real images, through the
-    runner's own batching (a fixed-batch artifact gets them in chunks)."""
+def _image_sets(manifest: ArtifactManifest, real: torch.Tensor | None, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """``n`` random images (seeded) and ``n`` real ones (repeated if fewer), in [0, 1] NCHW."""
     gen = torch.Generator().manual_seed(seed)
     h, w = manifest.input.size
     sets = {"random": torch.rand(n, manifest.input.channels, h, w, generator=gen)}
     if real is not None:
         sets["real"] = real[:n] if len(real) >= n else real.repeat(-(-n // len(real)), 1, 1, 1)[:n]
+    return sets
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor, tol: float) -> dict[str, float]:
+    raw, material = top1_agreement(got, want, tol)
+    return {"rel_error": float((got - want).norm() / want.norm().clamp_min(1e-12)),
+            "top1_agreement": raw, "material_agreement": material}
+
+
+def _passed(result: dict[str, Any], tol: float, min_agree: float) -> bool:
+    """Every set within the logit tolerance; the real images' material agreement at least the floor."""
+    sets = [s for s in ("random", "real") if s in result]
+    return all(result[s]["rel_error"] <= tol and (s == "random" or result[s]["material_agreement"] >= min_agree)
+               for s in sets)
+
+
+def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None, *,
+           n: int = VERIFY_IMAGES, seed: int = 0) -> dict[str, Any]:
+    """ONNX Runtime vs the PyTorch keyed model on ``n`` random and ``n`` real images, through the
+    runner's own batching (a fixed-batch artifact gets them in chunks)."""
     tol, min_agree = VERIFY_TOLERANCE[manifest.precision]
     report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree, "images": n}
     with OnnxRunner(path, keyed.key, manifest=manifest) as runner:
-        for name, images in sets.items():
+        for name, images in _image_sets(manifest, real, n, seed).items():
             feed = manifest.input.from_canonical(images)
             got = torch.as_tensor(runner(feed))
             with torch.no_grad():
                 want = keyed(torch.as_tensor(manifest.input.to_canonical(feed)))
-            rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
-            raw, material = top1_agreement(got, want, tol)
-            report[name] = {"rel_error": rel, "top1_agreement": raw, "material_agreement": material}
-    report["passed"] = all(report[s]["rel_error"] <= tol and
-                           (s == "random" or report[s]["material_agreement"] >= min_agree) for s in sets)
+            report[name] = _compare(got, want, tol)
+    report["passed"] = _passed(report, tol, min_agree)
+    return report
+
+
+def verify_ensemble(directory: Path, members: list[KeyedClassifier], real: torch.Tensor | None, *,
+                    n: int = VERIFY_IMAGES, seed: int = 0) -> dict[str, Any]:
+    """Every member of a gathered ensemble graph (its rows selected for member ``i``) against member ``i``'s
+    PyTorch reference, on the same random and real images, under the fp32 rule."""
+    runner = EnsembleRunner(directory)
+    tol, min_agree = VERIFY_TOLERANCE[runner.manifest.precision]
+    report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree, "images": n, "members": {}}
+    sets = _image_sets(runner.manifest, real, n, seed)
+    with runner:
+        for i, member in enumerate(members):
+            result: dict[str, Any] = {}
+            for name, images in sets.items():
+                got = torch.as_tensor(runner.member_logits(images.numpy(), np.full(len(images), i, np.int64)))
+                with torch.no_grad():
+                    result[name] = _compare(got, member(images), tol)
+            result["passed"] = _passed(result, tol, min_agree)
+            report["members"][f"member-{i}"] = result
+    report["passed"] = all(r["passed"] for r in report["members"].values())
     return report

@@ -50,6 +50,7 @@ FoldMode = Literal["fused", "gather", "kernel"]
 InputKind = Literal["float", "uint8"]
 Layout = Literal["nchw", "nhwc"]
 Precision = Literal["fp32", "fp16", "int8"]
+EnsembleForm = Literal["gathered", "separate"]
 Int8Method = Literal["dynamic", "static"]
 PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
 DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the linear layers LoRA adapts inside each block
@@ -394,6 +395,23 @@ class EnsembleManifest(Manifest):
     members: tuple[EnsembleMember, ...]
 
 
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """A random ensemble's artifact: its members' keys (folded, one per member) and how they are stored --
+    ``gathered`` in one graph whose ``member_input`` picks each row's member, or ``separate`` files."""
+    form: EnsembleForm
+    member_fingerprints: tuple[str, ...]
+    member_input: str | None = None
+    files: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(len(self.member_fingerprints) >= 2, "an ensemble has at least 2 members")
+        _require((self.form == "gathered") == (self.member_input is not None),
+                 "a gathered ensemble names its member input, a separate one does not")
+        _require(self.form == "gathered" or len(self.files) == len(self.member_fingerprints),
+                 "a separate ensemble names one file per member")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ArtifactManifest(Manifest):
     """An exported ONNX artifact: everything a runtime needs to feed it the right images."""
@@ -416,10 +434,13 @@ class ArtifactManifest(Manifest):
     opset: int
     source_run: str
     versions: dict[str, str]
+    ensemble: EnsembleSpec | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         c = self.input.channels
+        _require(self.ensemble is None or (self.fold_mode == "fused" and self.key_input is None),
+                 "an ensemble's keys are folded into its members")
         _require(len(self.mean) == c and len(self.std) == c, f"mean and std need {c} values (one per channel)")
         _require(self.block_size is None or 1 <= self.block_size <= 64, f"block_size {self.block_size} is out of range")
         _require((self.key_fingerprint is None) == (self.block_size is None),
