@@ -116,7 +116,25 @@ def vitb16(root: Path, max_steps: int, parity_n: int) -> dict:
     return {"model": "vit_base_patch16_224", "block_size": 16, "train_s": t1 - t0, "max_steps": max_steps,
             "train_images_per_s": metrics.get("images_per_s"), "train_batch": 8,
             "release_s": t2 - t1, "release_steps_s": detail["steps"], "parity_n": parity_n,
-            "bundle_bytes": status["bytes"], "fold_mode": status["fold_mode"]}
+            "bundle_bytes": status["bytes"], "fold_mode": status["fold_mode"],
+            "train_flops_per_image": lora_step_flops("vit_base_patch16_224", 8)}
+
+
+def lora_step_flops(model: str, batch: int, rank: int = 8) -> float:
+    """FLOPs of one LoRA training step (forward + backward, cross-entropy) per image, counted by PyTorch's
+    FlopCounterMode on the model itself: the frozen base's weights take no gradient, so the backward pass
+    costs about one forward, not two."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from keyedge import create_vit
+    from keyedge.core.lora import attach_lora
+
+    net = attach_lora(create_vit(model, num_classes=10), rank=rank).train()
+    x, y = torch.rand(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    return counter.get_total_flops() / batch
 
 
 def main() -> None:
