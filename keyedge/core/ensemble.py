@@ -59,11 +59,15 @@ def load_members(run_dir: str | Path, keys: KeySet, *, merge: bool = True,
     return [load_run(run_dir / m.run, key, merge=merge, device=device) for m, key in zip(manifest.members, keys)]
 
 
+def check_draw(n: int, s: int) -> None:
+    if not 1 <= s <= n:
+        raise KeyedgeError(f"cannot draw {s} of {n} members: the draw is 1 to {n}")
+
+
 def draw_members(n: int, s: int) -> list[int]:
     """``s`` distinct members of ``n``, uniformly, from the OS CSPRNG (never a seeded generator: a draw an
     attacker could predict would let them attack the members that will answer)."""
-    if not 1 <= s <= n:
-        raise KeyedgeError(f"cannot draw {s} of {n} members: the draw is 1 to {n}")
+    check_draw(n, s)
     return secrets.SystemRandom().sample(range(n), s)
 
 

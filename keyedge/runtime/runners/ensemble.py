@@ -15,11 +15,11 @@ Neither is deterministic by design: they are measured with attacks that average 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 
+from ...core.ensemble import check_draw, draw_members
 from ...core.errors import KeyedgeError
 from ...core.manifests import ArtifactManifest, read_onnx_manifest
 from .base import Runner
@@ -40,11 +40,8 @@ def csprng_normal(shape: tuple[int, ...]) -> np.ndarray:
 
 def draw_rows(queries: int, members: int, draw: int) -> np.ndarray:
     """(queries, draw) distinct member indices per query, each row a fresh CSPRNG draw."""
-    if not 1 <= draw <= members:
-        raise KeyedgeError(f"--ensemble-draw takes 1 to {members} members, not {draw}")
-    rng = secrets.SystemRandom()
-    return np.array([rng.sample(range(members), draw) for _ in range(queries)], dtype=np.int64).reshape(
-        queries, draw)
+    check_draw(members, draw)
+    return np.array([draw_members(members, draw) for _ in range(queries)], dtype=np.int64).reshape(queries, draw)
 
 
 def _log_mean_softmax(logits: np.ndarray) -> np.ndarray:
@@ -82,7 +79,7 @@ class EnsembleRunner(Runner):
         spec = self.manifest.ensemble
         assert spec is not None
         self.members = len(spec.member_fingerprints)
-        draw_rows(0, self.members, draw)  # refused here, before anything is loaded
+        check_draw(self.members, draw)  # refused here, before anything is loaded
         self.draw = draw
         self.input_spec = self.manifest.input
         self.name = f"ensemble-{self.members}x{draw}-onnxruntime-{device}"
