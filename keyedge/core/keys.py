@@ -33,8 +33,10 @@ import math
 import os
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -53,6 +55,7 @@ _FINGERPRINT_V2 = b"keyedge-key-fingerprint-v2\x00"
 MIN_KEYSPACE_BITS = 128
 MAX_FILE = _HEADER.size + _ID + 4 * 64 * 64 * 16 + _DIGEST  # the largest key: M = 64, C = 16
 _warned: set[str] = set()
+T = TypeVar("T")
 
 
 def can_fold(block_size: int | None, patch_size: int) -> bool:
@@ -84,6 +87,26 @@ def _draw(n: int, seed: int | None) -> tuple[np.ndarray, bytes]:
     perm = list(range(n))
     secrets.SystemRandom().shuffle(perm)  # Fisher-Yates on the OS CSPRNG
     return np.asarray(perm, dtype=np.int64), secrets.token_bytes(_ID)
+
+
+def write_secret_bytes(data: bytearray, path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Write a key file's bytes 0600 and atomically (refusing to replace a file unless asked), then wipe them."""
+    try:
+        return atomic_write_bytes(path, data, mode=0o600, overwrite=overwrite)
+    finally:
+        wipe(data)
+
+
+def read_key_bytes(path: str | os.PathLike, what: str, limit: int, parse: Callable[..., T]) -> T:
+    """``parse(data, source=...)`` of a secret file read into a buffer that is wiped once it is parsed; every
+    failure (missing, unreadable, too large, malformed) is a :class:`KeyFileError` of one line."""
+    try:
+        with read_secret_file(path, what, limit, kind=what) as data:
+            return parse(data, source=f"{what} {path}")
+    except KeyFileError:
+        raise
+    except KeyedgeError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,11 +227,7 @@ class Key:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the key file 0600 and atomically; refuse to replace a file unless asked."""
-        data = self.to_bytes()
-        try:
-            return atomic_write_bytes(path, data, mode=0o600, overwrite=overwrite)
-        finally:
-            wipe(data)
+        return write_secret_bytes(self.to_bytes(), path, overwrite=overwrite)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, source: str = "key file") -> "Key":
@@ -254,13 +273,7 @@ class Key:
     def load(cls, path: str | os.PathLike) -> "Key":
         """Read into a buffer that is wiped once the key is parsed (the permutation then lives in the Key
         only, until :meth:`wipe`)."""
-        try:
-            with read_secret_file(path, "key file", MAX_FILE) as data:
-                return cls.from_bytes(data, source=f"key file {path}")
-        except KeyFileError:
-            raise
-        except KeyedgeError as exc:
-            raise KeyFileError(str(exc)) from None
+        return read_key_bytes(path, "key file", MAX_FILE, cls.from_bytes)
 
     @classmethod
     def given(cls, key: "Key | str | os.PathLike | None") -> "Key | None":

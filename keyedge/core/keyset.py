@@ -24,9 +24,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import KeyedgeError, KeyFileError
-from .io import atomic_write_bytes, read_secret_file, wipe
-from .keys import MAX_FILE, Key
+from .errors import KeyFileError
+from .io import wipe
+from .keys import MAX_FILE, Key, read_key_bytes, write_secret_bytes
 
 SET_MAGIC = b"KEYEDGES"
 SET_VERSION = 1
@@ -114,11 +114,7 @@ class KeySet:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the key set 0600 and atomically; refuse to replace a file unless asked."""
-        data = self.to_bytes()
-        try:
-            return atomic_write_bytes(path, data, mode=0o600, overwrite=overwrite)
-        finally:
-            wipe(data)
+        return write_secret_bytes(self.to_bytes(), path, overwrite=overwrite)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, *, source: str = "key set") -> "KeySet":
@@ -143,14 +139,7 @@ class KeySet:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KeySet":
-        try:
-            with read_secret_file(path, "key set", _HEADER.size + MAX_MEMBERS * MAX_FILE + _DIGEST,
-                                  kind="key set") as data:
-                return cls.from_bytes(data, source=f"key set {path}")
-        except KeyFileError:
-            raise
-        except KeyedgeError as exc:
-            raise KeyFileError(str(exc)) from None
+        return read_key_bytes(path, "key set", _HEADER.size + MAX_MEMBERS * MAX_FILE + _DIGEST, cls.from_bytes)
 
     @classmethod
     def given(cls, keys: "KeySet | Sequence[Key] | str | os.PathLike") -> "KeySet":

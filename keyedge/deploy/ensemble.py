@@ -27,7 +27,7 @@ from torch import nn
 from ..core.errors import KeyedgeError
 from ..core.fold import fold_key
 from ..core.lora import merge_lora
-from ..core.manifests import ArtifactManifest, EnsembleSpec, RunManifest
+from ..core.manifests import ArtifactManifest, EnsembleForm, EnsembleSpec, RunManifest
 from ..core.models import KeyedClassifier
 from .config import ExportOptions
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, _attach_manifest, build_manifest
@@ -154,11 +154,12 @@ def gathered_ensemble(members: list[KeyedClassifier]) -> GatheredEnsemble:
     return GatheredEnsemble(net.eval(), sel, len(members)).eval()
 
 
-def check_options(opts: ExportOptions) -> None:
-    """What the gathered graph takes: float NCHW images in fp32, the keys folded (refused before any work)."""
-    if opts.mode not in (None, "fused") or opts.embed_key:
+def check_options(opts: ExportOptions, form: EnsembleForm) -> None:
+    """An ensemble's keys are folded into its members; a gathered graph takes float NCHW images in fp32
+    (refused before any work)."""
+    if opts.mode not in (None, "fused") or (form == "gathered" and opts.embed_key):
         raise KeyedgeError("an ensemble's keys are folded into each member's patch embedding: --mode fused only")
-    if opts.input != "float" or opts.layout != "nchw" or opts.precision != "fp32":
+    if form == "gathered" and (opts.input != "float" or opts.layout != "nchw" or opts.precision != "fp32"):
         raise KeyedgeError("a gathered ensemble graph takes float NCHW images in fp32 (--input float --layout nchw "
                            "--precision fp32); export --ensemble-form separate for other inputs and precisions")
 
@@ -168,7 +169,7 @@ def export_gathered(graph: GatheredEnsemble, reference: KeyedClassifier, out_dir
                     source: str = "") -> ArtifactManifest:
     """``out_dir/model.onnx`` (inputs ``images`` and ``members``, of any batch) and its
     manifest; ``reference`` is member 0's merged model (the input spec, block size and classes)."""
-    check_options(opts)
+    check_options(opts, "gathered")
     manifest = replace(build_manifest(reference, "fused", opts, run, source),
                        key_fingerprint=key_set_fingerprint, ensemble=spec)
     h, w = manifest.input.size

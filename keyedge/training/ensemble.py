@@ -16,14 +16,14 @@ from ..core.ensemble import ENSEMBLE, check_key_set, read_ensemble
 from ..core.errors import KeyedgeError
 from ..core.io import check_output_dir
 from ..core.keyset import KeySet
-from ..core.manifests import EnsembleManifest, EnsembleMember, RunManifest, read_run
+from ..core.manifests import MANIFEST, EnsembleManifest, EnsembleMember, RunManifest, read_run
 from ..core.runs import CHECKPOINT
 from .config import TrainConfig
 from .train import _dist_env, train
 
 
 def _finished(run: Path, cfg: TrainConfig) -> bool:
-    if not (run / "manifest.json").is_file():
+    if not (run / MANIFEST).is_file():
         return False
     done = read_run(run)
     return done.epochs_done >= cfg.epochs or (cfg.max_steps is not None and bool(done.history)
@@ -51,7 +51,7 @@ def train_ensemble(cfg: TrainConfig, keys: KeySet | str | Path, console=None) ->
     try:
         return manifest, _train_members(cfg, manifest, keys, out, console)
     except BaseException:
-        if main_process and not cfg.resume and not any((out / m.run / "manifest.json").is_file()
+        if main_process and not cfg.resume and not any((out / m.run / MANIFEST).is_file()
                                                        for m in manifest.members):
             if created:
                 shutil.rmtree(out, ignore_errors=True)

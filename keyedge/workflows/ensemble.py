@@ -15,6 +15,7 @@ from ..core.errors import KeyedgeError
 from ..core.io import check_output_dir, staged_dir
 from ..core.keys import can_fold
 from ..core.keyset import KeySet
+from ..core.lora import merge_lora
 from ..core.manifests import (ArtifactManifest, EnsembleForm, EnsembleManifest, EnsembleSpec, RunManifest, read_run,
                               write_json)
 from ..core.models import create_vit
@@ -66,20 +67,22 @@ def export_ensemble(run: Path, keys_path: Path | KeySet, out: Path, opts: Export
             raise KeyedgeError("only LoRA members share a base to gather from: export full fine-tunes "
                                "--ensemble-form separate")
         opts = replace(opts, batch=None)  # any batch: a query's S members are S rows
-        check_options(opts)
+    check_options(opts, form)
     runs = [read_run(run / m.run) for m in ens.members]
     patch = _patch_size(runs[0])
     if not can_fold(keys.block_size, patch):
         raise KeyedgeError(f"block size {keys.block_size} does not divide patch size {patch}: an ensemble's keys are "
                            "folded into its members, so M must divide P")
-    if opts.mode not in (None, "fused"):
-        raise KeyedgeError("an ensemble's keys are folded into each member's patch embedding: --mode fused only")
-    merged = load_members(run, keys)
+    if form == "gathered":  # the members read once: un-merged for the graph, merged copies as references
+        unmerged = load_members(run, keys, merge=False)
+        merged = [merge_lora(m.copy()) for m in unmerged]
+    else:
+        merged = load_members(run, keys)
     real = run_images(runs[0], VERIFY_IMAGES)
     fps = tuple(keys.fingerprints)
     with staged_dir(out, force=force) as stage:
         if form == "gathered":
-            graph = gathered_ensemble(load_members(run, keys, merge=False))
+            graph = gathered_ensemble(unmerged)
             spec = EnsembleSpec("gathered", fps, member_input=MEMBERS_NAME)
             manifest = export_gathered(graph, merged[0], stage, opts, runs[0], spec, keys.fingerprint,
                                        source=str(run.resolve()))
@@ -87,9 +90,9 @@ def export_ensemble(run: Path, keys_path: Path | KeySet, out: Path, opts: Export
         else:
             files = tuple(f"{m.run}/model.onnx" for m in ens.members)
             reports = {}
-            for m, member in zip(ens.members, merged):
+            for m, member, member_run in zip(ens.members, merged, runs):
                 (stage / m.run).mkdir(mode=0o700)
-                art = export_onnx(member, stage / m.run, replace(opts, mode="fused"), read_run(run / m.run),
+                art = export_onnx(member, stage / m.run, replace(opts, mode="fused"), member_run,
                                   source=str((run / m.run).resolve()))
                 reports[m.run] = verify(stage / m.run / "model.onnx", member, art, real[0] if real else None)
             manifest = replace(art, key_fingerprint=keys.fingerprint, source_run=str(run.resolve()),

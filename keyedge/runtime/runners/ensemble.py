@@ -21,7 +21,7 @@ import numpy as np
 
 from ...core.ensemble import check_draw, draw_members
 from ...core.errors import KeyedgeError
-from ...core.manifests import ArtifactManifest, read_onnx_manifest
+from ...core.manifests import MANIFEST, ONNX_FILE, ArtifactManifest, read_onnx_manifest
 from .base import Runner
 from .onnxruntime import OnnxRunner
 
@@ -56,10 +56,10 @@ def ensemble_manifest(path: str | Path) -> tuple[Path, ArtifactManifest]:
     """An ensemble artifact's directory and manifest (a directory, or a gathered graph's model.onnx)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "model.onnx").is_file():
-            manifest = read_onnx_manifest(path / "model.onnx")
+        if (path / ONNX_FILE).is_file():
+            manifest = read_onnx_manifest(path / ONNX_FILE)
         else:
-            manifest = ArtifactManifest.read(path / "manifest.json")
+            manifest = ArtifactManifest.read(path / MANIFEST)
         root = path
     else:
         manifest, root = read_onnx_manifest(path), path.parent
@@ -84,7 +84,7 @@ class EnsembleRunner(Runner):
         self.input_spec = self.manifest.input
         self.name = f"ensemble-{self.members}x{draw}-onnxruntime-{device}"
         if spec.form == "gathered":
-            self.inner = [OnnxRunner(self.root / "model.onnx", device=device, threads=threads, manifest=self.manifest)]
+            self.inner = [OnnxRunner(self.root / ONNX_FILE, device=device, threads=threads, manifest=self.manifest)]
         else:
             self.inner = [OnnxRunner(self.root / f, device=device, threads=threads) for f in spec.files]
             prints = [r.manifest.key_fingerprint for r in self.inner]
