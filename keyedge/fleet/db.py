@@ -133,15 +133,33 @@ def check_known(revision: str | None, *, allow_older: bool = False) -> None:
 
 _REACHED: set[tuple[int, str]] = set()  # databases this process has reached once
 RECONNECT_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # waits between attempts to reach a server that was there
+RECONNECT_BUDGET_S = sum(RECONNECT_S)  # about 16 s: a server restart or a fail-over
 
 
-def _connect(engine, db: str):
-    """A connection; a server this process reached before (restarting, failing over) is waited for, about
-    16 s in all, before the command gives up; one never reached is refused at once (a wrong URL)."""
+class Disconnected(KeyedgeError):
+    """The connection was lost inside a transaction (a server restarted or failed over): the server rolled
+    the transaction back, nothing of it happened."""
+
+
+def _waits(budget_s: float) -> list[float]:
+    """The waits of :data:`RECONNECT_S` that fit in ``budget_s`` seconds."""
+    waits, total = [], 0.0
+    for wait in RECONNECT_S:
+        if total + wait > budget_s:
+            break
+        waits.append(wait)
+        total += wait
+    return waits
+
+
+def _connect(engine, db: str, budget_s: float = RECONNECT_BUDGET_S):
+    """A connection; a server this process reached before (restarting, failing over) is waited for, at most
+    ``budget_s`` (about 16 s by default), before the command gives up; one never reached is refused at once
+    (a wrong URL), and so is a refused password."""
     import sqlalchemy as sa
 
     known = (os.getpid(), database_url(db))
-    for wait in (*RECONNECT_S, None):
+    for wait in (*_waits(budget_s), None):
         try:
             connection = engine.connect()
         except sa.exc.OperationalError as exc:
@@ -154,15 +172,32 @@ def _connect(engine, db: str):
     raise AssertionError("unreachable")
 
 
+def retried(fn, budget_s: float = RECONNECT_BUDGET_S):
+    """``fn()``, one whole transaction, run again when the connection was lost inside it (the server rolled
+    it back), for at most ``budget_s`` of waiting. Only for transactions that are safe to run twice: a
+    commit whose answer was lost may have happened (a claim then holds a device it never works on until
+    its lease expires; nothing is lost or done twice)."""
+    for wait in (*_waits(budget_s), None):
+        try:
+            return fn()
+        except Disconnected:
+            if wait is None:
+                raise
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
-def transaction(db: str, *, must_exist: bool = True, at_head: bool = True) -> Iterator:
+def transaction(db: str, *, must_exist: bool = True, at_head: bool = True,
+                reconnect_s: float = RECONNECT_BUDGET_S) -> Iterator:
     """One transaction for a whole command (``BEGIN IMMEDIATE`` on SQLite): committed when the block ends
-    (unless the block committed itself), rolled back on any error."""
+    (unless the block committed itself), rolled back on any error. A connection lost inside it raises
+    :class:`Disconnected`; a server that was reached before is waited for at most ``reconnect_s``."""
     import sqlalchemy as sa
 
     engine = engine_for(db, must_exist=must_exist)
     try:
-        with _connect(engine, db) as connection:
+        with _connect(engine, db, reconnect_s) as connection:
             connection.begin()
             try:
                 if at_head:
@@ -175,5 +210,6 @@ def transaction(db: str, *, must_exist: bool = True, at_head: bool = True) -> It
                     connection.rollback()
                 raise
     except sa.exc.SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).replace(db, shown(db))
-        raise KeyedgeError(f"fleet database {shown(db)}: {detail}") from None
+        detail = " ".join(str(getattr(exc, "orig", None) or exc).replace(db, shown(db)).split())
+        lost = isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+        raise (Disconnected if lost else KeyedgeError)(f"fleet database {shown(db)}: {detail}") from None

@@ -25,6 +25,17 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def clock(conn) -> dt.datetime:
+    """The time leases are written and compared in, inside the transaction ``conn`` holds: the database
+    server's clock on PostgreSQL (workers on many machines, whose clocks differ, share that one), this
+    machine's on SQLite (every worker is on the machine that holds the file)."""
+    if conn.dialect.name == "postgresql":
+        import sqlalchemy as sa
+
+        return conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
+    return now()
+
+
 def default_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -62,11 +73,16 @@ class LeaseLost(KeyedgeError):
 
 def claim(database: str, worker: str, lease_s: float, only: list[str] | None = None,
           work: Work = TRAIN) -> dict[str, Any] | None:
-    """Take one device waiting for ``work`` whose lease is free or expired; None when there is none."""
+    """Take one device waiting for ``work`` whose lease is free or expired; None when there is none. A
+    connection lost inside the claim (a server restart) rolled it back: the claim is made again."""
+    return db.retried(lambda: _claim(database, worker, lease_s, only, work))
+
+
+def _claim(database: str, worker: str, lease_s: float, only: list[str] | None, work: Work) -> dict[str, Any] | None:
     import sqlalchemy as sa
 
     with db.transaction(database) as conn:
-        t = now()
+        t = clock(conn)
         query = sa.select(devices).where(devices.c.state.in_(work.claimable)).where(
             (devices.c.lease_expires.is_(None)) | (devices.c.lease_expires < t)).order_by(devices.c.id).limit(1)
         if only:
@@ -90,7 +106,7 @@ def claim(database: str, worker: str, lease_s: float, only: list[str] | None = N
 def holders(database: str, only: list[str] | None = None, work: Work = TRAIN) -> dict[str, str]:
     """The devices waiting for ``work`` that a worker holds by an unexpired lease, and who holds each."""
     with db.transaction(database) as conn:
-        query = devices.select().where(devices.c.state == work.working).where(devices.c.lease_expires >= now())
+        query = devices.select().where(devices.c.state == work.working).where(devices.c.lease_expires >= clock(conn))
         if only:
             query = query.where(devices.c.device_id.in_(only))
         return {r.device_id: r.lease_owner for r in conn.execute(query)}
@@ -102,24 +118,33 @@ def leased_elsewhere(database: str, only: list[str] | None = None, work: Work = 
 
 
 def renew(database: str, device: int, worker: str, lease_s: float) -> bool:
-    """Extend the lease if this worker still holds it."""
-    with db.transaction(database) as conn:
-        done = conn.execute(devices.update().where(devices.c.id == device).where(devices.c.lease_owner == worker)
-                            .values(lease_expires=now() + dt.timedelta(seconds=lease_s)))
-        return done.rowcount == 1
+    """Extend the lease if this worker still holds it. A restarting server is waited for (and the renewal
+    made again) for at most a third of the lease: the renewer's next tick, while the lease still holds."""
+    def once() -> bool:
+        with db.transaction(database, reconnect_s=lease_s / 3) as conn:
+            done = conn.execute(devices.update().where(devices.c.id == device)
+                                .where(devices.c.lease_owner == worker)
+                                .values(lease_expires=clock(conn) + dt.timedelta(seconds=lease_s)))
+            return done.rowcount == 1
+
+    return db.retried(once, lease_s / 3)
 
 
 def give_back(database: str, device: int, worker: str, state: str) -> None:
     """Release a lease this worker holds, the device back in ``state``, after its work was interrupted (an
     error, Ctrl-C): another worker need not wait for the lease to expire. Best effort: a database that
     cannot be reached leaves the lease to expire."""
-    try:
+    def once() -> None:
         with db.transaction(database) as conn:
+            t = clock(conn)
             done = conn.execute(devices.update().where(devices.c.id == device).where(devices.c.lease_owner == worker)
-                                .values(state=state, lease_owner=None, lease_expires=None, updated_at=now()))
+                                .values(state=state, lease_owner=None, lease_expires=None, updated_at=t))
             if done.rowcount:
                 conn.execute(events.insert().values(device=device, kind="interrupted",
-                                                    detail={"worker": worker, "back_to": state}, at=now()))
+                                                    detail={"worker": worker, "back_to": state}, at=t))
+
+    try:
+        db.retried(once)
     except KeyedgeError:
         pass
 

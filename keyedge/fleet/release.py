@@ -22,7 +22,9 @@ import contextlib
 import json
 import math
 import secrets
+import datetime as dt
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from ..core.models import file_sha256
 from ..core.progress import Echo, echo, quiet
 from ..core.tables import pct
 from . import db
-from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, give_back, holders,
+from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, clock, give_back, holders,
                      leased_elsewhere, now, rank_worker)
 from .pinned import VaultKeys, check_base, fleet_row, known_devices
 from .schema import devices, events, releases, waves
@@ -205,18 +207,23 @@ class Wave:
         return max(1, math.ceil(value / 100 * fleet_devices)) if percent else int(value)
 
 
-def _start_wave(database: str, wave: Wave, worker: str) -> tuple[int, int, int] | None:
-    """A new wave row; returns its id, number and size; None when no device waits for release. One wave
-    runs at a time: a running wave whose worker holds no lease any more (it was killed) is marked
-    ``interrupted``; one whose worker is still releasing is refused."""
+def _start_wave(database: str, wave: Wave, worker: str, lease_s: float) -> tuple[int, int, int] | None:
+    """A new wave row, its lease held by ``worker`` for ``lease_s``; returns its id, number and size; None
+    when no device waits for release. One wave runs at a time: a running wave is taken for dead (and marked
+    ``interrupted``) only when its own lease expired and its worker holds no live device lease either; a
+    live one is refused."""
     with db.transaction(database) as conn:
+        t = clock(conn)
         for running in conn.execute(waves.select().where(waves.c.state == "running").with_for_update()).all():
+            leased = running.lease_expires is not None and conn.execute(
+                sa.select(sa.func.count()).select_from(waves).where(waves.c.id == running.id)
+                .where(waves.c.lease_expires >= t)).scalar()
             busy = conn.execute(sa.select(sa.func.count()).select_from(devices).where(
-                devices.c.lease_owner == running.worker).where(devices.c.lease_expires >= now())).scalar()
-            if busy:
+                devices.c.lease_owner == running.worker).where(devices.c.lease_expires >= t)).scalar()
+            if leased or busy:
                 raise KeyedgeError(f"wave {running.number} is running (worker {running.worker}): one wave at a time")
-            conn.execute(waves.update().where(waves.c.id == running.id).values(state="interrupted",
-                                                                               finished_at=now()))
+            conn.execute(waves.update().where(waves.c.id == running.id).values(state="interrupted", finished_at=t,
+                                                                               lease_expires=None))
         waiting = conn.execute(sa.select(sa.func.count()).select_from(devices)
                                .where(devices.c.state.in_(RELEASE.claimable))).scalar() or 0
         if not waiting:
@@ -227,20 +234,51 @@ def _start_wave(database: str, wave: Wave, worker: str) -> tuple[int, int, int] 
         size = wave.size(alive)
         wave_id = conn.execute(waves.insert().values(
             number=number, requested=wave.requested.strip(), size=size, abort_above=wave.abort_above,
-            state="running", released=0, failed=0, worker=worker, started_at=now())).inserted_primary_key[0]
+            state="running", released=0, failed=0, worker=worker, started_at=t,
+            lease_expires=t + dt.timedelta(seconds=lease_s))).inserted_primary_key[0]
     return wave_id, number, size
 
 
-def _count_in_wave(database: str, wave_id: int, *, state: str | None = None) -> dict[str, Any]:
-    """The wave's counts, from its release rows (the truth), written to its row; with ``state``, it ends."""
+def _renew_wave(database: str, wave_id: int, worker: str, lease_s: float) -> bool:
+    """Extend the wave's lease while it runs under this worker; False once another command ended it."""
+    with db.transaction(database, reconnect_s=lease_s / 3) as conn:
+        return conn.execute(waves.update().where(waves.c.id == wave_id).where(waves.c.state == "running")
+                            .where(waves.c.worker == worker)
+                            .values(lease_expires=clock(conn) + dt.timedelta(seconds=lease_s))).rowcount == 1
+
+
+class WaveLease(threading.Thread):
+    """Renews the wave's lease every third of its length for as long as the wave runs: while a device is
+    released and between devices alike. A wave another command ended (its lease had expired) is ``lost``:
+    the wave's worker claims no further device for it."""
+
+    def __init__(self, database: str, wave_id: int, worker: str, lease_s: float) -> None:
+        super().__init__(daemon=True)
+        self.args, self.stop, self.lost = (database, wave_id, worker, lease_s), threading.Event(), False
+
+    def run(self) -> None:
+        while not self.stop.wait(self.args[3] / 3):
+            try:
+                if not _renew_wave(*self.args):
+                    self.lost = True
+                    return
+            except KeyedgeError:  # the database is busy or restarting: try again at the next tick
+                continue
+
+
+def _count_in_wave(database: str, wave_id: int, *, state: str | None = None,
+                   worker: str | None = None) -> dict[str, Any]:
+    """The wave's counts, from its release rows (the truth), written to its row; with ``state``, the wave
+    ends, unless another command ended it already (only a running wave of ``worker`` is ended)."""
     with db.transaction(database) as conn:
         counted = dict(conn.execute(sa.select(releases.c.state, sa.func.count()).where(releases.c.wave == wave_id)
                                     .group_by(releases.c.state)).all())
-        values: dict[str, Any] = {"released": counted.get("released", 0) + counted.get("revoked", 0),
-                                  "failed": counted.get("failed", 0)}
+        conn.execute(waves.update().where(waves.c.id == wave_id).values(
+            released=counted.get("released", 0) + counted.get("revoked", 0), failed=counted.get("failed", 0)))
         if state is not None:
-            values.update(state=state, finished_at=now())
-        conn.execute(waves.update().where(waves.c.id == wave_id).values(**values))
+            conn.execute(waves.update().where(waves.c.id == wave_id).where(waves.c.state == "running")
+                         .where(waves.c.worker == worker)
+                         .values(state=state, finished_at=clock(conn), lease_expires=None))
         return dict(conn.execute(waves.select().where(waves.c.id == wave_id)).first()._mapping)
 
 
@@ -272,18 +310,24 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
     work = RELEASE_NAMED if only else RELEASE
     outcomes: dict[str, str] = {}
     remaining = list(dict.fromkeys(only)) if only else None  # a named device is tried once per command
-    wave_id, wave_state, size, abort_above = None, None, 0, 0.0
+    wave_id, wave_state, size, abort_above, keeper = None, None, 0, 0.0, None
     try:
         if wave is not None:
-            started = _start_wave(database, wave, worker)
+            started = _start_wave(database, wave, worker, lease_s)
             if started is None:
                 return outcomes
             wave_id, wave_number, size = started
             abort_above = wave.abort_above
+            keeper = WaveLease(database, wave_id, worker, lease_s)
+            keeper.start()
             echo(f"wave {wave_number}: up to {size} device(s), stopped once more than {100 * abort_above:.0f}% "
                  "of them have failed")
         while remaining is None or remaining:
             if wave_id is not None and len(outcomes) >= size:
+                break
+            if keeper is not None and keeper.lost:
+                echo(f"wave {wave_number} was ended by another command (its lease had expired): no further device "
+                     "released in it", err=True)
                 break
             row = claim(database, worker, lease_s, remaining, work)
             if row is None:
@@ -311,11 +355,15 @@ def release_devices(database: str, master: bytearray, out: Path, *, only: list[s
     except BaseException:
         if wave_id is not None:
             with contextlib.suppress(KeyedgeError):  # best effort: the next wave marks it otherwise
-                _count_in_wave(database, wave_id, state="interrupted")
+                _count_in_wave(database, wave_id, state="interrupted", worker=worker)
         raise
+    finally:
+        if keeper is not None:
+            keeper.stop.set()
+            keeper.join()
     if wave_id is not None:
-        counts = _count_in_wave(database, wave_id, state=wave_state or "completed")
-        if wave_state is None:
+        counts = _count_in_wave(database, wave_id, state=wave_state or "completed", worker=worker)
+        if wave_state is None and counts["state"] == "completed":
             echo(f"wave {counts['number']} completed: {counts['released']} released, {counts['failed']} failed")
     return outcomes
 

@@ -96,6 +96,8 @@ waves = Table(
     Column("worker", String(128), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # the wave's own lease, renewed by its worker while the wave runs (revision 0005)
+    Column("lease_expires", DateTime(timezone=True), nullable=True),
 )
 
 # what happened, in order, never overwritten

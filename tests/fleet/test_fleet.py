@@ -67,7 +67,7 @@ def test_a_fleet_on_sqlite(tmp_path):
     assert oct(os.stat(tmp_path / "master.key").st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0004"
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0005"
         kinds = [k for (k,) in c.execute("SELECT kind FROM events ORDER BY id")]
     assert kinds == ["init", "enroll", "enroll", "enroll"]
     # nothing secret in the database: no key's permutation, no key file, no vault secret, no master key
@@ -195,7 +195,7 @@ def test_an_unmigrated_database_is_upgraded_by_alembic(tmp_path):
     sqlite3.connect(db).close()  # a database of no schema yet
     r = keyedge("fleet", "status", "--db", db)
     assert r.returncode == 2 and "keyedge fleet upgrade" in r.stderr
-    assert "schema none -> 0004" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
+    assert "schema none -> 0005" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
     assert "up to date" in _ok(keyedge("fleet", "upgrade", "--db", db)).stdout
 
 
@@ -213,7 +213,7 @@ def test_a_fleet_of_an_older_schema_keeps_its_devices_through_the_migration(tmp_
                              "key_fingerprint, state, enrolled_at, updated_at) VALUES ('cam-0', 'desktop', x'00', "
                              "'ab', 'cd', 'enrolled', '2026-01-01 00:00:00', '2026-01-01 00:00:00')")
     engine.dispose()
-    assert "schema 0001 -> 0004" in _ok(keyedge("fleet", "upgrade", "--db", path)).stdout
+    assert "schema 0001 -> 0005" in _ok(keyedge("fleet", "upgrade", "--db", path)).stdout
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT device_id, state, attempts, lease_owner FROM devices").fetchall() == [
             ("cam-0", "enrolled", 0, None)]
