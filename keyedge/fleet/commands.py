@@ -296,6 +296,9 @@ def status_in(conn, database: str) -> dict[str, Any]:
         latest, (releases.c.device == latest.c.device) & (releases.c.number == latest.c.number)))}
     current = {r.device: r for r in conn.execute(releases.select().where(releases.c.state == "released"))}
     counted = dict(conn.execute(sa.select(releases.c.device, sa.func.count()).group_by(releases.c.device)).all())
+    # why a device was revoked: its revoke event says so, released or not (the last one: a device is revoked once)
+    revoked_why = {e.device: (e.detail or {}).get("reason") for e in conn.execute(
+        events.select().where(events.c.kind == "revoke").order_by(events.c.id))}
     staged = [{"wave": w.number, "requested": w.requested, "size": w.size, "abort_above": w.abort_above,
                "state": w.state, "released": w.released, "failed": w.failed,
                "started_at": w.started_at.isoformat()}
@@ -307,7 +310,8 @@ def status_in(conn, database: str) -> dict[str, Any]:
             "device": r.device_id, "target": r.target, "key_fingerprint": r.key_fingerprint,
             "device_fingerprint": r.device_fingerprint, "state": r.state, "worker": r.lease_owner,
             "attempts": r.attempts, "run": r.run_dir, "releases": counted.get(r.id, 0),
-            "reason": rel.reason if rel is not None and r.state in ("failed", "revoked") else None,
+            "reason": revoked_why.get(r.id) if r.state == "revoked" else
+            rel.reason if rel is not None and r.state == "failed" else None,
             "bundle": None if cur is None else {
                 "release": cur.number, "path": cur.bundle_path, "sha256": cur.bundle_sha256,
                 "bytes": cur.bundle_bytes, "key_fingerprint": cur.key_fingerprint, "fold_mode": cur.fold_mode,

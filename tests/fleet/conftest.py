@@ -1,7 +1,8 @@
 """The fleet tests run on a SQLite file and on a real PostgreSQL server (``database``): one throwaway
 cluster for the session, in a temporary directory, started by the tests as an unprivileged user and
 listening on a unix socket only (no TCP), a fresh database for each test; the PostgreSQL half skips,
-with the reason, where no server can be started."""
+with the reason, where no server can be started. The cluster trusts its superuser on the socket, and asks
+one role, ``PASSWORD_ROLE``, for its password (scram-sha-256): what a refused password looks like."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+PASSWORD_ROLE, PASSWORD = "keyedge_pw", "right-horse-battery"
 
 
 def _initdb() -> str | None:
@@ -44,16 +47,20 @@ class _Cluster:
         self.bindir, self.port = Path(initdb).parent, str(20000 + os.getpid() % 20000)
         subprocess.run([*self.as_user, initdb, "-D", str(self.root / "data"), "-U", "keyedge", "--auth=trust",
                         "-E", "UTF8"], check=True, capture_output=True)
+        hba = self.root / "data" / "pg_hba.conf"  # the password role's line first: the first match decides
+        hba.write_text(f"local all {PASSWORD_ROLE} scram-sha-256\n" + hba.read_text())
         self.ctl("-w", "-l", str(self.root / "log"), "-o",
                  f"-p {self.port} -k {self.root} -c listen_addresses='' -c max_connections=300", "start")
         self.names = itertools.count()
+        self.admin(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{PASSWORD}'")  # scram-sha-256: 15's default
 
     def ctl(self, *args: str) -> None:
         subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), *args],
                        check=True, capture_output=True)
 
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://keyedge@/{database}?host={self.root}&port={self.port}"
+    def url(self, database: str, user: str = "keyedge", password: str | None = None) -> str:
+        login = user if password is None else f"{user}:{password}"
+        return f"postgresql+psycopg://{login}@/{database}?host={self.root}&port={self.port}"
 
     def admin(self, sql: str) -> None:
         import psycopg

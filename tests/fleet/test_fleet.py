@@ -166,12 +166,25 @@ def test_a_tampered_vault_and_a_newer_schema_are_refused(fleet):
     (root / "fleet.vault").write_bytes(bytes(data))
     before = _state(root, db)
     r = keyedge("fleet", "enroll", "cam-1", "--pubkey", pubs[1], "--target", "desktop", *opts)
-    assert r.returncode == 2 and "tampered" in r.stderr and _state(root, db) == before
+    assert r.returncode == 2 and "tampered" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert _state(root, db) == before
     with fleet_db.engine_for(db).begin() as c:
         c.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff'")
-    for args in (["status", "--db", db], ["upgrade", "--db", db]):
+    before = _state(root, db)
+    for args in (["status", "--db", db], ["upgrade", "--db", db], ["enroll", "cam-1", "--pubkey", pubs[1],
+                                                                   "--target", "desktop", *opts]):
         r = keyedge("fleet", *args)
         assert r.returncode == 2 and "newer than this keyedge knows" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert _state(root, db) == before  # nothing migrated, enrolled or rewritten
+
+
+def test_status_says_why_a_device_was_revoked_before_any_release(fleet):
+    root, db, opts, pubs = fleet
+    _ok(keyedge("fleet", "revoke", "cam-0", "--reason", "lost in transit", *opts))
+    device, = json.loads(_ok(keyedge("fleet", "status", "--db", db, "--json")).stdout)["devices"]
+    assert device["state"] == "revoked" and device["releases"] == 0 and device["reason"] == "lost in transit"
+    assert "lost in transit" in _ok(keyedge("fleet", "status", "--db", db)).stdout
 
 
 def test_init_refuses_before_writing_anything(tmp_path):
@@ -219,24 +232,24 @@ def test_a_fleet_of_an_older_schema_keeps_its_devices_through_the_migration(tmp_
             ("cam-0", "enrolled", 0, None)]
 
 
-def test_the_migrations_make_the_schema_keyedge_uses(tmp_path):
-    """Alembic's own comparison of the migrated database with schema.py: no table, column, type,
-    nullability or constraint differs."""
+def test_the_migrations_make_the_schema_keyedge_uses(database):
+    """Alembic's own comparison of the migrated database with schema.py, on SQLite and on PostgreSQL: no
+    table, column, type, nullability or constraint differs."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
     from keyedge.fleet import db as fleet_db
     from keyedge.fleet.schema import metadata
 
-    path = str(tmp_path / "fleet.db")
-    engine = fleet_db.engine_for(path, must_exist=False)
+    engine = fleet_db.engine_for(database, must_exist=False)
     try:
         with engine.begin() as conn:
             fleet_db.upgrade(conn)
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            assert fleet_db.current_revision(conn) == fleet_db.head_revision()
     finally:
-        engine.dispose()
+        fleet_db.forget(database)
     assert diff == []
 
 
@@ -325,3 +338,24 @@ def test_a_postgresql_server_that_cannot_be_reached_is_one_line(url):
         r = keyedge("fleet", *args, "--db", url)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "Traceback" not in r.stderr and "wrong" not in r.stderr  # the password is never shown
+
+
+def test_a_refused_password_is_one_line_at_once_and_never_shown(pg_cluster):
+    """The session's server asks PASSWORD_ROLE for its password (scram-sha-256 on the unix socket)."""
+    import time
+
+    from .conftest import PASSWORD, PASSWORD_ROLE
+
+    wrong = "WRONG-pw-7f3a"
+    for args in (["status"], ["upgrade"], ["status", "--json"]):
+        t0 = time.monotonic()
+        r = keyedge("fleet", *args, "--db", pg_cluster.url("postgres", PASSWORD_ROLE, wrong))
+        took = time.monotonic() - t0
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert "password authentication failed" in lines[0] and PASSWORD_ROLE in lines[0], r.stderr
+        assert wrong not in r.stderr + r.stdout and took < 5  # not waited on as a restarting server is
+    # the right password gets past the server's check (to a database that holds no fleet yet)
+    r = keyedge("fleet", "status", "--db", pg_cluster.url("postgres", PASSWORD_ROLE, PASSWORD))
+    assert r.returncode == 2 and "keyedge fleet upgrade" in r.stderr and "authentication" not in r.stderr
+    assert PASSWORD not in r.stderr

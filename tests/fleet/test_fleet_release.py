@@ -58,6 +58,12 @@ def trained(tmp_path, database):
 _rows = rows
 
 
+def _tree(root: Path) -> dict[str, tuple]:
+    """Every path under ``root``: its mode and, for a file, its bytes."""
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
 def _left(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root / "rel")) for p in (root / "rel").rglob("*") if p.is_file())
 
@@ -312,8 +318,10 @@ def test_export_hands_the_released_bundles_and_one_index_to_an_ota_system(traine
     assert index["publisher"]["fingerprint"] == entries["cam-1"]["publisher"]
     assert sorted(p.name for p in (root / "ota" / "bundles").iterdir()) == ["cam-1.kes"]
     # into a non-empty directory, or from a bundle changed since its release: one line, nothing written
+    before = _tree(root / "ota")
     r = keyedge("fleet", "export", "--to", root / "ota", "--db", db)
-    assert r.returncode == 2 and "not an empty directory" in r.stderr
+    assert r.returncode == 2 and "not an empty directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert _tree(root / "ota") == before  # every path, its mode and its bytes as they were
     bundle = Path(commands.status(db)["devices"][1]["bundle"]["path"])
     bundle.write_bytes(bundle.read_bytes() + b"x")
     r = keyedge("fleet", "export", "--to", root / "ota2", "--db", db)
