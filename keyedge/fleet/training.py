@@ -82,14 +82,18 @@ def train_devices(database: str, master: bytearray, runs: Path, *, only: list[st
         finally:
             if key is not None:
                 key.wipe()
-        with db.transaction(database) as conn:
-            recorded = conn.execute(devices.update().where(devices.c.id == row["id"])
-                                    .where(devices.c.lease_owner == worker).where(devices.c.state == "training")
-                                    .values(state="trained", lease_owner=None, lease_expires=None,
-                                            run_dir=result["run"], updated_at=now())).rowcount
-            if recorded:
-                conn.execute(events.insert().values(device=row["id"], kind="trained",
-                                                    detail={"worker": worker, **result}, at=now()))
+        try:
+            with db.transaction(database) as conn:
+                recorded = conn.execute(devices.update().where(devices.c.id == row["id"])
+                                        .where(devices.c.lease_owner == worker).where(devices.c.state == "training")
+                                        .values(state="trained", lease_owner=None, lease_expires=None,
+                                                run_dir=result["run"], updated_at=now())).rowcount
+                if recorded:
+                    conn.execute(events.insert().values(device=row["id"], kind="trained",
+                                                        detail={"worker": worker, **result}, at=now()))
+        except BaseException:  # not recorded (rolled back): the device waits for training again, from its run
+            give_back(database, row["id"], worker, "enrolled")
+            raise
         if recorded:
             done.append(row["device_id"])
             echo(f"trained {row['device_id']} ({'resumed' if result['resumed'] else 'from the base'}): "

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from keyedge import Key
+from keyedge.core.progress import quiet
 from keyedge.fleet.vault import Vault, read_master_key
 from keyedge.runtime.bundle import DeviceKey
 
@@ -359,3 +360,41 @@ def test_a_refused_password_is_one_line_at_once_and_never_shown(pg_cluster):
     r = keyedge("fleet", "status", "--db", pg_cluster.url("postgres", PASSWORD_ROLE, PASSWORD))
     assert r.returncode == 2 and "keyedge fleet upgrade" in r.stderr and "authentication" not in r.stderr
     assert PASSWORD not in r.stderr
+
+
+@pytest.mark.parametrize("step", ["publisher key write", "migration", "commit"])
+@pytest.mark.parametrize("master_exists", [False, True])
+def test_init_failing_after_the_vault_is_written_leaves_nothing_behind(tmp_path, database, monkeypatch, step,
+                                                                        master_exists):
+    """No database (no tables on PostgreSQL), no vault, no publisher key, and no master key it created (one
+    that was there stays as it was)."""
+    import sqlalchemy as sa
+
+    from keyedge.fleet import commands
+    from keyedge.fleet import db as fleet_db
+    from keyedge.fleet.vault import new_master_key
+
+    (tmp_path / "base.safetensors").write_bytes(os.urandom(256))
+    if master_exists:
+        new_master_key(tmp_path / "master.key")
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    target = {"publisher key write": (commands, "atomic_write_bytes"), "migration": (fleet_db, "upgrade"),
+              "commit": (sa.engine.Connection, "commit")}[step]
+    monkeypatch.setattr(*target, boom)
+    with pytest.raises(OSError):
+        commands.init(database, commands.FleetSpec(tmp_path / "base.safetensors", "vit_tiny_patch16_224", {},
+                                                   "digits", 4), tmp_path / "fleet.vault",
+                      commands.MasterKey(tmp_path / "master.key"), echo=quiet)
+    monkeypatch.undo()
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+    if "://" in database:
+        with fleet_db.engine_for(database).connect() as c:
+            assert sa.inspect(c).get_table_names() == []
+    # and the same fleet is created afterwards as if nothing happened
+    commands.init(database, commands.FleetSpec(tmp_path / "base.safetensors", "vit_tiny_patch16_224", {},
+                                               "digits", 4), tmp_path / "fleet.vault",
+                  commands.MasterKey(tmp_path / "master.key"), echo=quiet)

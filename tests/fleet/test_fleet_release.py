@@ -28,8 +28,16 @@ OPTS = ReleaseOptions(parity_n=30)
 
 
 @pytest.fixture
-def trained(tmp_path, database):
+def trained(enrolled):
     """Two devices trained (in this process) from a random-init base: enough for every release step."""
+    tmp_path, db, master = enrolled
+    train_devices(db, master, tmp_path / "runs", echo=quiet)
+    return tmp_path, db, master
+
+
+@pytest.fixture
+def enrolled(tmp_path, database):
+    """Two devices enrolled in a fleet of a random-init base."""
     from safetensors.torch import save_file
 
     from keyedge import create_vit
@@ -50,9 +58,7 @@ def trained(tmp_path, database):
         r = keyedge("fleet", "enroll", f"cam-{i}", "--pubkey", tmp_path / f"cam-{i}.pub", "--target", target,
                     "--db", db, "--master-key", tmp_path / "master.key")
         assert r.returncode == 0, r.stderr
-    master = read_master_key(tmp_path / "master.key")
-    train_devices(db, master, tmp_path / "runs", echo=quiet)
-    return tmp_path, db, master
+    return tmp_path, db, read_master_key(tmp_path / "master.key")
 
 
 _rows = rows
@@ -322,7 +328,90 @@ def test_export_hands_the_released_bundles_and_one_index_to_an_ota_system(traine
     r = keyedge("fleet", "export", "--to", root / "ota", "--db", db)
     assert r.returncode == 2 and "not an empty directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert _tree(root / "ota") == before  # every path, its mode and its bytes as they were
+    # a copy that fails half-way (the disk fills up): the new directory is not there, not half-written
+    from keyedge.fleet import export
+
+    def half_then_full(source, dest, chunk=1 << 22):
+        dest.write_bytes(source.read_bytes()[:100])
+        raise OSError(28, "No space left on device")
+
+    for to in (root / "ota3", root / "empty"):
+        if to.name == "empty":
+            to.mkdir()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(export, "_copy_hashed", half_then_full)
+            r = keyedge("fleet", "export", "--to", to, "--db", db)
+        assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert (not to.exists()) if to.name == "ota3" else list(to.iterdir()) == []
+    assert not list(root.glob(".*.partial"))  # the staging directory is gone too
     bundle = Path(commands.status(db)["devices"][1]["bundle"]["path"])
     bundle.write_bytes(bundle.read_bytes() + b"x")
     r = keyedge("fleet", "export", "--to", root / "ota2", "--db", db)
     assert r.returncode == 2 and "changed since its release" in r.stderr and not (root / "ota2").exists()
+
+
+def test_a_release_failing_at_any_step_leaves_the_device_trained_and_nothing_behind(trained, monkeypatch):
+    """Each step does its work (its files written), then the process fails (an OSError, not a verdict):
+    no release recorded, the device trained and free, no bundle and no plaintext left."""
+    from keyedge.deploy import seal
+    from keyedge.runtime.bundle import Trust
+    from keyedge.workflows import build, export
+
+    root, db, master = trained
+    before = _state(root, db)
+
+    def after(real):
+        def fn(*args, **kwargs):
+            real(*args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return fn
+
+    for step, (owner, name) in {"export": (export, "export_run"), "build plan": (build, "build"),
+                                "seal": (seal, "seal_artifact"), "verify": (Trust, "check")}.items():
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(owner, name, after(getattr(owner, name)))
+            with pytest.raises(OSError):
+                release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet)
+        assert _rows(db, "SELECT state, lease_owner FROM devices WHERE device_id = 'cam-0'") == [("trained", None)], step
+        assert _rows(db, "SELECT count(*) FROM releases") == [(0,)], step
+        assert _left(root) == [], step  # no bundle, no plaintext, no report: the staging directory is gone
+        kinds = [k for (k,) in _rows(db, "SELECT kind FROM events ORDER BY id")]
+        assert "released" not in kinds and "release_failed" not in kinds, step
+    assert _state(root, db)[1] == before[1]  # the vault as it was
+    assert release_devices(db, master, root / "rel", only=["cam-0"], opts=OPTS, echo=quiet) == {"cam-0": "released"}
+
+
+def test_train_failing_at_its_record_step_leaves_the_device_to_train_again(enrolled, monkeypatch):
+    import sqlalchemy as sa
+
+    from keyedge.fleet import training
+
+    root, db, master = enrolled
+    vault = _state(root, db)[1]
+    armed: list[bool] = []
+    real_train, real_commit = training._train_one, sa.engine.Connection.commit
+
+    def train_then_arm(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        armed.append(True)  # the next commit is the record's
+        return result
+
+    def commit(self):
+        if armed:
+            armed.clear()
+            raise OSError(28, "No space left on device")
+        return real_commit(self)
+
+    monkeypatch.setattr(training, "_train_one", train_then_arm)
+    monkeypatch.setattr(sa.engine.Connection, "commit", commit)
+    with pytest.raises(OSError):
+        train_devices(db, master, root / "runs", only=["cam-0"], echo=quiet)
+    monkeypatch.undo()
+    assert _rows(db, "SELECT state, lease_owner, lease_expires, run_dir FROM devices WHERE device_id = 'cam-0'") == [
+        ("enrolled", None, None, None)]
+    kinds = [k for (k,) in _rows(db, "SELECT kind FROM events ORDER BY id")]
+    assert "trained" not in kinds and kinds[-1] == "interrupted"
+    assert _state(root, db)[1] == vault
+    assert train_devices(db, master, root / "runs", only=["cam-0"], echo=quiet) == ["cam-0"]
+    assert [k for (k,) in _rows(db, "SELECT kind FROM events ORDER BY id")].count("trained") == 1
