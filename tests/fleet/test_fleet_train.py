@@ -187,3 +187,37 @@ def test_train_refuses_a_changed_base_and_an_unknown_device(fleet3):
     assert r.returncode == 2 and "changed since fleet init" in r.stderr
     assert not (root / "runs").exists()
     assert {s for (s,) in _rows(db, "SELECT state FROM devices")} == {"enrolled"}
+
+
+def test_a_full_fine_tune_fleet_is_trained_and_released(tmp_path):
+    """--mode full (every weight fine-tuned per device, no adapter): init, train and release on SQLite."""
+    from safetensors.torch import save_file
+
+    from keyedge import create_vit
+
+    model = create_vit("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2, embed_dim=48, num_heads=3,
+                       num_classes=10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    db = str(tmp_path / "fleet.db")
+    master = ["--db", db, "--master-key", tmp_path / "master.key"]
+    r = keyedge("fleet", "init", "--db", db, "--base", tmp_path / "base.safetensors", *MODEL, "--data", "digits",
+                "--block-size", "4", "--mode", "full", "--epochs", "1", "--batch-size", "64", "--vault",
+                tmp_path / "fleet.vault", "--master-key", tmp_path / "master.key")
+    assert r.returncode == 0 and "full" in r.stdout, r.stderr
+    DeviceKey.generate().save(tmp_path / "cam-0.key")
+    (tmp_path / "cam-0.pub").write_bytes(DeviceKey.from_bytes((tmp_path / "cam-0.key").read_bytes(),
+                                                              "k").public.to_bytes())
+    r = keyedge("fleet", "enroll", "cam-0", "--pubkey", tmp_path / "cam-0.pub", "--target", "jetson-orin", *master)
+    assert r.returncode == 0, r.stderr
+    r = keyedge("fleet", "train", *master, "--runs", tmp_path / "runs")
+    assert r.returncode == 0 and "trained cam-0" in r.stdout, r.stderr
+    (run_dir,), = _rows(db, "SELECT run_dir FROM devices")
+    run = read_run(Path(run_dir))
+    assert run.mode == "full" and run.epochs_done == 1
+    r = keyedge("fleet", "release", *master, "--out", tmp_path / "rel", "--parity-n", "30")
+    assert r.returncode == 0 and "released cam-0 r1" in r.stdout, r.stderr
+    device = _status(db)["cam-0"]
+    assert device["state"] == "released" and device["bundle"]["fold_mode"] == "fused"
+    r = keyedge("unseal", device["bundle"]["path"], "--device-key", tmp_path / "cam-0.key", "--trust",
+                tmp_path / "publisher.pub")
+    assert r.returncode == 0 and "signed by trusted publisher" in r.stdout, r.stderr
