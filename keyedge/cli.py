@@ -388,6 +388,10 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
           iters: int = typer.Option(B.iters, min=1, help="Timed iterations per model per round."),
           estimate: bool = typer.Option(False, help="Roofline floor for --target instead of measuring."),
           target: str = typer.Option("desktop", help="Target profile for --estimate."),
+          ensemble_draw: int | None = typer.Option(None, min=1, help="A random ensemble: members drawn from the OS "
+                                                                     "CSPRNG to answer each query (default 1)."),
+          query_noise: float | None = typer.Option(None, help="RND: Gaussian noise of this standard deviation "
+                                                              "([0,1] image scale) added to every query."),
           device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
           trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
           force: bool = FORCE) -> None:
@@ -399,7 +403,8 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
     if estimate:
         workflow.estimate(artifacts, target, batches)
         return
-    workflow.bench(artifacts, out, BenchConfig(device=device, batches=batches, rounds=rounds, iters=iters),
+    workflow.bench(artifacts, out, BenchConfig(device=device, batches=batches, rounds=rounds, iters=iters,
+                                               ensemble_draw=ensemble_draw, query_noise=query_noise),
                    key_path=key, access=access(device_key, device_key_command, trust, allow_unsigned), force=force)
 
 

@@ -76,3 +76,5 @@ class BenchConfig:
     rounds: int = 5
     iters: int = 10
     warmup: int = 3
+    ensemble_draw: int | None = None   # a random ensemble: members drawn per query (default 1)
+    query_noise: float | None = None   # RND: Gaussian noise of this standard deviation added to every query

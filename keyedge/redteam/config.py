@@ -101,3 +101,21 @@ class AuditConfig:
     seed: int = 0
     fail_above: float | None = None  # exit 3 when an artifact leaks more than this fraction of the key
     attack: AttackBudget = field(default_factory=lambda: AttackBudget("linf", 8 / 255, 50, 2 / 255, True))
+
+
+@dataclass
+class RandomizedConfig:
+    """The evaluation of a randomized defense (:mod:`keyedge.redteam.randomized`)."""
+    budgets: tuple[int, ...] = (100, 1000, 5000)   # queries per image, every EOT repetition counted
+    eot: tuple[int, ...] = (1, 4)                  # each query asked k times and averaged
+    square_expected_max: int = 1000                # Square on the exact expected output (where there is one) up to
+                                                   # this budget: each such query costs N member rows
+    label_only: bool = True
+    draws: int = 10                                # independent draws that score every final image
+    eps: float = 8 / 255
+    whitebox_steps: int = 20
+    batch_size: int = 128
+    seed: int = 0
+
+    def linf(self, steps: int) -> AttackBudget:
+        return AttackBudget("linf", self.eps, steps, 2.5 * self.eps / steps, True, 1)

@@ -18,8 +18,8 @@ from .bundle import SUFFIX, Opener, SealedLoader
 class Artifact:
     """What a path points at. ``sealed``: for a ``.kes`` bundle, the loader that opens it in memory at
     each activation of a runner (nothing of it stays in plaintext in between)."""
-    kind: Literal["run", "onnx", "engine"]
-    path: Path  # the run directory, the .onnx or .engine file, or the .kes bundle
+    kind: Literal["run", "onnx", "engine", "ensemble"]
+    path: Path  # the run directory, the .onnx or .engine file, the .kes bundle, or an ensemble's directory
     manifest: RunManifest | ArtifactManifest
     sealed: SealedLoader | None = None
 
@@ -70,12 +70,17 @@ def open_artifact(path: str | Path, *, prefer_engine: bool = True, opener: Opene
             data = read_json_file(path / MANIFEST, "manifest")
             if data.get("format") == RunManifest.FORMAT:
                 return Artifact("run", path, RunManifest.from_dict(data, str(path / MANIFEST)))
+            if data.get("format") == ArtifactManifest.FORMAT:  # a random ensemble's members side by side
+                manifest = ArtifactManifest.from_dict(data, str(path / MANIFEST))
+                if manifest.ensemble is not None:
+                    return Artifact("ensemble", path, manifest)
         raise KeyedgeError(f"{path} holds no keyedge artifact (a run directory, model.onnx, "
                            "or model.engine with model.engine.json)")
     if not path.exists():
         raise KeyedgeError(f"artifact {path} does not exist")
     if path.suffix == ".onnx":
-        return Artifact("onnx", path, read_onnx_manifest(path))
+        manifest = read_onnx_manifest(path)
+        return Artifact("ensemble" if manifest.ensemble is not None else "onnx", path, manifest)
     if path.suffix in (".engine", ".plan"):
         sidecar = engine_manifest_path(path)
         if not sidecar.is_file():
@@ -87,6 +92,6 @@ def open_artifact(path: str | Path, *, prefer_engine: bool = True, opener: Opene
 def open_export(path: str | Path) -> Artifact:
     """An exported ONNX artifact (an export or build directory, or its model.onnx), never an engine or a run."""
     art = open_artifact(path, prefer_engine=False)
-    if art.kind != "onnx" or art.sealed is not None:
+    if art.kind not in ("onnx", "ensemble") or art.sealed is not None:
         raise KeyedgeError(f"{path} is not an exported artifact (no model.onnx); run keyedge export")
     return art

@@ -37,7 +37,7 @@ def onnxruntime_dev(tmp_path_factory):
     return ORT_HEADERS, libdir
 
 
-def _build_package(root: Path, prefix: Path, run, key_path, onnxruntime_dev, *export_args, bindings=()):
+def _build_package(root: Path, prefix: Path, run, key_path, onnxruntime_dev, *export_args, bindings=(), cmake_args=()):
     """Export, generate (``keyedge bindings ... *bindings``), build and install into ``prefix``; returns
     (package name, env)."""
     include, libdir = onnxruntime_dev
@@ -47,7 +47,7 @@ def _build_package(root: Path, prefix: Path, run, key_path, onnxruntime_dev, *ex
     package = r.stdout.split("C++ package ", 1)[1].split()[0]
     cmake = ["cmake", "-S", str(root / "cpp"), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
              f"-DONNXRUNTIME_INCLUDE_DIR={include}", f"-DONNXRUNTIME_LIBRARY={libdir / 'libonnxruntime.so.1'}",
-             "-DCMAKE_CXX_FLAGS=-Werror"]
+             "-DCMAKE_CXX_FLAGS=-Werror", *cmake_args]
     for cmd in (cmake, ["cmake", "--build", str(root / "build"), "-j", "2"],
                 ["cmake", "--install", str(root / "build"), "--prefix", str(prefix)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -338,3 +338,40 @@ int main(int, char** argv) {
                          (("10.3.0", "8.7", "R35.4.1"), "built on Jetson Linux R36.3.0, this device runs R35.4.1")):
         r = check(*args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+def test_a_random_ensemble_answers_in_cpp_as_in_python(lora_ensemble, onnxruntime_dev, tmp_path):
+    """The C++ runtime serves a gathered ensemble: for a given draw (a test build's hook) its answer is the
+    Python runner's; a deployed draw comes fresh from libsodium's CSPRNG per query; bad draws are refused."""
+    from keyedge.runtime.runners.ensemble import EnsembleRunner
+
+    ens, keys_path, _, _ = lora_ensemble
+    prefix = tmp_path / "prefix"
+    package, env = _build_package(tmp_path / "ens", prefix, ens, keys_path, onnxruntime_dev,
+                                  cmake_args=("-DKEYEDGE_ENSEMBLE_TEST_API=ON",))
+    img = _photo(16)
+    (tmp_path / "photo.ppm").write_bytes(b"P6\n16 16\n255\n" + img.tobytes())
+    model = _model(prefix, package)
+    canonical = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    with EnsembleRunner(model, draw=2) as runner:
+        x = runner.input_spec.from_canonical(canonical)
+        for members in ([0, 2], [1, 0], [2]):
+            r = _classify(prefix, package, env, model, tmp_path / "photo.ppm", "--members",
+                          ",".join(map(str, members)), "--dump-logits", tmp_path / "logits.txt")
+            assert r.returncode == 0, r.stderr
+            py = runner.answer(x, np.array([members]))[0]
+            assert np.abs(np.loadtxt(tmp_path / "logits.txt") - py).max() <= 1e-4, members
+    answers = set()
+    for _ in range(12):  # a draw of one of three members per query: the answers differ across queries
+        r = _classify(prefix, package, env, model, tmp_path / "photo.ppm", "--ensemble-draw", "1",
+                      "--dump-logits", tmp_path / "logits.txt")
+        assert r.returncode == 0, r.stderr
+        answers.add(tuple(np.round(np.loadtxt(tmp_path / "logits.txt"), 4)))
+    assert len(answers) >= 2
+    r = _classify(prefix, package, env, model, tmp_path / "photo.ppm", "--ensemble-draw", "3")
+    assert r.returncode == 0 and r.stdout.startswith("backend: onnxruntime-cpu"), r.stderr
+    for bad, needle in (("4", "cannot draw 4 of 3 members"), ("0", "cannot draw 0 of 3 members")):
+        r = _classify(prefix, package, env, model, tmp_path / "photo.ppm", "--ensemble-draw", bad)
+        assert _one_line_refusal(r, needle), r.stderr
+    r = _classify(prefix, package, env, model, tmp_path / "photo.ppm", "--members", "0,3")
+    assert _one_line_refusal(r, "member index is 0 to 2"), r.stderr

@@ -122,3 +122,58 @@ def test_bad_ensemble_exports_are_one_line_and_write_nothing(lora_ensemble, trai
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_parity_holds_every_member_to_its_own_reference(lora_ensemble, exported, tmp_path):
+    ens, keys_path, keys, _ = lora_ensemble
+    r = keyedge("parity", exported / "gathered", exported / "separate", "--reference", ens, "--key", keys_path,
+                "--n", "32", "-o", tmp_path / "parity")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "parity" / "parity.json").read_text())
+    assert report["passed"] and report["key_fingerprint"] == keys.fingerprint
+    names = sorted(report["artifacts"])
+    assert len(names) == 6 and all(n.endswith(("[member-0]", "[member-1]", "[member-2]")) for n in names)
+    for result in report["artifacts"].values():
+        assert result["key_fingerprint_match"] and set(result["sets"]) >= {"clean", "whitebox_linf"}
+        assert all(s["top1_agreement"] >= 0.99 for s in result["sets"].values())
+    assert sorted(p.name for p in (tmp_path / "parity").glob("adversarial-member-*.npz")) == [
+        "adversarial-member-0.npz", "adversarial-member-1.npz", "adversarial-member-2.npz"]
+
+
+@pytest.mark.parametrize("case", ["other_set", "no_key", "single_reference"])
+def test_parity_of_an_ensemble_refuses_what_is_not_its_export(lora_ensemble, trained_keyed, exported, tmp_path, case):
+    ens, keys_path, _, _ = lora_ensemble
+    KeySet.generate(3, 4).save(tmp_path / "other.bin")
+    args = {"other_set": ["--reference", ens, "--key", tmp_path / "other.bin"],
+            "no_key": ["--reference", ens],
+            "single_reference": ["--reference", trained_keyed[0], "--key", trained_keyed[1]]}[case]
+    r = keyedge("parity", exported / "gathered", *args, "--n", "8", "-o", tmp_path / "out")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_runs_an_ensemble_s_draw_beside_a_single_model_and_rnd(exported, tmp_path):
+    r = keyedge("bench", exported / "gathered", exported / "separate", "--ensemble-draw", "2", "--batch", "1",
+                "--rounds", "1", "--iters", "2", "-o", tmp_path / "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["measurements"]
+    assert {row["backend"] for row in rows} == {"ensemble-3x2-onnxruntime-cpu"} and len(rows) == 2
+    r = keyedge("bench", exported / "gathered", "--query-noise", "0.02", "--batch", "1", "--rounds", "1",
+                "--iters", "2", "-o", tmp_path / "rnd")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "rnd" / "bench.json").read_text())["measurements"]
+    assert rows[0]["backend"] == "ensemble-3x1-onnxruntime-cpu+rnd0.02"
+
+
+@pytest.mark.parametrize("args,needle", [(["--ensemble-draw", "4"], "cannot draw 4 of 3"),
+                                         (["--ensemble-draw", "0"], "--ensemble-draw"),
+                                         (["--query-noise", "0"], "standard deviation"),
+                                         (["--query-noise", "2"], "standard deviation")])
+def test_bench_refuses_a_bad_draw_or_noise_before_measuring(exported, tmp_path, args, needle):
+    r = keyedge("bench", exported / "gathered", *args, "--batch", "1", "--rounds", "1", "--iters", "1",
+                "-o", tmp_path / "bench")
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not (tmp_path / "bench").exists()

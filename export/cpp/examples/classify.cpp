@@ -1,8 +1,9 @@
 // classify: read a PPM (P6/P3) or PNG image, print the top-5 classes of a keyedge model.
 //
 //   classify MODEL|BUNDLE.kes IMAGE [--key key.bin] [--device-key device.key] [--trust publisher.pub]...
-//            [--allow-unsigned] [--dump-logits FILE] [--device N] [--cuda-graph]
+//            [--allow-unsigned] [--dump-logits FILE] [--device N] [--cuda-graph] [--ensemble-draw S]
 //
+// A random ensemble answers with S of its members drawn afresh (libsodium's CSPRNG): their mean probability.
 // A sealed bundle must be signed by a publisher this package trusts (compiled in) or one given with --trust;
 // --allow-unsigned (development only) opens an unsigned one. The image must have the model's input size.
 // Errors: one line on stderr, exit code 1.
@@ -70,11 +71,20 @@ Image read_png(const std::string& path) {
 }
 #endif
 
-int device_index(const std::string& text) {
+int small_count(const std::string& text, const char* option) {
   if (text.empty() || text.size() > 4 || text.find_first_not_of("0123456789") != std::string::npos)
-    throw keyedge::Error("--device takes a CUDA device index, not " + text);
+    throw keyedge::Error(std::string(option) + " takes a small non-negative integer, not " + text);
   return std::stoi(text);
 }
+
+#ifdef KEYEDGE_ENSEMBLE_TEST_API
+std::vector<int64_t> member_list(const std::string& text) {  // "0,2": the members that answer (test builds)
+  std::vector<int64_t> out;
+  std::istringstream in(text);
+  for (std::string part; std::getline(in, part, ',');) out.push_back(small_count(part, "--members"));
+  return out;
+}
+#endif
 
 Image read_image(const std::string& path) {
   std::ifstream probe(path, std::ios::binary);
@@ -98,10 +108,18 @@ int main(int argc, char** argv) {
     std::vector<std::string> args(argv + 1, argv + argc);
     std::string model_path, image_path, key_path, dump, device_key;
     keyedge::Options options;
+#ifdef KEYEDGE_ENSEMBLE_TEST_API
+    std::vector<int64_t> members;  // test builds: a chosen draw
+#endif
     for (size_t i = 0; i < args.size(); ++i) {
       if (args[i] == "--key" && i + 1 < args.size()) key_path = args[++i];
       else if (args[i] == "--dump-logits" && i + 1 < args.size()) dump = args[++i];
-      else if (args[i] == "--device" && i + 1 < args.size()) options.device = device_index(args[++i]);
+      else if (args[i] == "--device" && i + 1 < args.size()) options.device = small_count(args[++i], "--device");
+      else if (args[i] == "--ensemble-draw" && i + 1 < args.size())
+        options.ensemble_draw = small_count(args[++i], "--ensemble-draw");
+#ifdef KEYEDGE_ENSEMBLE_TEST_API
+      else if (args[i] == "--members" && i + 1 < args.size()) members = member_list(args[++i]);
+#endif
       else if (args[i] == "--cuda-graph") options.cuda_graph = true;
       else if (args[i] == "--device-key" && i + 1 < args.size()) device_key = args[++i];
       else if (args[i] == "--trust" && i + 1 < args.size()) options.trusted_publishers.push_back(args[++i]);
@@ -113,7 +131,7 @@ int main(int argc, char** argv) {
     if (model_path.empty() || image_path.empty())
       throw keyedge::Error("usage: classify MODEL|BUNDLE.kes IMAGE [--key key.bin] [--device-key device.key] "
                            "[--trust publisher.pub]... [--allow-unsigned] [--dump-logits FILE] [--device N] "
-                           "[--cuda-graph]");
+                           "[--cuda-graph] [--ensemble-draw S]");
     const bool sealed = model_path.size() > 4 && model_path.compare(model_path.size() - 4, 4, ".kes") == 0;
     if (sealed && device_key.empty()) throw keyedge::Error("a sealed bundle needs --device-key");
     auto model = sealed ? keyedge::Model::load_sealed(model_path, device_key, options)
@@ -124,7 +142,12 @@ int main(int argc, char** argv) {
       throw keyedge::Error("image is " + std::to_string(img.width) + "x" + std::to_string(img.height) +
                            " but the model takes " + std::to_string(spec.width) + "x" + std::to_string(spec.height));
     std::vector<float> logits(model->num_classes());
-    model->infer(img.pixels.data(), 1, logits.data());
+#ifdef KEYEDGE_ENSEMBLE_TEST_API
+    if (!members.empty())
+      model->answer_for_draw(img.pixels.data(), 1, members, static_cast<int>(members.size()), logits.data());
+    else
+#endif
+      model->infer(img.pixels.data(), 1, logits.data());
     if (!dump.empty()) {
       std::ofstream out(dump);
       out.precision(9);

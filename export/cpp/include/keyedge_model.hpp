@@ -57,12 +57,17 @@ struct Manifest {
   std::string fold_mode;
   std::string precision;
   std::vector<std::string> classes;
+  // a random ensemble (one gathered graph of N keyed members): the graph input that takes each row's member
+  // index, and the members' key fingerprints; empty for a single model
+  std::string member_input;
+  std::vector<std::string> member_fingerprints;
   // keyedge-engine: what the engine was built with and for ("" when not recorded)
   std::string tensorrt_version, compute_capability, l4t_release;
   static Manifest from_file(const std::string& path);
   static Manifest from_text(const std::string& text, const std::string& where);
   // Does running this artifact take the key (gather with a key input, or kernel mode)?
   bool needs_key() const { return !key_input.empty() || kernel_preprocess; }
+  int members() const { return static_cast<int>(member_fingerprints.size()); }
 };
 
 // Run-time options (instead of environment variables).
@@ -75,6 +80,9 @@ struct Options {
   // load_sealed: open bundles no publisher signed. For development only: anyone who can write the bundle
   // file (and knows the device's public key) can then replace the model.
   bool allow_unsigned = false;
+  // A random ensemble: how many of its N members answer each image (1 to N), drawn afresh for every image
+  // from libsodium's CSPRNG; the answer is their mean probability. Must stay 1 for a single model.
+  int ensemble_draw = 1;
 };
 
 // A key file (keyedge key format v1 or v2): validated, fingerprinted. The permutation never leaves it
@@ -118,8 +126,16 @@ class Model {
   virtual ~Model();
 
   // hwc: batch images, each height x width x channels uint8, rows packed.
-  // logits: batch x num_classes floats.
+  // logits: batch x num_classes floats. A random ensemble answers each image with options.ensemble_draw of its
+  // members, drawn afresh per image from libsodium's CSPRNG (randombytes_uniform) and run as rows of one
+  // batch: logits = log of their mean softmax probability (so top_k gives the mean probabilities). The
+  // members' own outputs are never returned.
   void infer(const uint8_t* hwc, int batch, float* logits);
+#ifdef KEYEDGE_ENSEMBLE_TEST_API
+  // Test builds only (cmake -DKEYEDGE_ENSEMBLE_TEST_API=ON): the answer for a given draw, batch x draw member
+  // indices, image-major. A deployed build never has it: a draw of one member would expose that member.
+  void answer_for_draw(const uint8_t* hwc, int batch, const std::vector<int64_t>& draws, int draw, float* logits);
+#endif
   // The k most probable classes of one logits row: (class index, softmax probability).
   std::vector<std::pair<int, float>> top_k(const float* logits, int k) const;
 
@@ -140,7 +156,14 @@ class Model {
   // preprocessing kernel's (and its CPU twin's) int32 source indices
   std::vector<int64_t> key_perm_;
   std::vector<int32_t> key_perm32_;
+  // a random ensemble: the member of each row of the batch in flight, and how many answer an image
+  std::vector<int64_t> row_members_;
+  int ensemble_draw_ = 1;
   friend void attach_key(Model&, const KeyFile*);
+  friend void attach_draw(Model&, const Options&);
+
+ private:
+  void answer(const uint8_t* hwc, int batch, const int64_t* draws, int draw, float* logits);
 };
 
 // Refuse, in one line, an engine built for another TensorRT (major.minor.patch), GPU compute

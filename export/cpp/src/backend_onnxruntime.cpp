@@ -61,6 +61,12 @@ class OrtModel final : public Model {
       inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, key_perm_.data(), key_perm_.size(), kshape.data(), 1));
       names.push_back(manifest_.key_input.c_str());
     }
+    if (!manifest_.member_input.empty()) {  // a random ensemble: each row's member
+      if (row_members_.size() != size_t(batch)) throw Error("a random ensemble runs with one member per row");
+      std::array<int64_t, 1> mshape{batch};
+      inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, row_members_.data(), row_members_.size(), mshape.data(), 1));
+      names.push_back(manifest_.member_input.c_str());
+    }
     const char* out_name = manifest_.output_name.c_str();
     std::array<int64_t, 2> oshape{batch, manifest_.num_classes};
     Ort::Value output = Ort::Value::CreateTensor<float>(mem, logits, size_t(batch) * manifest_.num_classes,
@@ -90,8 +96,9 @@ class OrtModel final : public Model {
                                                 : std::array<int64_t, 3>{s.channels, s.height, s.width};
     if (shape.size() != 4 || shape[1] != hwc[0] || shape[2] != hwc[1] || shape[3] != hwc[2])
       throw Error("the ONNX graph's input shape does not match its manifest");
-    if (session_->GetInputCount() != (manifest_.key_input.empty() ? 1u : 2u))
-      throw Error("the ONNX graph's inputs do not match its manifest (key input)");
+    const size_t inputs = 1 + !manifest_.key_input.empty() + !manifest_.member_input.empty();
+    if (session_->GetInputCount() != inputs)
+      throw Error("the ONNX graph's inputs do not match its manifest (key or member input)");
   }
 
   Ort::Env env_{ORT_LOGGING_LEVEL_WARNING, "keyedge"};

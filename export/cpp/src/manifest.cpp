@@ -63,10 +63,34 @@ void read_preprocess(const jf::json& pre, const std::string& where, Manifest& m)
     if (!(s > 0.0f)) throw Error(where + ": preprocess.std holds a value that is not > 0");
 }
 
+bool is_fingerprint(const std::string& f) {
+  return f.size() == 32 && f.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+// A random ensemble: one gathered graph whose member input picks each row's member (the form this runtime serves).
+void read_ensemble(const jf::json& e, const std::string& where, Manifest& m) {
+  if (!e.is_object()) throw Error(where + ": ensemble is not an object");
+  if (jf::text(e, "form", where) != "gathered")
+    throw Error(where + ": this runtime serves a random ensemble as one gathered graph (keyedge export "
+                        "--ensemble-form gathered), not " + jf::shown(jf::text(e, "form", where)));
+  m.member_input = jf::text(e, "member_input", where);
+  if (m.member_input.empty() || m.member_input == m.input_name || m.member_input == m.key_input)
+    throw Error(where + ": ensemble.member_input is missing or names another input");
+  const jf::json& prints = jf::field(e, "member_fingerprints", where);
+  if (!prints.is_array() || prints.size() < 2 || prints.size() > 64)
+    throw Error(where + ": ensemble.member_fingerprints is not a list of 2 to 64 fingerprints");
+  for (const jf::json& f : prints) {
+    if (!f.is_string() || !is_fingerprint(f.get<std::string>()))
+      throw Error(where + ": ensemble.member_fingerprints holds a value that is not a key fingerprint");
+    m.member_fingerprints.push_back(f.get<std::string>());
+  }
+  if (m.input.batch != -1 || m.needs_key() || m.fold_mode != "fused")
+    throw Error(where + ": a random ensemble's graph takes any batch and has its members' keys folded in");
+}
+
 // What the key rule needs: a keyed artifact's block size divides its images, and its fingerprint is one.
 void check_key_fields(const std::string& where, const Manifest& m) {
-  if (!m.key_fingerprint.empty() &&
-      (m.key_fingerprint.size() != 32 || m.key_fingerprint.find_first_not_of("0123456789abcdef") != std::string::npos))
+  if (!m.key_fingerprint.empty() && !is_fingerprint(m.key_fingerprint))
     throw Error(where + ": key_fingerprint is not a key fingerprint (32 hex digits)");
   if (m.needs_key() && (m.block_size == 0 || m.key_fingerprint.empty()))
     throw Error(where + ": an artifact that takes the key needs block_size and key_fingerprint");
@@ -112,6 +136,7 @@ Manifest read_manifest(const jf::json& root, const std::string& where) {
     read_preprocess(root.at("preprocess"), where, m);
   }
   check_key_fields(where, m);
+  if (root.contains("ensemble") && !root.at("ensemble").is_null()) read_ensemble(root.at("ensemble"), where, m);
   if (root.contains("classes") && root.at("classes").is_array())
     for (const jf::json& c : root.at("classes")) m.classes.push_back(c.is_string() ? c.get<std::string>() : c.dump());
   return m;

@@ -46,6 +46,17 @@ void attach_key(Model& model, const KeyFile* key_file) {
   model.key_attached();
 }
 
+// How many members answer an image (a random ensemble only), checked against the manifest at load.
+void attach_draw(Model& model, const Options& options) {
+  const int n = model.manifest_.members();
+  if (n == 0 && options.ensemble_draw != 1)
+    throw Error("ensemble_draw applies to a random ensemble only; this artifact is a single model");
+  if (n > 0 && (options.ensemble_draw < 1 || options.ensemble_draw > n))
+    throw Error("cannot draw " + std::to_string(options.ensemble_draw) + " of " + std::to_string(n) +
+                " members: the draw is 1 to " + std::to_string(n));
+  model.ensemble_draw_ = options.ensemble_draw;
+}
+
 namespace {
 
 // The package was generated for one artifact: refuse another one dropped in its place.
@@ -58,9 +69,12 @@ void check_expected(const Manifest& manifest, const std::string& where) {
 
 std::unique_ptr<Model> make_model(bool engine, Bytes model_bytes, Bytes data, const std::string& where,
                                   Manifest manifest, const KeyFile* key, const Options& options) {
+  if (engine && manifest.members() > 0)
+    throw Error(where + ": the TensorRT backend does not serve random ensembles; run the ensemble's ONNX graph");
   std::unique_ptr<Model> model = engine ? make_tensorrt_model(model_bytes, where, std::move(manifest), options)
                                         : make_onnxruntime_model(model_bytes, data, where, std::move(manifest));
   attach_key(*model, key);
+  attach_draw(*model, options);
   return model;
 }
 
@@ -131,8 +145,69 @@ std::unique_ptr<Model> Model::load_sealed(const std::string& bundle_path, const 
                     options);
 }
 
+namespace {
+
+// draw distinct members of n, uniformly, from libsodium's CSPRNG (a partial Fisher-Yates shuffle)
+void draw_members(int n, int draw, int64_t* out) {
+  std::vector<int64_t> pool(n);
+  std::iota(pool.begin(), pool.end(), 0);
+  for (int k = 0; k < draw; ++k) {
+    const int j = k + static_cast<int>(randombytes_uniform(static_cast<uint32_t>(n - k)));
+    std::swap(pool[k], pool[j]);
+    out[k] = pool[k];
+  }
+}
+
+}  // namespace
+
+void Model::answer(const uint8_t* hwc, int batch, const int64_t* draws, int draw, float* logits) {
+  const int n = manifest_.members(), classes = manifest_.num_classes;
+  const size_t image = size_t(manifest_.input.height) * manifest_.input.width * manifest_.input.channels;
+  const size_t rows = size_t(batch) * draw;
+  if (rows > (size_t(1) << 20)) throw Error("infer: batch x ensemble draw is too large");
+  row_members_.assign(draws, draws + rows);
+  for (const int64_t m : row_members_)
+    if (m < 0 || m >= n) throw Error("a member index is 0 to " + std::to_string(n - 1));
+  std::vector<uint8_t> copies(rows * image);  // image j's draw rows j*draw .. j*draw + draw - 1
+  for (size_t r = 0; r < rows; ++r)
+    std::copy(hwc + (r / draw) * image, hwc + (r / draw + 1) * image, copies.begin() + r * image);
+  std::vector<float> out(rows * classes);
+  run(copies.data(), static_cast<int>(rows), out.data());
+  for (int j = 0; j < batch; ++j) {  // log of the mean softmax probability, computed stably
+    const float* row = out.data() + size_t(j) * draw * classes;
+    double top = -INFINITY;
+    for (int i = 0; i < draw * classes; ++i) top = std::max(top, double(row[i]));
+    std::vector<double> mean(classes, 0.0);
+    for (int k = 0; k < draw; ++k) {
+      const float* r = row + size_t(k) * classes;
+      double mx = -INFINITY, sum = 0;
+      for (int c = 0; c < classes; ++c) mx = std::max(mx, double(r[c]));
+      for (int c = 0; c < classes; ++c) sum += std::exp(double(r[c]) - mx);
+      for (int c = 0; c < classes; ++c) mean[c] += std::exp(double(r[c]) - mx) / sum / draw;
+    }
+    for (int c = 0; c < classes; ++c) logits[size_t(j) * classes + c] = static_cast<float>(std::log(mean[c]));
+  }
+  sodium_memzero(out.data(), out.size() * sizeof(float));  // the members' own outputs go no further
+}
+
+#ifdef KEYEDGE_ENSEMBLE_TEST_API
+void Model::answer_for_draw(const uint8_t* hwc, int batch, const std::vector<int64_t>& draws, int draw,
+                            float* logits) {
+  if (manifest_.members() == 0) throw Error("answer_for_draw: not a random ensemble");
+  if (hwc == nullptr || logits == nullptr || batch < 1 || draw < 1 || draws.size() != size_t(batch) * draw)
+    throw Error("answer_for_draw: one row of draw members per image");
+  answer(hwc, batch, draws.data(), draw, logits);
+}
+#endif
+
 void Model::infer(const uint8_t* hwc, int batch, float* logits) {
   if (hwc == nullptr || logits == nullptr || batch < 1) throw Error("infer: null buffer or batch < 1");
+  if (manifest_.members() > 0) {  // a fresh draw for every image
+    std::vector<int64_t> draws(size_t(batch) * ensemble_draw_);
+    for (int j = 0; j < batch; ++j) draw_members(manifest_.members(), ensemble_draw_, draws.data() + size_t(j) * ensemble_draw_);
+    answer(hwc, batch, draws.data(), ensemble_draw_, logits);
+    return;
+  }
   const int fixed = manifest_.input.batch;
   if (fixed < 0) {
     run(hwc, batch, logits);

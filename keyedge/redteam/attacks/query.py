@@ -77,7 +77,8 @@ class _CountingOracle:
     def __init__(self, predict: Predict, x0: np.ndarray, y0: int, eps: float, limit: int, classes: int) -> None:
         self.predict, self.x0, self.y0, self.eps, self.limit, self.classes = predict, x0, y0, eps, limit, classes
         self.used = 0
-        self.first_success: int | None = None
+        self.first_success: int | None = None  # the query (1-based) that broke the image
+        self.point: np.ndarray | None = None   # and the point it asked about
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         allowed = batch[: max(0, self.limit - self.used)]  # the budget ends inside this batch: no more answers
@@ -88,6 +89,7 @@ class _CountingOracle:
                 hits = np.flatnonzero((labels != self.y0) & (dist <= self.eps + 1e-7))
                 if hits.size:
                     self.first_success = self.used + int(hits[0]) + 1
+                    self.point = allowed[int(hits[0])].copy()
             self.used += len(allowed)
         if len(allowed) < len(batch) or self.first_success is not None:  # out of budget, or done
             raise _Exhausted
@@ -96,17 +98,13 @@ class _CountingOracle:
         return onehot
 
 
-def hopskipjump(predict: Predict, x: torch.Tensor, y: torch.Tensor, *, eps: float, budgets: Sequence[int],
-                classes: int, seed: int = 0) -> dict[int, torch.Tensor]:
-    """Label-only HopSkipJump (l_inf) with ``max(budgets)`` queries per image.
-
-    Returns, per budget, which images were broken (misclassified within eps) within that many queries.
-    """
+def hsj_oracles(predict: Predict, x: torch.Tensor, y: torch.Tensor, *, eps: float, limit: int, classes: int,
+                 seed: int = 0) -> list[_CountingOracle]:
+    """One HopSkipJump run of at most ``limit`` queries per image; each image's oracle (what it saw)."""
     from art.attacks.evasion import HopSkipJump
     from art.estimators.classification import BlackBoxClassifier
 
-    limit = max(budgets)
-    first: list[int | None] = []
+    oracles = []
     np.random.seed(seed)  # ART draws its random directions from numpy's global generator
     logging.getLogger("art").setLevel(logging.ERROR)
     for i in range(len(x)):
@@ -119,5 +117,16 @@ def hopskipjump(predict: Predict, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         with contextlib.suppress(_Exhausted), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             attack.generate(x0, y=np.eye(classes, dtype=np.float32)[[int(y[i])]])
-        first.append(oracle.first_success)
+        oracles.append(oracle)
+    return oracles
+
+
+def hopskipjump(predict: Predict, x: torch.Tensor, y: torch.Tensor, *, eps: float, budgets: Sequence[int],
+                classes: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Label-only HopSkipJump (l_inf) with ``max(budgets)`` queries per image.
+
+    Returns, per budget, which images were broken (misclassified within eps) within that many queries.
+    """
+    first = [o.first_success for o in hsj_oracles(predict, x, y, eps=eps, limit=max(budgets), classes=classes,
+                                                    seed=seed)]
     return {b: torch.tensor([f is not None and f <= b for f in first]) for b in budgets}

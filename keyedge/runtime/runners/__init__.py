@@ -9,21 +9,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...core.errors import KeyedgeError
 from ...core.keys import Key
 from ...core.manifests import ArtifactManifest, EngineManifest
 from ..artifacts import Artifact, open_artifact
 from ..bundle import Opener
 from .base import Runner
+from .ensemble import EnsembleRunner, QueryNoise
 from .onnxruntime import OnnxRunner
 from .tensorrt import TensorRTRunner
 from .torch import TorchRunner
 
-__all__ = ["Runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "open_runner", "runner_for"]
+__all__ = ["Runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "EnsembleRunner", "QueryNoise", "open_runner",
+           "runner_for"]
 
 
-def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu") -> Runner:
-    """The runner of a resolved artifact: torch for runs, ONNX Runtime for .onnx, TensorRT for engines.
-    A sealed artifact is opened in memory at each activation, with the key its bundle holds (if any)."""
+def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu", draw: int | None = None,
+               query_noise: float | None = None) -> Runner:
+    """The runner of a resolved artifact: torch for runs, ONNX Runtime for .onnx, TensorRT for engines, a
+    random ensemble's runner for an ensemble (``draw`` of its members answer each query). A sealed artifact is
+    opened in memory at each activation, with the key its bundle holds (if any). ``query_noise``: RND, fresh
+    Gaussian noise of that standard deviation added to every query."""
+    runner = _runner(artifact, key, device, draw)
+    return runner if query_noise is None else QueryNoise(runner, query_noise)
+
+
+def _runner(artifact: Artifact, key: Key | None, device: str, draw: int | None) -> Runner:
+    if artifact.kind == "ensemble":
+        if key is not None:
+            raise KeyedgeError(f"{artifact.path} is a random ensemble: its members' keys are folded in, it takes no key")
+        assert isinstance(artifact.manifest, ArtifactManifest)
+        return EnsembleRunner(artifact.path, draw=draw or 1, device=device, manifest=artifact.manifest,
+                              sealed=artifact.sealed)
+    if draw not in (None, 1):
+        raise KeyedgeError(f"--ensemble-draw applies to a random ensemble's artifact; {artifact.path} is a single model")
     if artifact.kind == "run":
         return TorchRunner(artifact.path, key, device=device)
     if artifact.kind == "onnx":
@@ -33,8 +52,8 @@ def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu
     return TensorRTRunner(artifact.path, key, manifest=artifact.manifest, sealed=artifact.sealed)
 
 
-def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu",
-                opener: Opener | None = None) -> Runner:
-    """A runner (not yet active) for a run directory, an export/build directory, .onnx, .engine or a
-    sealed .kes bundle (``opener``: the device's private key and trusted publishers)."""
-    return runner_for(open_artifact(path, opener=opener), key, device=device)
+def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu", opener: Opener | None = None,
+                draw: int | None = None, query_noise: float | None = None) -> Runner:
+    """A runner (not yet active) for a run directory, an export/build directory, .onnx, .engine, a random
+    ensemble's export or a sealed .kes bundle (``opener``: the device's private key and trusted publishers)."""
+    return runner_for(open_artifact(path, opener=opener), key, device=device, draw=draw, query_noise=query_noise)

@@ -15,6 +15,7 @@ Neither is deterministic by design: they are measured with attacks that average 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from ...core.ensemble import check_draw, draw_members
 from ...core.errors import KeyedgeError
 from ...core.manifests import MANIFEST, ONNX_FILE, ArtifactManifest, read_onnx_manifest
+from ..bundle import SealedLoader
 from .base import Runner
 from .onnxruntime import OnnxRunner
 
@@ -73,9 +75,16 @@ class EnsembleRunner(Runner):
 
     manifest: ArtifactManifest
 
-    def __init__(self, path: str | Path, *, draw: int = 1, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, draw: int = 1, device: str = "cpu", threads: int | None = None,
+                 manifest: ArtifactManifest | None = None, sealed: SealedLoader | None = None) -> None:
         super().__init__()
-        self.root, self.manifest = ensemble_manifest(path)
+        if sealed is not None:  # a sealed gathered graph, with the manifest it was resolved with
+            assert manifest is not None and manifest.ensemble is not None
+            if manifest.ensemble.form != "gathered":
+                raise KeyedgeError(f"{path}: a sealed ensemble is one gathered graph")
+            self.root, self.manifest = Path(path).parent, manifest
+        else:
+            self.root, self.manifest = ensemble_manifest(path)
         spec = self.manifest.ensemble
         assert spec is not None
         self.members = len(spec.member_fingerprints)
@@ -84,7 +93,8 @@ class EnsembleRunner(Runner):
         self.input_spec = self.manifest.input
         self.name = f"ensemble-{self.members}x{draw}-onnxruntime-{device}"
         if spec.form == "gathered":
-            self.inner = [OnnxRunner(self.root / ONNX_FILE, device=device, threads=threads, manifest=self.manifest)]
+            self.inner = [OnnxRunner(Path(path) if sealed else self.root / ONNX_FILE, device=device, threads=threads,
+                                     manifest=self.manifest, sealed=sealed)]
         else:
             self.inner = [OnnxRunner(self.root / f, device=device, threads=threads) for f in spec.files]
             prints = [r.manifest.key_fingerprint for r in self.inner]
@@ -151,3 +161,29 @@ class QueryNoise(Runner):
         low, high = self.input_spec.range
         noisy = np.clip(images + self.sigma * csprng_normal(images.shape), low, high).astype(np.float32)
         return self.inner(noisy)
+
+
+class MemberView(Runner):
+    """Member ``member`` of an active ensemble runner alone, under that member's key fingerprint: how parity
+    holds every member to its own PyTorch reference. Never served: a deployed query is answered by a draw."""
+
+    def __init__(self, ensemble: EnsembleRunner, member: int) -> None:
+        super().__init__()
+        spec = ensemble.manifest.ensemble
+        assert spec is not None
+        if not 0 <= member < ensemble.members:
+            raise KeyedgeError(f"member indices are 0 to {ensemble.members - 1}")
+        self.ensemble, self.member = ensemble, member
+        self.manifest = replace(ensemble.manifest, key_fingerprint=spec.member_fingerprints[member], ensemble=None)
+        self.input_spec = ensemble.input_spec
+        self.name = f"{ensemble.name}[member {member}]"
+
+    def _activate(self) -> None:
+        if not self.ensemble.is_active:
+            raise KeyedgeError("a member is run through its active ensemble runner")
+
+    def _deactivate(self) -> None:
+        pass
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        return self.ensemble.member_logits(images, np.full(len(images), self.member, dtype=np.int64))
