@@ -430,8 +430,8 @@ def bindings(artifact_dir: Path = typer.Argument(..., help="An export (model.onn
 def audit(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export/build dirs, .onnx, .engine, .kes, runs."),
           base: Path = typer.Option(..., help="The public base the models were fine-tuned from (checkpoint or run)."),
           out: Path = typer.Option(..., "--out", "-o", help="Report directory (report.md, audit.json)."),
-          key: Path | None = typer.Option(None, help="The true key: score what was recovered (entries, agreement, "
-                                                     "white-box robustness)."),
+          key: Path | None = typer.Option(None, help="The true key (a random ensemble's: its key set): score what "
+                                                     "was recovered (entries, agreement, white-box robustness)."),
           queries: int = typer.Option(A.queries, min=0, help="Queries of a run directory's deployed model (logit "
                                                              "probes need C*M*M)."),
           fail_above: float | None = typer.Option(A.fail_above, min=0.0, max=1.0, help="Release gate: exit 3 when any "

@@ -140,11 +140,11 @@ def _runners(artifacts: list[Path], key: Key | None, runner_device: str, opener:
     for a in artifacts:
         art = open_artifact(a, prefer_engine=runner_device != "cpu", opener=opener)
         devices = [runner_device]
-        if art.kind == "onnx" and runner_device == "cuda":
+        if art.kind == "onnx" and not art.is_ensemble and runner_device == "cuda":
             import onnxruntime
 
             devices = ["cpu", *gpu_backends(onnxruntime.get_available_providers())]
-        ensemble = art.kind == "ensemble"  # the key and the draw are each for their kind of artifact
+        ensemble = art.is_ensemble  # the key and the draw are each for their kind of artifact
         runners += [(str(a), runner_for(art, None if ensemble else key, device=d, draw=draw if ensemble else None,
                                         query_noise=query_noise)) for d in devices]
     return runners

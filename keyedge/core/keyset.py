@@ -152,3 +152,13 @@ class KeySet:
     def wipe(self) -> None:
         for k in self.members:
             k.wipe()
+
+
+def load_key_or_set(path: str | os.PathLike) -> Key | KeySet:
+    """A key file, or a random ensemble's key set file (told apart by its magic)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SET_MAGIC))
+    except OSError:  # Key.load says what is wrong with it, in one line
+        head = b""
+    return KeySet.load(path) if head == SET_MAGIC else Key.load(path)

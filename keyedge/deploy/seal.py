@@ -21,6 +21,9 @@ def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey, key: Key | Non
     art = open_artifact(artifact_dir)
     if art.kind == "run":
         raise KeyedgeError(f"{artifact_dir} is a training run: export it first; a device gets an artifact")
+    if art.kind == "ensemble":
+        raise KeyedgeError(f"{artifact_dir} holds a random ensemble's members side by side: a bundle carries one "
+                           "graph, so seal the gathered form (LoRA members: keyedge export --ensemble-form gathered)")
     manifest = art.manifest
     assert isinstance(manifest, ArtifactManifest)
     check_key(manifest, key, f"artifact {artifact_dir}", strict=True)

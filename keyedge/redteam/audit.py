@@ -31,6 +31,7 @@ import torch
 from ..core.data import run_images
 from ..core.errors import KeyedgeError
 from ..core.keys import Key
+from ..core.keyset import KeySet
 from ..core.lora import merge_lora
 from ..core.manifests import ArtifactManifest, RunManifest, read_run
 from ..core.models import KeyedClassifier, file_sha256, read_weights
@@ -169,14 +170,40 @@ def _find(artifact: Artifact, base_weight: torch.Tensor, key: Key | None, querie
     return finding
 
 
-def find_sealed(path: Path, key: Key | None, opener: Opener | None = None) -> Finding:
+def _ensemble_findings(artifact: Artifact, base_weight: torch.Tensor, keys: KeySet | None) -> list[Finding]:
+    """A random ensemble's file holds every member's folded patch embedding: each member's key is read off its
+    own, as off a single fused file (exact fractions with the key set; functional checks per member: parity)."""
+    m = artifact.manifest
+    assert isinstance(m, ArtifactManifest) and m.ensemble is not None and m.block_size is not None
+    spec = m.ensemble
+    if keys is not None and keys.fingerprints != list(spec.member_fingerprints):
+        raise KeyedgeError(f"--key {keys.fingerprint} is not the key set of {artifact.path} ({m.key_fingerprint})")
+    block = m.block_size
+    if spec.form == "gathered":
+        weights = list(keyrecovery.onnx_member_patch_embeddings(artifact.path, tuple(base_weight.shape)))
+    else:
+        weights = [keyrecovery.onnx_patch_embedding(artifact.path / f) for f in spec.files]
+    chance = 1.0 / (block * block * m.input.channels)
+    findings = []
+    for i, weight in enumerate(weights):
+        finding = Finding(f"{artifact.path}[member-{i}]", f"{spec.form}-ensemble-member-{m.precision}", True,
+                          "the member's patch-embedding columns matched to the public base's (linear assignment)",
+                          "each member's folded weights are its key", chance=chance,
+                          recovered=keyrecovery.recover_from_fused(weight, base_weight, block))
+        if keys is not None:
+            finding.fraction = float(np.mean(finding.recovered == keys[i].perm))
+        findings.append(finding)
+    return findings
+
+
+def find_sealed(path: Path, key: Key | KeySet | None, opener: Opener | None = None) -> Finding:
     """A sealed bundle, as a copy of it stands: ciphertext. The bytes are scanned for the key (as
     uint32 and int64, and its inverse) and for the model's plaintext (ONNX strings)."""
     data = path.read_bytes()
     _, recipient, flags = read_header(data, str(path))
     needles = [b"keyedge_manifest", b"patch_embed", b"onnx", b"LayerNormalization", b"key_fingerprint"]
-    if key is not None:
-        for perm in (key.perm, key.inverse):
+    for k in (() if key is None else key if isinstance(key, KeySet) else (key,)):
+        for perm in (k.perm, k.inverse):
             needles += [np.asarray(perm, dtype="<u4").tobytes(), np.asarray(perm, dtype="<i8").tobytes()]
     found = [n for n in needles if n in data]
     note = (f"sealed to device {recipient}{'' if flags & SIGNED else ' (UNSIGNED: a device that allows it cannot tell it from a forgery)'}: "
@@ -215,10 +242,11 @@ def _score(finding: Finding, artifact: Artifact, key: Key, images: tuple[torch.T
     assert finding.whitebox_robust <= finding.clean
 
 
-def audit(paths: list[Path], base: Path, key: Key | None = None, cfg: AuditConfig | None = None, *,
+def audit(paths: list[Path], base: Path, key: Key | KeySet | None = None, cfg: AuditConfig | None = None, *,
           data: str | None = None, opener: Opener | None = None) -> dict[str, Any]:
     """Audit every artifact; returns the JSON-ready report (findings in ``artifacts``) with the release
-    gate's verdict (``passed``: no artifact leaks more than ``cfg.fail_above``)."""
+    gate's verdict (``passed``: no artifact leaks more than ``cfg.fail_above``). ``key``: a key, or a random
+    ensemble's key set (for ensemble artifacts, whose every member is audited)."""
     cfg = cfg or AuditConfig()
     base_weight, base_sha = base_weight_and_hash(base)
     sealed = {Path(p) for p in paths if Path(p).suffix == SUFFIX}
@@ -227,10 +255,17 @@ def audit(paths: list[Path], base: Path, key: Key | None = None, cfg: AuditConfi
             raise KeyedgeError(f"artifact {p} does not exist")
     artifacts = [open_artifact(p) for p in paths if Path(p) not in sealed]
     for art in artifacts:  # refuse bad input before any attack runs
-        _check_inputs(art, base_sha, key)
+        if isinstance(key, KeySet) != art.is_ensemble and key is not None:
+            raise KeyedgeError(f"{art.path}: a random ensemble's artifact takes its key set, a single model its key")
+        if not art.is_ensemble:
+            _check_inputs(art, base_sha, key)  # type: ignore[arg-type]
     torch.manual_seed(cfg.seed)
     findings = []
     for art in artifacts:
+        if art.is_ensemble:
+            findings += _ensemble_findings(art, base_weight, key)  # type: ignore[arg-type]
+            continue
+        assert not isinstance(key, KeySet)
         finding = _find(art, base_weight, key, cfg.queries)
         if key is not None and art.manifest.key_fingerprint is not None:
             if art.manifest.key_fingerprint != key.fingerprint:
@@ -242,7 +277,7 @@ def audit(paths: list[Path], base: Path, key: Key | None = None, cfg: AuditConfi
         findings.append(finding)
     findings += [find_sealed(p, key, opener) for p in sealed]
     leaks = [f.artifact for f in findings if cfg.fail_above is not None and f.leaked > cfg.fail_above]
-    return {"base": str(base), "base_sha256": base_sha, "key_fingerprint": key.fingerprint if key else None,
+    return {"base": str(base), "base_sha256": base_sha, "key_fingerprint": key.fingerprint if key is not None else None,
             "queries": cfg.queries, "n_images": cfg.n, "attack": cfg.attack.describe(),
             "artifacts": [f.as_dict() for f in findings], "fail_above": cfg.fail_above, "leaks": leaks,
             "passed": not leaks}

@@ -18,10 +18,15 @@ from .bundle import SUFFIX, Opener, SealedLoader
 class Artifact:
     """What a path points at. ``sealed``: for a ``.kes`` bundle, the loader that opens it in memory at
     each activation of a runner (nothing of it stays in plaintext in between)."""
-    kind: Literal["run", "onnx", "engine", "ensemble"]
+    kind: Literal["run", "onnx", "engine", "ensemble"]  # ensemble: members side by side (a gathered one is onnx)
     path: Path  # the run directory, the .onnx or .engine file, the .kes bundle, or an ensemble's directory
     manifest: RunManifest | ArtifactManifest
     sealed: SealedLoader | None = None
+
+    @property
+    def is_ensemble(self) -> bool:
+        """A random ensemble: one gathered graph (kind ``onnx``) or its members side by side (``ensemble``)."""
+        return isinstance(self.manifest, ArtifactManifest) and self.manifest.ensemble is not None
 
     @property
     def name(self) -> str:
@@ -79,8 +84,7 @@ def open_artifact(path: str | Path, *, prefer_engine: bool = True, opener: Opene
     if not path.exists():
         raise KeyedgeError(f"artifact {path} does not exist")
     if path.suffix == ".onnx":
-        manifest = read_onnx_manifest(path)
-        return Artifact("ensemble" if manifest.ensemble is not None else "onnx", path, manifest)
+        return Artifact("onnx", path, read_onnx_manifest(path))
     if path.suffix in (".engine", ".plan"):
         sidecar = engine_manifest_path(path)
         if not sidecar.is_file():

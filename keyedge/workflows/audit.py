@@ -8,6 +8,7 @@ from typing import Any
 
 from ..core.io import atomic_write_text, check_output_dir, staged_dir
 from ..core.keys import Key
+from ..core.keyset import KeySet, load_key_or_set
 from ..core.manifests import write_json
 from ..core.progress import Echo, echo
 from ..redteam.audit import KeyLeak, audit, audit_markdown
@@ -15,14 +16,14 @@ from ..redteam.config import AuditConfig
 from ..runtime.bundle import DeviceAccess
 
 
-def audit_release(artifacts: list[Path], base: Path, key_path: Path | Key | None, out: Path,
+def audit_release(artifacts: list[Path], base: Path, key_path: Path | Key | KeySet | None, out: Path,
                   cfg: AuditConfig | None = None, *, data: str | None = None, access: DeviceAccess | None = None,
                   force: bool = False, echo: Echo = echo) -> dict[str, Any]:
     """Audit, write ``report.md`` and ``audit.json`` into ``out``, one line per artifact; raises
     :class:`~keyedge.redteam.audit.KeyLeak` (after writing) when the gate fails. A bundle is audited as a
     copy of it stands (ciphertext) and, given the device's private key, as opened on its device too."""
     check_output_dir(out, force)
-    key = Key.given(key_path)
+    key = key_path if key_path is None or isinstance(key_path, (Key, KeySet)) else load_key_or_set(key_path)
     opener = access.opener_for(artifacts, echo) if access is not None else None
     report = audit(artifacts, base, key, cfg, data=data, opener=opener)
     with staged_dir(out, force=force) as stage:

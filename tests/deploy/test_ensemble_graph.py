@@ -177,3 +177,37 @@ def test_bench_refuses_a_bad_draw_or_noise_before_measuring(exported, tmp_path, 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert not (tmp_path / "bench").exists()
+
+
+def test_audit_reads_every_member_s_key_off_an_ensemble_and_none_off_its_bundle(lora_ensemble, exported, tmp_path):
+    ens, keys_path, keys, base = lora_ensemble
+    assert keyedge("device", "keygen", "-o", tmp_path / "device.key").returncode == 0
+    r = keyedge("seal", exported / "gathered", "--to", tmp_path / "device.pub", "--allow-unsigned",
+                "-o", tmp_path / "ens.kes")
+    assert r.returncode == 0, r.stderr
+    r = keyedge("audit", exported / "gathered", exported / "separate", tmp_path / "ens.kes", "--base", base,
+                "--key", keys_path, "-o", tmp_path / "audit", "--fail-above", "0.5")
+    assert r.returncode == 3, r.stdout + r.stderr  # the plaintext files leak every member's key
+    found = {f["artifact"]: f for f in json.loads((tmp_path / "audit" / "audit.json").read_text())["artifacts"]}
+    members = [f for name, f in found.items() if "[member-" in name]
+    assert len(members) == 6 and all(f["holds_key"] and f["fraction"] == 1.0 for f in members)
+    sealed = found[str(tmp_path / "ens.kes")]
+    assert sealed["kind"] == "sealed-bundle" and sealed["leaked"] == 0.0
+    r = keyedge("audit", exported / "gathered", "--base", base, "-o", tmp_path / "audit2")  # no gate, no key
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[member-") == 3
+
+
+@pytest.mark.parametrize("case", ["set_on_single", "key_on_ensemble", "other_set"])
+def test_audit_refuses_a_key_of_the_wrong_kind(lora_ensemble, trained_keyed, exported, tmp_path, case):
+    ens, keys_path, _, base = lora_ensemble
+    KeySet.generate(3, 4).save(tmp_path / "other.bin")
+    r = keyedge("export", trained_keyed[0], "--key", trained_keyed[1], "-o", tmp_path / "single")
+    assert r.returncode == 0, r.stderr
+    artifact, key = {"set_on_single": (tmp_path / "single", keys_path),
+                     "key_on_ensemble": (exported / "gathered", trained_keyed[1]),
+                     "other_set": (exported / "gathered", tmp_path / "other.bin")}[case]
+    r = keyedge("audit", artifact, "--base", base, "--key", key, "-o", tmp_path / "audit")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "audit").exists()

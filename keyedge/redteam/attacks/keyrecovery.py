@@ -126,6 +126,22 @@ def onnx_patch_embedding(path: Path) -> np.ndarray:
     raise KeyedgeError(f"{path}: no patch-embedding convolution found in the graph")
 
 
+def onnx_member_patch_embeddings(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A gathered ensemble's stacked patch embeddings, (N, D, C, P, P) for a base patch embedding of ``shape``
+    (D, C, P, P): the graph's one 3-D initializer of shape (N, D, C*P*P) (or its transpose)."""
+    import onnx
+
+    d, flat = shape[0], int(np.prod(shape[1:]))
+    for value in _initializers(onnx.load(str(path))).values():
+        value = np.asarray(value)
+        if value.ndim == 3 and value.shape[0] >= 2 and value.dtype.kind == "f":
+            if value.shape[1:] == (d, flat):
+                return value.reshape(len(value), *shape).astype(np.float64)
+            if value.shape[1:] == (flat, d):
+                return value.transpose(0, 2, 1).reshape(len(value), *shape).astype(np.float64)
+    raise KeyedgeError(f"{path}: no stacked member patch embeddings found in the graph")
+
+
 def permutation_constants(path: Path, n: int) -> list[np.ndarray]:
     """Every integer constant in an ONNX file that is a non-identity permutation of ``0..n-1``."""
     import onnx

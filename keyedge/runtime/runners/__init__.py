@@ -35,7 +35,7 @@ def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu
 
 
 def _runner(artifact: Artifact, key: Key | None, device: str, draw: int | None) -> Runner:
-    if artifact.kind == "ensemble":
+    if artifact.is_ensemble:
         if key is not None:
             raise KeyedgeError(f"{artifact.path} is a random ensemble: its members' keys are folded in, it takes no key")
         assert isinstance(artifact.manifest, ArtifactManifest)
