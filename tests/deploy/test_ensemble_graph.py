@@ -193,6 +193,10 @@ def test_audit_reads_every_member_s_key_off_an_ensemble_and_none_off_its_bundle(
     assert len(members) == 6 and all(f["holds_key"] and f["fraction"] == 1.0 for f in members)
     sealed = found[str(tmp_path / "ens.kes")]
     assert sealed["kind"] == "sealed-bundle" and sealed["leaked"] == 0.0
+    r = keyedge("bench", tmp_path / "ens.kes", "--device-key", tmp_path / "device.key", "--allow-unsigned",
+                "--ensemble-draw", "2", "--batch", "1", "--rounds", "1", "--iters", "2", "-o", tmp_path / "bench")
+    assert r.returncode == 0, r.stdout + r.stderr  # the sealed graph runs from memory, two members a query
+    assert "ensemble-3x2-onnxruntime-cpu" in (tmp_path / "bench" / "bench.md").read_text()
     r = keyedge("audit", exported / "gathered", "--base", base, "-o", tmp_path / "audit2")  # no gate, no key
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("[member-") == 3
