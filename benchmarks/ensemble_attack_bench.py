@@ -101,7 +101,7 @@ def _latency(runner, x: np.ndarray, iters: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="working directory (runs, artifacts); required unless --table")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--budgets", type=int, nargs="+", default=[100, 1000, 5000])
     p.add_argument("--eot", type=int, nargs="+", default=[1, 4])
@@ -114,7 +114,13 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", default=["N1", "N4S1", "N8S1", "RND", "N4S2", "N8S2"])
     p.add_argument("--quick", action="store_true", help="tiny budgets and images: a smoke run")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ensemble_attack.json")
+    p.add_argument("--table", action="store_true", help="print the markdown tables of --json and stop")
     args = p.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.json.read_text())))
+        return
+    if args.out is None:
+        p.error("--out is required")
     if args.quick:
         args.n, args.budgets, args.draws, args.base_epochs, args.member_epochs = 8, [20, 60], 3, 2, 1
         args.expected_max = 60
@@ -188,6 +194,37 @@ def main() -> None:
                            "total_s": time.perf_counter() - t_start})
     print(json.dumps({n: {"clean": r["clean_mean"], "threat": r["threat_model"]}
                       for n, r in results["targets"].items()}, indent=1))
+
+
+def markdown(results: dict) -> str:
+    """BENCHMARKS.md's tables from the results JSON: robust accuracy (mean over draws, worst draw in brackets)."""
+    targets = results["targets"]
+    budgets = results["settings"]["budgets"]
+    eot = results["settings"]["eot"]
+
+    def cell(r: dict, attack: str) -> str:
+        a = r["attacks"].get(attack)
+        return "—" if a is None else f"{100 * a['robust_mean']:.0f}% ({100 * a['robust_worst_draw']:.0f})"
+
+    def table(columns: list[tuple[str, str]]) -> list[str]:
+        lines = ["| target | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for name, r in targets.items():
+            lines.append(f"| {name} | " + " | ".join(cell(r, a) for _, a in columns) + " |")
+        return lines
+
+    square = [(f"Square k={k} @{b}", f"square_k{k}@{b}") for k in eot for b in budgets]
+    square += [(f"Square expected @{b}", f"square_expected@{b}") for b in budgets
+               if b <= results["settings"]["expected_max"]]
+    labels = [(f"HSJ k={k} @{b}", f"hopskipjump_k{k}@{b}") for k in eot for b in budgets]
+    other = [("transfer base", "transfer_base"), ("transfer own-key ens.", "transfer_own_key_ensemble"),
+             ("white-box EOT, all keys", "whitebox_eot"), ("one leaked member", "leaked_member_0")]
+    costs = ["| target | clean (worst draw) | ms / query, batch 1 | artifact bytes | rows per query |",
+             "|---|---|---|---|---|"]
+    for name, r in targets.items():
+        costs.append(f"| {name} | {100 * r['clean_mean']:.0f}% ({100 * r['clean_worst_draw']:.0f}) | "
+                     f"{r.get('latency_ms_batch1_interleaved', r['latency_ms_batch1']):.2f} | "
+                     f"{r['artifact_bytes']:,} | {r['rows_per_query']} |")
+    return "\n".join([*costs, "", *table(square), "", *table(labels), "", *table(other)])
 
 
 def _reopen(name: str, arts: Path, sigma: float):

@@ -11,18 +11,19 @@ from ..core.tables import markdown_table, pct
 from .config import ATTACK_LABELS, THREAT_ROWS
 
 
-def threat_markdown(models: dict[str, Any]) -> str:
-    """The one threat-model table: robust accuracy per attacker capability (l_inf, same images)."""
-    names = [n for n in models if "threat_model" in models[n]]
-    if not names:
+def threat_markdown(models: dict[str, Any], extra: dict[str, dict[str, float | None]] | None = None) -> str:
+    """The one threat-model table: robust accuracy per attacker capability (l_inf, same images); ``extra``:
+    more columns (a randomized defense's, per row), beside the models'."""
+    tables = {n: models[n]["threat_model"] for n in models if "threat_model" in models[n]} | (extra or {})
+    if not tables:
         return ""
-    rows = [["clean accuracy (these images)", *(pct(models[n]["threat_model"]["clean"]) for n in names)]]
-    rows += [[label, *(pct(models[n]["threat_model"].get(row)) for n in names)]
-             for row, (label, _) in THREAT_ROWS.items()]
-    return markdown_table(["attacker has", *names], rows)
+    rows = [["clean accuracy (these images)", *(pct(t["clean"]) for t in tables.values())]]
+    rows += [[label, *(pct(t.get(row)) for t in tables.values())] for row, (label, _) in THREAT_ROWS.items()]
+    return markdown_table(["attacker has", *tables], rows)
 
 
-def eval_markdown(results: dict[str, Any], title: str = "keyedge robustness evaluation") -> str:
+def eval_markdown(results: dict[str, Any], title: str = "keyedge robustness evaluation",
+                  extra_columns: dict[str, dict[str, float | None]] | None = None) -> str:
     models = results["models"]
     names = list(models)
     s = results["settings"]
@@ -32,7 +33,10 @@ def eval_markdown(results: dict[str, Any], title: str = "keyedge robustness eval
              f"## Who breaks it: robust accuracy by attacker (l_inf {eps:.0f}/255, on {q} images)", "",
              "Each cell counts an image only if the model is right before *and* after every attack that "
              "attacker has (per image). Where a row says the defense holds, it holds against that attacker "
-             "only.", "", threat_markdown(models), "",
+             "only." + (" Randomized columns (a random ensemble, RND): the mean over independent draws, against "
+                        "attackers who know about the randomness (EOT over queries, the expected output); a copy of "
+                        "an ensemble's graph gives every member's key, so its file row is its white-box row."
+                        if extra_columns else ""), "", threat_markdown(models, extra_columns), "",
              f"## Every attack ({s['n_images']} test images)", "",
              "Robust accuracy (right before and after the attack), then the attack success rate over the "
              "images the model had right. Query rows use the first images only (n in brackets).", ""]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..redteam.config import EvalConfig
+from ..redteam.config import EvalConfig, RandomizedConfig
 
 SMALL_VIT = dict(depth=4, embed_dim=96, num_heads=3)
 
@@ -32,6 +32,11 @@ class DemoConfig:
     own_key_epochs: int = 4
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(n=160, query_n=10, whitebox_restarts=1, eot_samples=4,
                                                                 key_search_random=50, key_search_swaps=200))
+    ensemble_members: int = 4    # a random ensemble of keyed LoRA members (its own keys)
+    ensemble_epochs: int = 6
+    ensemble_draws: tuple[int, ...] = (1, 2)  # members answering each query
+    rnd_sigma: float = 0.02      # RND on the keyed LoRA model
+    randomized: RandomizedConfig = field(default_factory=lambda: RandomizedConfig(draws=10, whitebox_steps=20))
     parity_n: int = 100
     bench_batches: tuple[int, ...] = (1, 8)
     bench_rounds: int = 5
@@ -45,5 +50,8 @@ class DemoConfig:
                   eval=EvalConfig(n=48, steps=2, whitebox_steps=(2, 5), whitebox_restarts=1, autoattack="off",
                                   eps_sweep=(8 / 255, 64 / 255), eot_samples=2, key_search_random=4,
                                   key_search_swaps=4, key_search_batch=16, query_n=8, query_budgets=(20, 100),
-                                  wrong_keys=2), parity_n=32, bench_rounds=1, bench_iters=2)
+                                  wrong_keys=2), parity_n=32, bench_rounds=1, bench_iters=2,
+                  ensemble_members=2, ensemble_epochs=1,
+                  randomized=RandomizedConfig(budgets=(20, 100), eot=(1, 2), draws=3, whitebox_steps=2,
+                                              square_expected_max=100))
         return replace(cfg, **overrides)

@@ -43,18 +43,24 @@ from ..training.config import TrainConfig
 from ..training.train import train
 from .audit import audit_release
 from .config import DemoConfig
+from .ensemble_demo import ensemble_targets, randomized_markdown, threat_columns
 from .export import export_run
 from .keys import device_keygen, publisher_keygen
 from .parity import run_parity
 from .sealing import seal_to
 
 
+def _common(cfg: DemoConfig) -> dict[str, Any]:
+    """What every training run of the demo shares."""
+    return dict(model=cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=10,
+                model_kwargs=cfg.model_kwargs, data="digits", seed=cfg.seed, force=True, batch_size=64)
+
+
 def _train_models(cfg: DemoConfig, out: Path, key_path: Path, console: Console,
                   timings: dict[str, float]) -> dict[str, RunManifest]:
     """The base, then three fine-tunes of it: plain, keyed full, keyed LoRA."""
     runs = out / "runs"
-    common = dict(model=cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=10,
-                  model_kwargs=cfg.model_kwargs, data="digits", seed=cfg.seed, force=True, batch_size=64)
+    common = _common(cfg)
     base_ckpt = str(runs / "base" / WEIGHTS)
     plan = [
         ("base", "pre-train the plain base (stand-in for the public model)",
@@ -123,6 +129,13 @@ def _evaluate(cfg: DemoConfig, out: Path, key: Key, manifests: dict[str, RunMani
     return results
 
 
+def _randomized(cfg: DemoConfig, out: Path, key: Key, console: Console) -> dict[str, Any]:
+    """The random ensemble and RND on the images the query attacks used (the first ``query_n``)."""
+    x, y = sample(load_data("digits", cfg.img_size).test, cfg.eval.n, seed=cfg.seed)
+    q = min(cfg.eval.query_n, len(x))
+    return ensemble_targets(cfg, out, _common(cfg), key, x[:q], y[:q], console)
+
+
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     out = check_output_dir(cfg.out, cfg.force)
@@ -137,6 +150,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     manifests = _train_models(cfg, out, key_path, console, timings)
     parity = _timed(timings, "export_parity", lambda: export_and_check(cfg, out, key_path, console))
     results = _timed(timings, "evaluate", lambda: _evaluate(cfg, out, key, manifests, console))
+    results["randomized"] = _timed(timings, "randomized", lambda: _randomized(cfg, out, key, console))
     results["parity"] = parity
     results["exposure"] = _timed(timings, "audit", lambda: exposure(cfg, out, key_path, console))
     results["bench"] = _timed(timings, "bench", lambda: bench_artifacts(cfg, out, key_path, console))
@@ -246,7 +260,10 @@ def write_demo_report(results: dict[str, Any], out: Path) -> None:
              (query_plot(eval_results, out / "robust_vs_queries.png"), "robust accuracy against queries")]
     if "blast_radius" in results:
         eval_results["blast_radius"] = results["blast_radius"]
-    lines = [eval_markdown(eval_results, "keyedge demo: a keyed ViT on real handwritten digits"),
+    randomized = results.get("randomized")
+    lines = [eval_markdown(eval_results, "keyedge demo: a keyed ViT on real handwritten digits",
+                           extra_columns=threat_columns(randomized) if randomized else None),
+             *([randomized_markdown(randomized), ""] if randomized else []),
              "## Training", "",
              f"Data: {results['data']}. Base (plain, stand-in for the public pre-trained model): "
              f"{100 * results['models']['base']['clean']:.1f}% test accuracy.", "",

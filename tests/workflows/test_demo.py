@@ -56,6 +56,17 @@ def test_quick_demo_end_to_end(tmp_path):
         assert exposure[name]["kind"] == "sealed-bundle" and exposure[name]["fraction"] == 0.0
     assert "What a copy of the device's files yields" in (out / "report.md").read_text()
     assert {m["fold_mode"] for m in results["bench"]["measurements"]} == {"fused", "gather", "plain"}
+    randomized = results["randomized"]  # the random ensemble (S = 1, 2) and RND, same query images
+    assert set(randomized["targets"]) == {"ensemble N2 S1", "ensemble N2 S2", "RND sigma 0.02"}
+    for r in randomized["targets"].values():
+        assert r["n"] == 8 and r["draws"] == 3
+        assert {"square_k1@100", "square_k2@100", "hopskipjump_k2@100", "whitebox_eot", "transfer_base"} <= set(
+            r["attacks"])
+        for a in r["attacks"].values():
+            assert a["robust_every_draw"] <= a["robust_worst_draw"] <= a["robust_mean"] <= a["clean_mean"] + 1e-9
+    assert "square_expected@100" in randomized["targets"]["ensemble N2 S2"]["attacks"]
+    report = (out / "report.md").read_text()
+    assert "Randomized defenses against attackers who know about them" in report and "RND sigma 0.02" in report
     text = (out / "results.json").read_text() + (out / "report.md").read_text()
     from keyedge import Key
 
