@@ -96,6 +96,6 @@ def open_artifact(path: str | Path, *, prefer_engine: bool = True, opener: Opene
 def open_export(path: str | Path) -> Artifact:
     """An exported ONNX artifact (an export or build directory, or its model.onnx), never an engine or a run."""
     art = open_artifact(path, prefer_engine=False)
-    if art.kind not in ("onnx", "ensemble") or art.sealed is not None:
+    if art.kind != "onnx" or art.sealed is not None:
         raise KeyedgeError(f"{path} is not an exported artifact (no model.onnx); run keyedge export")
     return art

@@ -31,7 +31,7 @@ def _ensemble_runners(reference: Path, keys: KeySet, artifacts: list[Path], open
     for a in artifacts:
         runner = open_runner(a, opener=opener)
         spec = runner.manifest.ensemble if isinstance(runner, EnsembleRunner) else None
-        if spec is None or list(spec.member_fingerprints) != keys.fingerprints:
+        if not isinstance(runner, EnsembleRunner) or spec is None or list(spec.member_fingerprints) != keys.fingerprints:
             raise KeyedgeError(f"{a} is not an export of the ensemble {reference} (its members' keys differ)")
         runners.append(runner)
     return runners
@@ -52,8 +52,8 @@ def run_parity(reference: Path, key_path: Path | Key | KeySet | None, artifacts:
         raise KeyedgeError(f"{reference} is a random ensemble: pass its key set with --key")
     keys = KeySet.given(key_path) if ensemble is not None else None  # type: ignore[arg-type]
     key = None if ensemble is not None else Key.given(key_path)  # type: ignore[arg-type]
-    if ensemble is not None and keys is not None:
-        check_key_set(ensemble, keys, f"ensemble {reference}")
+    if ensemble is not None:
+        check_key_set(ensemble, keys, f"ensemble {reference}")  # type: ignore[arg-type]
     manifest = read_run(reference / ensemble.members[0].run if ensemble is not None else reference)
     opener = access.opener_for(artifacts, echo)
     images = run_images(manifest, cfg.n, seed=cfg.seed, data=data)
