@@ -18,13 +18,23 @@ are recorded beside each row.
 
     python benchmarks/ensemble_attack_bench.py --out /tmp/ens-bench            # the recorded run
     python benchmarks/ensemble_attack_bench.py --out /tmp/ens-q --quick         # a smoke run
+
+The whole run is longer than one sitting on 2 cores (HopSkipJump spends its 5,000 queries per image on most
+images of an ensemble), so it goes on where a previous run stopped: the keys are seeded (insecure: these
+models guard nothing) and training is deterministic on one CPU, so a later run rebuilds the same models; the
+targets already in ``--json`` are kept when its models' SHA-256 and settings are this run's, and refused
+(exit 2) otherwise unless ``--fresh``. ``--stop-after S`` starts no target after ``S`` seconds. Each row
+records the machine it ran on; the latency columns are measured again, side by side, for every target in
+the JSON at the end of each run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import replace
@@ -67,7 +77,7 @@ def _train(out: Path, args) -> tuple[Path, Path, Path]:
     for name, n, seed in (("defender", 8, args.seed + 100), ("attacker", 2, args.seed + 200)):
         if not (out / name / "ensemble" / "ensemble.json").is_file():
             (out / name).mkdir(parents=True, exist_ok=True, mode=0o700)
-            keys = KeySet.generate(n, 4)
+            keys = KeySet.generate(n, 4, seed=seed)  # seeded (insecure): a later run rebuilds the same models
             keys.save(out / name / "keys.bin", overwrite=True)
             train_ensemble(TrainConfig(out=str(out / name / "ensemble"), checkpoint=str(base / WEIGHTS),
                                        mode="lora", lora_rank=8, epochs=args.member_epochs, lr=3e-3, seed=seed,
@@ -86,6 +96,33 @@ def _first(defender: Path, n: int) -> tuple[Path, KeySet]:
                      members=tuple(replace(m, run=f"../ensemble/{m.run}") for m in ens.members[:n])).write(
         sub / "ensemble.json")
     return sub, subset
+
+
+TARGETS = ("N1", "N4S1", "N8S1", "RND", "N4S2", "N8S2")
+# what must be equal for a target measured by an earlier run to stand beside this run's
+SAME_SETTINGS = ("n", "budgets", "eot", "draws", "sigma", "base_epochs", "member_epochs", "expected_max", "seed")
+
+
+def _models_sha256(out: Path) -> str:
+    """One SHA-256 over every weights file the run trained (base, members, the attacker's), in path order."""
+    h = hashlib.sha256()
+    for f in sorted(out.glob("*/**/*.safetensors")):
+        if f.relative_to(out).parts[0] in ("base", "defender", "attacker"):
+            h.update(str(f.relative_to(out)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _kept_targets(path: Path, identity: dict, fresh: bool) -> dict:
+    """The targets an earlier run of the same models and settings measured (none when ``fresh`` or no file);
+    exit 2 when ``path`` holds another run's. ``identity`` may lack the models' hash (checked before training)."""
+    if fresh or not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text()).get("identity", {})
+    differ = sorted(k for k in identity if earlier.get(k) != identity[k])
+    if differ:
+        print(f"error: {path} was measured with other {', '.join(differ)}; --fresh starts it anew", file=sys.stderr)
+        sys.exit(2)
+    return json.loads(path.read_text())["targets"]
 
 
 def _latency(runner, x: np.ndarray, iters: int) -> float:
@@ -108,13 +145,15 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--sigma", type=float, default=0.02)
     p.add_argument("--base-epochs", type=int, default=12)
-    p.add_argument("--member-epochs", type=int, default=4)
+    p.add_argument("--member-epochs", type=int, default=8)
     p.add_argument("--expected-max", type=int, default=1000, help="Square on the expected output up to this budget")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--targets", nargs="+", default=["N1", "N4S1", "N8S1", "RND", "N4S2", "N8S2"])
+    p.add_argument("--targets", nargs="+", default=list(TARGETS))
     p.add_argument("--quick", action="store_true", help="tiny budgets and images: a smoke run")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ensemble_attack.json")
     p.add_argument("--table", action="store_true", help="print the markdown tables of --json and stop")
+    p.add_argument("--fresh", action="store_true", help="start --json anew (its targets were made with other models)")
+    p.add_argument("--stop-after", type=float, default=None, help="start no target after this many seconds")
     args = p.parse_args()
     if args.table:
         print(markdown(json.loads(args.json.read_text())))
@@ -124,6 +163,10 @@ def main() -> None:
     if args.quick:
         args.n, args.budgets, args.draws, args.base_epochs, args.member_epochs = 8, [20, 60], 3, 2, 1
         args.expected_max = 60
+    unknown = sorted(set(args.targets) - set(TARGETS))
+    if unknown:
+        p.error(f"unknown targets {unknown}: choose from {list(TARGETS)}")
+    _kept_targets(args.json, {k: getattr(args, k) for k in SAME_SETTINGS}, args.fresh)  # before any training
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -138,6 +181,8 @@ def main() -> None:
         if not (arts / name / "model.onnx").is_file():
             export_ensemble(run, keys, arts / name, opts, force=True, echo=quiet)
     train_s = time.perf_counter() - t_start
+    identity = {"models_sha256": _models_sha256(out), **{k: getattr(args, k) for k in SAME_SETTINGS}}
+    kept = _kept_targets(args.json, identity, args.fresh)
 
     data = load_data("digits", 32)
     x, y = sample(data.test, args.n, seed=args.seed)
@@ -151,7 +196,8 @@ def main() -> None:
     step = cfg.linf(10)
     transfer = {"base": pgd(ce_loss(base), x, y, step, cfg.batch_size),
                 "own_key_ensemble": pgd(ce_loss(ExpectedOutput(own)), x, y, step, cfg.batch_size)}
-    results: dict = {"targets": {}, "settings": {**vars(args), "out": str(args.out), "json": str(args.json)}}
+    results: dict = {"targets": kept, "identity": identity,
+                     "settings": {**vars(args), "out": str(args.out), "json": str(args.json)}}
     xs = x.numpy()
     with ExitStack() as stack:
         single = stack.enter_context(OnnxRunner(arts / "N1" / "model.onnx"))
@@ -165,6 +211,12 @@ def main() -> None:
                                         ExpectedOutput(members), runner_model(everyone),
                                         {"member_0": members[0]})
         for name in args.targets:
+            if name in kept:
+                print(f"{name}: kept from {args.json} (measured on {kept[name]['machine']['cpu']})", flush=True)
+                continue
+            if args.stop_after is not None and time.perf_counter() - t_start > args.stop_after:
+                print(f"{name}: not started (--stop-after {args.stop_after:.0f} s)", flush=True)
+                continue
             runner, art, whitebox, expected, leaked = runners[name]
             t0 = time.perf_counter()
             target = RandomizedTarget(name, runner_model(runner), whitebox, expected, leaked)
@@ -176,19 +228,22 @@ def main() -> None:
             r["artifact_bytes"] = sum(f.stat().st_size for f in art.glob("*.onnx*"))
             r["rows_per_query"] = int(name[-1]) if name.startswith("N") and "S" in name else 1
             r["eval_s"] = time.perf_counter() - t0
+            r["machine"] = machine_info()
             results["targets"][name] = r
             print(f"{name}: clean {r['clean_mean']:.3f}, {r['eval_s']:.0f} s", flush=True)
             write_json(args.json, {**results, "machine": machine_info(), "python": platform.python_version(),
                                    "torch": torch.__version__, "train_export_s": train_s})
-    # latencies measured again side by side, interleaved, once no attack runs
-    lat = {name: [] for name in args.targets}
+    # latencies of every target in the JSON measured again side by side, interleaved, once no attack runs
+    names = [n for n in TARGETS if n in results["targets"]]
+    lat: dict[str, list[float]] = {name: [] for name in names}
     with ExitStack() as stack:
-        live = {name: stack.enter_context(_reopen(name, arts, args.sigma)) for name in args.targets}
+        live = {name: stack.enter_context(_reopen(name, arts, args.sigma)) for name in names}
         for _ in range(5):
             for name, runner in live.items():
                 lat[name].append(_latency(runner, xs, 100))
-    for name in args.targets:
+    for name in names:
         results["targets"][name]["latency_ms_batch1_interleaved"] = float(np.median(lat[name]))
+    results["latency_machine"] = machine_info()
     write_json(args.json, {**results, "machine": machine_info(), "python": platform.python_version(),
                            "torch": torch.__version__, "train_export_s": train_s,
                            "total_s": time.perf_counter() - t_start})
@@ -218,12 +273,13 @@ def markdown(results: dict) -> str:
     labels = [(f"HSJ k={k} @{b}", f"hopskipjump_k{k}@{b}") for k in eot for b in budgets]
     other = [("transfer base", "transfer_base"), ("transfer own-key ens.", "transfer_own_key_ensemble"),
              ("white-box EOT, all keys", "whitebox_eot"), ("one leaked member", "leaked_member_0")]
-    costs = ["| target | clean (worst draw) | ms / query, batch 1 | artifact bytes | rows per query |",
-             "|---|---|---|---|---|"]
+    costs = ["| target | clean (worst draw) | ms / query, batch 1 | artifact bytes | rows per query | attacked on |",
+             "|---|---|---|---|---|---|"]
     for name, r in targets.items():
         costs.append(f"| {name} | {100 * r['clean_mean']:.0f}% ({100 * r['clean_worst_draw']:.0f}) | "
                      f"{r.get('latency_ms_batch1_interleaved', r['latency_ms_batch1']):.2f} | "
-                     f"{r['artifact_bytes']:,} | {r['rows_per_query']} |")
+                     f"{r['artifact_bytes']:,} | {r['rows_per_query']} | "
+                     f"{r.get('machine', {}).get('cpu', '?')}, {r['eval_s'] / 60:.0f} min |")
     return "\n".join([*costs, "", *table(square), "", *table(labels), "", *table(other)])
 
 

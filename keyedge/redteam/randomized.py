@@ -51,12 +51,14 @@ def evaluate_randomized(target: RandomizedTarget, x: torch.Tensor, y: torch.Tens
     """Every attack on ``target``; the JSON-ready results (per attack and budget, and the threat rows).
 
     ``shared``: images crafted without the target's randomness (on the expected output, on a leaked member),
-    the same for every draw size ``S`` of one ensemble: reused from it where there, stored into it."""
+    the same for every draw size ``S`` of one ensemble: reused from it where there, stored into it. Each is
+    crafted from ``cfg.seed``, so a later run (another process) crafts the same images."""
     torch.manual_seed(cfg.seed)
     shared = {} if shared is None else shared
 
     def once(name: str, craft: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if name not in shared:
+        if name not in shared:  # seeded here, so the images do not depend on what ran before them
+            torch.manual_seed(cfg.seed)
             shared[name] = craft()
         return shared[name]
 

@@ -105,3 +105,27 @@ def test_noisy_input_averages_fresh_noise_and_passes_gradients():
     with torch.no_grad():
         assert not torch.allclose(noisy(x), noisy(x))
         assert torch.allclose(NoisyInput(model, 1e-9, 2)(x).exp(), model(x).softmax(1), atol=1e-5)
+
+
+def test_images_crafted_without_the_randomness_do_not_depend_on_what_ran_before():
+    """The white-box and leaked-member images an ensemble's S = 1 and S = 2 rows share are crafted from the
+    seed alone: a later process (another S, a resumed benchmark) crafts the same images."""
+    from keyedge.redteam.config import RandomizedConfig
+    from keyedge.redteam.randomized import RandomizedTarget, evaluate_randomized
+
+    members = [_linear(s) for s in range(3)]
+    x = torch.rand(6, 3, 8, 8)
+    y = ExpectedOutput(members)(x).argmax(1)
+    cfg = RandomizedConfig(budgets=(10,), eot=(1,), label_only=False, draws=2, whitebox_steps=3)
+    crafted = []
+    for noise in (0.0, 0.5):
+        torch.manual_seed(123)
+        torch.rand(int(noise * 1000) + 1)  # the global generator left elsewhere by earlier work
+        target = RandomizedTarget("t", Counting(members[0], flip=noise), ExpectedOutput(members),
+                                  leaked={"member_0": members[0]})
+        shared: dict = {}
+        evaluate_randomized(target, x, y, cfg, transfer={}, classes=10, shared=shared)
+        crafted.append(shared)
+    assert crafted[0].keys() == crafted[1].keys() == {"whitebox_eot", "leaked_member_0"}
+    for name in crafted[0]:
+        assert torch.equal(crafted[0][name], crafted[1][name])
