@@ -20,7 +20,8 @@ from typer.exceptions import Abort, TyperException
 
 from .checks.config import DEFAULT_TOLERANCE, BenchConfig, BenchDevice, ParityConfig
 from .core.errors import KeyedgeError
-from .core.manifests import EnsembleForm, FoldMode, InputKind, Int8Method, Layout, Precision, TrainMode
+from .core.manifests import (Backend, EnsembleForm, FoldMode, InferencePrecision, InputKind, Int8Method, Layout,
+                             Precision, TrainMode)
 from .deploy.config import ExportOptions
 from .redteam.config import AuditConfig, AutoAttackVersion, EvalConfig, Threat
 from .training.config import TrainConfig
@@ -77,6 +78,10 @@ FORCE = typer.Option(False, help="Write into a non-empty output directory (only 
                                  "are replaced; the others are kept).")
 OVERWRITE = typer.Option(False, "--force", help="Overwrite an existing file.")
 KEY = typer.Option(None, help="The key file (checked against the artifact's fingerprint).")
+BACKEND = typer.Option("onnxruntime", help="What runs ONNX artifacts on the CPU: onnxruntime, or openvino "
+                                            "(pip install 'keyedge[openvino]').")
+INFERENCE_PRECISION = typer.Option("fp32", help="--backend openvino: execute in fp32, or in bf16 (CPUs with AMX or "
+                                                "AVX512-BF16; held to the bf16 parity rule).")
 DEVICE_KEY = typer.Option(None, help="The device's private key for sealed .kes bundles: a file, or - for stdin.")
 DEVICE_KEY_COMMAND = typer.Option(None, help="A command printing the device's private key (e.g. from OP-TEE secure "
                                              "storage or a TPM); default: $KEYEDGE_DEVICE_KEY_COMMAND.")
@@ -340,6 +345,7 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
                                                 help="Allowed accuracy difference, points."),
            tolerance_fp16: float = typer.Option(100 * DEFAULT_TOLERANCE["fp16"].accuracy),
            tolerance_int8: float = typer.Option(100 * DEFAULT_TOLERANCE["int8"].accuracy),
+           backend: Backend = BACKEND, inference_precision: InferencePrecision = INFERENCE_PRECISION,
            device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
            trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
            force: bool = FORCE) -> None:
@@ -349,7 +355,8 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
 
     cfg = ParityConfig(n=n).with_accuracy({"fp32": tolerance_fp32, "fp16": tolerance_fp16, "int8": tolerance_int8})
     report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg, force=force,
-                        access=access(device_key, device_key_command, trust, allow_unsigned))
+                        access=access(device_key, device_key_command, trust, allow_unsigned), backend=backend,
+                        inference_precision=inference_precision)
     if not report["passed"]:
         raise typer.Exit(1)
 
@@ -392,6 +399,7 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
                                                                      "CSPRNG to answer each query (default 1)."),
           query_noise: float | None = typer.Option(None, help="RND: Gaussian noise of this standard deviation "
                                                               "([0,1] image scale) added to every query."),
+          backend: Backend = BACKEND, inference_precision: InferencePrecision = INFERENCE_PRECISION,
           device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
           trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
           force: bool = FORCE) -> None:
@@ -404,7 +412,8 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
         workflow.estimate(artifacts, target, batches)
         return
     workflow.bench(artifacts, out, BenchConfig(device=device, batches=batches, rounds=rounds, iters=iters,
-                                               ensemble_draw=ensemble_draw, query_noise=query_noise),
+                                               ensemble_draw=ensemble_draw, query_noise=query_noise,
+                                               backend=backend, inference_precision=inference_precision),
                    key_path=key, access=access(device_key, device_key_command, trust, allow_unsigned), force=force)
 
 

@@ -131,11 +131,12 @@ def _measure_batch(runners: list, batch: int, *, warmup: int, rounds: int, iters
     return rows
 
 
-def _runners(artifacts: list[Path], key: Key | None, runner_device: str, opener: Opener | None = None,
-             draw: int | None = None, query_noise: float | None = None) -> list[tuple[str, Runner]]:
+def _runners(artifacts: list[Path], key: Key | None, runner_device: str, opener: Opener | None,
+             cfg: BenchConfig) -> list[tuple[str, Runner]]:
     """Every backend that runs each artifact here: on a GPU, ONNX artifacts on the CPU *and* on every
     GPU execution provider ONNX Runtime has (CUDA, TensorRT-RTX), so they are compared side by side
-    (a sealed bundle is opened in memory once per backend)."""
+    (a sealed bundle is opened in memory once per backend); ``cfg.backend`` runs them on the CPU."""
+    draw, query_noise = cfg.ensemble_draw, cfg.query_noise
     runners = []
     for a in artifacts:
         art = open_artifact(a, prefer_engine=runner_device != "cpu", opener=opener)
@@ -146,7 +147,8 @@ def _runners(artifacts: list[Path], key: Key | None, runner_device: str, opener:
             devices = ["cpu", *gpu_backends(onnxruntime.get_available_providers())]
         ensemble = art.is_ensemble  # the key and the draw are each for their kind of artifact
         runners += [(str(a), runner_for(art, None if ensemble else key, device=d, draw=draw if ensemble else None,
-                                        query_noise=query_noise)) for d in devices]
+                                        query_noise=query_noise, backend=cfg.backend,
+                                        inference_precision=cfg.inference_precision)) for d in devices]
     return runners
 
 
@@ -183,7 +185,7 @@ def run_bench(artifacts: list[Path], cfg: BenchConfig | None = None, *, key: Key
               status: Callable[[str], None] = lambda s: None, opener: Opener | None = None) -> dict[str, Any]:
     cfg = cfg or BenchConfig()
     runner_device = check_device(cfg.device)
-    runners = _runners(artifacts, key, runner_device, opener, cfg.ensemble_draw, cfg.query_noise)
+    runners = _runners(artifacts, key, runner_device, opener, cfg)
     batches, rounds, iters, warmup = cfg.batches, cfg.rounds, cfg.iters, cfg.warmup
     results: dict[str, Any] = {"device": cfg.device, "machine": machine_info(), "batches": list(batches),
                                "rounds": rounds, "iters": iters, "measurements": []}

@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..core.manifests import Precision
+from ..core.manifests import Backend, ExecPrecision, InferencePrecision, Precision
 from ..redteam.config import EvalConfig
 
 
@@ -43,10 +43,11 @@ VERIFY_TOLERANCE: dict[Precision, tuple[float, float]] = {"fp32": (1e-4, 1.0), "
 VERIFY_IMAGES = 16  # random and real images checked after every export (at least)
 
 # parity: fp32 must match (0.1 point, no test); fp16 and int8 1 point, or up to 2 points consistent with chance
-DEFAULT_TOLERANCE: dict[Precision, Tolerance] = {
+DEFAULT_TOLERANCE: dict[ExecPrecision, Tolerance] = {
     "fp32": Tolerance(accuracy=0.001, agreement=0.99, paired_test=False),
     "fp16": Tolerance(accuracy=0.01, agreement=0.97, paired_test=True),
     "int8": Tolerance(accuracy=0.01, agreement=0.95, paired_test=True),
+    "bf16": Tolerance(accuracy=0.01, agreement=0.97, paired_test=True),  # an 8-bit mantissa: fp16's rule
 }
 
 
@@ -54,10 +55,10 @@ DEFAULT_TOLERANCE: dict[Precision, Tolerance] = {
 class ParityConfig:
     n: int = 200
     attack: EvalConfig = field(default_factory=EvalConfig)
-    tolerance: dict[Precision, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
+    tolerance: dict[ExecPrecision, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCE))
     seed: int = 0
 
-    def with_accuracy(self, points: dict[Precision, float]) -> "ParityConfig":
+    def with_accuracy(self, points: dict[ExecPrecision, float]) -> "ParityConfig":
         """The same rule with other accuracy tolerances, given in points (the CLI's ``--tolerance-*``)."""
         tol = {p: Tolerance(points[p] / 100, t.agreement, t.paired_test, t.alpha) if p in points else t
                for p, t in self.tolerance.items()}
@@ -76,5 +77,7 @@ class BenchConfig:
     rounds: int = 5
     iters: int = 10
     warmup: int = 3
+    backend: Backend = "onnxruntime"   # what runs the ONNX artifacts on the CPU
+    inference_precision: InferencePrecision = "fp32"  # OpenVINO's precision hint (bf16: AMX / AVX512-BF16)
     ensemble_draw: int | None = None   # a random ensemble: members drawn per query (default 1)
     query_noise: float | None = None   # RND: Gaussian noise of this standard deviation added to every query

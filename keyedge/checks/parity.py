@@ -27,7 +27,7 @@ import torch
 from scipy.stats import binomtest
 
 from ..core.io import atomic_write_bytes
-from ..core.manifests import Precision
+from ..core.manifests import ExecPrecision
 from ..core.models import KeyedClassifier
 from ..core.tables import markdown_table
 from ..redteam.attacks.pgd import ce_loss, pgd
@@ -90,7 +90,7 @@ def compare(logits: np.ndarray, ref: np.ndarray, labels: np.ndarray, tol: Tolera
 
 
 def check_artifact(runner: Runner, reference: KeyedClassifier, sets: dict[str, torch.Tensor], y: torch.Tensor,
-                   tolerance: Mapping[Precision, Tolerance]) -> dict[str, Any]:
+                   tolerance: Mapping[ExecPrecision, Tolerance]) -> dict[str, Any]:
     spec = runner.input_spec
     precision = runner.precision
     tol = tolerance[precision]

@@ -16,7 +16,7 @@ from ..core.errors import KeyedgeError
 from ..core.io import atomic_write_text, check_output_dir, staged_dir
 from ..core.keys import Key
 from ..core.keyset import KeySet
-from ..core.manifests import read_run, write_json
+from ..core.manifests import Backend, read_run, write_json
 from ..core.progress import Echo, echo
 from ..core.runs import base_checkpoint_path, load_run, load_surrogate
 from ..runtime.bundle import DeviceAccess
@@ -39,11 +39,13 @@ def _ensemble_runners(reference: Path, keys: KeySet, artifacts: list[Path], open
 
 def run_parity(reference: Path, key_path: Path | Key | KeySet | None, artifacts: list[Path], out: Path | None, *,
                data: str | None = None, base: Path | None = None, cfg: ParityConfig | None = None,
-               force: bool = False, access: DeviceAccess = DeviceAccess(),
-               echo: Echo = echo) -> dict[str, Any]:
+               force: bool = False, access: DeviceAccess = DeviceAccess(), backend: Backend = "onnxruntime",
+               inference_precision: str = "fp32", echo: Echo = echo) -> dict[str, Any]:
     """Check every artifact against ``reference``; one line per artifact; the reports into ``out``. Sealed
     bundles open with the device's private key and trusted publishers (``access``). A random ensemble's
-    artifact is checked member by member, each against its own PyTorch reference on its own adversarial sets."""
+    artifact is checked member by member, each against its own PyTorch reference on its own adversarial sets.
+    ``backend``: what runs the ONNX artifacts (OpenVINO with its ``inference_precision``: a bf16 execution is
+    held to the bf16 rule)."""
     cfg = cfg or ParityConfig()
     if out is not None:
         check_output_dir(out, force)
@@ -61,7 +63,8 @@ def run_parity(reference: Path, key_path: Path | Key | KeySet | None, artifacts:
         raise KeyedgeError(f"the run's data set {manifest.data.spec} is not here; pass --data")
     # refuse bad artifacts before crafting
     runners: list = (_ensemble_runners(reference, keys, artifacts, opener) if keys is not None
-                     else [open_runner(a, key, opener=opener) for a in artifacts])
+                     else [open_runner(a, key, opener=opener, backend=backend, inference_precision=inference_precision)
+                           for a in artifacts])
     refs = load_members(reference, keys) if keys is not None else [load_run(reference, key)]
     x, y = images
     base_path = base if base is not None else base_checkpoint_path(manifest, verify=False)

@@ -11,27 +11,48 @@ from pathlib import Path
 
 from ...core.errors import KeyedgeError
 from ...core.keys import Key
-from ...core.manifests import ArtifactManifest, EngineManifest
+from ...core.manifests import ArtifactManifest, Backend, EngineManifest
 from ..artifacts import Artifact, open_artifact
 from ..bundle import Opener
 from .base import Runner
 from .ensemble import EnsembleRunner, QueryNoise
 from .onnxruntime import OnnxRunner
+from .openvino import OpenVinoRunner
 from .tensorrt import TensorRTRunner
 from .torch import TorchRunner
 
-__all__ = ["Runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "EnsembleRunner", "QueryNoise", "open_runner",
-           "runner_for"]
+__all__ = ["Runner", "TorchRunner", "OnnxRunner", "OpenVinoRunner", "TensorRTRunner", "EnsembleRunner", "QueryNoise",
+           "open_runner", "runner_for"]
 
 
 def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu", draw: int | None = None,
-               query_noise: float | None = None) -> Runner:
-    """The runner of a resolved artifact: torch for runs, ONNX Runtime for .onnx, TensorRT for engines, a
-    random ensemble's runner for an ensemble (``draw`` of its members answer each query). A sealed artifact is
-    opened in memory at each activation, with the key its bundle holds (if any). ``query_noise``: RND, fresh
-    Gaussian noise of that standard deviation added to every query."""
-    runner = _runner(artifact, key, device, draw)
+               query_noise: float | None = None, backend: Backend = "onnxruntime",
+               inference_precision: str = "fp32") -> Runner:
+    """The runner of a resolved artifact: torch for runs, ONNX Runtime (or, ``backend="openvino"``, OpenVINO
+    with its ``inference_precision``) for .onnx, TensorRT for engines, a random ensemble's runner for an
+    ensemble (``draw`` of its members answer each query). A sealed artifact is opened in memory at each
+    activation, with the key its bundle holds (if any). ``query_noise``: RND, fresh Gaussian noise of that
+    standard deviation added to every query."""
+    if backend == "openvino":
+        runner = _openvino_runner(artifact, key, device, draw, inference_precision)
+    else:
+        runner = _runner(artifact, key, device, draw)
     return runner if query_noise is None else QueryNoise(runner, query_noise)
+
+
+def _openvino_runner(artifact: Artifact, key: Key | None, device: str, draw: int | None,
+                     inference_precision: str) -> Runner:
+    if device != "cpu":
+        raise KeyedgeError(f"--backend openvino runs on the CPU, not on --device {device}")
+    if artifact.kind == "engine":
+        raise KeyedgeError(f"{artifact.path} is a TensorRT engine: it runs on TensorRT, not OpenVINO")
+    if artifact.is_ensemble:
+        raise KeyedgeError(f"{artifact.path} is a random ensemble: its runner is ONNX Runtime's (--backend onnxruntime)")
+    if artifact.kind == "run":  # the PyTorch reference is what it is, whatever runs the exports
+        return _runner(artifact, key, device, draw)
+    assert isinstance(artifact.manifest, ArtifactManifest)
+    return OpenVinoRunner(artifact.path, key, inference_precision=inference_precision, manifest=artifact.manifest,
+                          sealed=artifact.sealed)
 
 
 def _runner(artifact: Artifact, key: Key | None, device: str, draw: int | None) -> Runner:
@@ -53,7 +74,9 @@ def _runner(artifact: Artifact, key: Key | None, device: str, draw: int | None) 
 
 
 def open_runner(path: str | Path, key: Key | None = None, *, device: str = "cpu", opener: Opener | None = None,
-                draw: int | None = None, query_noise: float | None = None) -> Runner:
+                draw: int | None = None, query_noise: float | None = None, backend: Backend = "onnxruntime",
+                inference_precision: str = "fp32") -> Runner:
     """A runner (not yet active) for a run directory, an export/build directory, .onnx, .engine, a random
     ensemble's export or a sealed .kes bundle (``opener``: the device's private key and trusted publishers)."""
-    return runner_for(open_artifact(path, opener=opener), key, device=device, draw=draw, query_noise=query_noise)
+    return runner_for(open_artifact(path, opener=opener), key, device=device, draw=draw, query_noise=query_noise,
+                      backend=backend, inference_precision=inference_precision)

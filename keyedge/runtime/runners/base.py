@@ -15,7 +15,7 @@ import numpy as np
 
 from ...core.errors import KeyedgeError
 from ...core.keys import Key
-from ...core.manifests import ArtifactInput, ArtifactManifest, Precision, RunManifest, check_key, needs_key
+from ...core.manifests import ArtifactInput, ArtifactManifest, ExecPrecision, RunManifest, check_key, needs_key
 from ..bundle import Bundle, BundleError, SealedLoader
 from ..kernel import reference_preprocess
 
@@ -59,7 +59,8 @@ class Runner(ABC):
         return self._active
 
     @property
-    def precision(self) -> Precision:
+    def precision(self) -> ExecPrecision:
+        """What the runner executes in: the artifact's precision, unless the backend is told otherwise."""
         return self.manifest.precision if isinstance(self.manifest, ArtifactManifest) else "fp32"
 
     @property
@@ -128,6 +129,20 @@ def checked_key(manifest: ArtifactManifest | RunManifest, key: Key | None, where
     """The key the artifact takes at run time (None when it takes none), after the key rule."""
     check_key(manifest, key, where)
     return key if needs_key(manifest) else None
+
+
+def key_feed(manifest: ArtifactManifest, key: Key | None) -> dict[str, np.ndarray]:
+    """A gather artifact's key input (the permutation, a copy of the runner's own to wipe at deactivation)."""
+    if manifest.key_input is None:
+        return {}
+    assert key is not None  # checked_key
+    return {manifest.key_input: np.array(key.perm, dtype=np.int64)}
+
+
+def wipe_feed(feed: dict[str, np.ndarray]) -> None:
+    for array in feed.values():
+        array.fill(0)
+    feed.clear()
 
 
 def graph_feed(images: np.ndarray, manifest: ArtifactManifest, key: Key | None) -> np.ndarray:

@@ -11,7 +11,7 @@ from ...core.errors import KeyedgeError
 from ...core.keys import Key
 from ...core.manifests import ArtifactManifest, read_onnx_manifest
 from ..bundle import EXTERNAL_DATA, Bundle, BundleError, SealedLoader
-from .base import Runner, graph_feed
+from .base import Runner, graph_feed, key_feed, wipe_feed
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -69,15 +69,11 @@ class OnnxRunner(Runner):
                 del opts, values, tensors  # the views go before the buffer is unmapped
             finally:
                 bundle.wipe()
-        if self.manifest.key_input is not None:
-            assert self.key is not None  # checked_key
-            self._feed_extra = {self.manifest.key_input: np.array(self.key.perm, dtype=np.int64)}  # our copy
+        self._feed_extra = key_feed(self.manifest, self.key)
 
     def _deactivate(self) -> None:
         self.session = None
-        for array in self._feed_extra.values():
-            array.fill(0)
-        self._feed_extra = {}
+        wipe_feed(self._feed_extra)
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         feed = {self.manifest.graph_input.name: graph_feed(images, self.manifest, self.key), **self._feed_extra}
