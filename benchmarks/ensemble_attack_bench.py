@@ -150,11 +150,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--targets", nargs="+", default=list(TARGETS))
     p.add_argument("--quick", action="store_true", help="tiny budgets and images: a smoke run")
-    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "ensemble_attack.json")
+    p.add_argument("--json", type=Path, default=None,
+                   help="results (default: results/ensemble_attack.json; with --quick, OUT/ensemble_attack.json)")
     p.add_argument("--table", action="store_true", help="print the markdown tables of --json and stop")
     p.add_argument("--fresh", action="store_true", help="start --json anew (its targets were made with other models)")
     p.add_argument("--stop-after", type=float, default=None, help="start no target after this many seconds")
     args = p.parse_args()
+    if args.json is None:
+        args.json = (args.out if args.quick and args.out else Path(__file__).parent / "results") / "ensemble_attack.json"
     if args.table:
         print(markdown(json.loads(args.json.read_text())))
         return
