@@ -117,12 +117,12 @@ def _kept_targets(path: Path, identity: dict, fresh: bool) -> dict:
     exit 2 when ``path`` holds another run's. ``identity`` may lack the models' hash (checked before training)."""
     if fresh or not path.is_file():
         return {}
-    earlier = json.loads(path.read_text()).get("identity", {})
-    differ = sorted(k for k in identity if earlier.get(k) != identity[k])
+    earlier = json.loads(path.read_text())
+    differ = sorted(k for k in identity if earlier.get("identity", {}).get(k) != identity[k])
     if differ:
         print(f"error: {path} was measured with other {', '.join(differ)}; --fresh starts it anew", file=sys.stderr)
         sys.exit(2)
-    return json.loads(path.read_text())["targets"]
+    return earlier["targets"]
 
 
 def _latency(runner, x: np.ndarray, iters: int) -> float:

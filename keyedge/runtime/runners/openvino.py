@@ -35,12 +35,12 @@ def openvino_core() -> Any:
     return openvino.Core()
 
 
-def check_inference_precision(precision: str, core: Any | None = None) -> InferencePrecision:
+def check_inference_precision(precision: str, core: Any) -> InferencePrecision:
     """``precision`` if this CPU can execute it with OpenVINO (bf16: AMX or AVX512-BF16), else one line."""
     if precision not in INFERENCE_PRECISIONS:
         raise KeyedgeError(f"--inference-precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
     if precision == "bf16":
-        caps = (core or openvino_core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if "BF16" not in caps:
             raise KeyedgeError("--inference-precision bf16 needs a CPU with AMX or AVX512-BF16; this one offers "
                                f"{', '.join(caps)} (use fp32)")
