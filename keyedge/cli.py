@@ -21,7 +21,7 @@ from typer.exceptions import Abort, TyperException
 from .checks.config import DEFAULT_TOLERANCE, BenchConfig, BenchDevice, ParityConfig
 from .core.errors import KeyedgeError
 from .core.manifests import (Backend, EnsembleForm, FoldMode, InferencePrecision, InputKind, Int8Method, Layout,
-                             Precision, TrainMode)
+                             Precision, Runtime, TrainMode)
 from .deploy.config import ExportOptions
 from .redteam.config import AuditConfig, AutoAttackVersion, EvalConfig, Threat
 from .training.config import TrainConfig
@@ -82,6 +82,8 @@ BACKEND = typer.Option("onnxruntime", help="What runs ONNX artifacts on the CPU:
                                             "(pip install 'keyedge[openvino]').")
 INFERENCE_PRECISION = typer.Option("fp32", help="--backend openvino: execute in fp32, or in bf16 (CPUs with AMX or "
                                                 "AVX512-BF16; held to the bf16 parity rule).")
+CPU_TARGET = typer.Option(None, help="An OpenVINO CPU target profile (cpu-x86 or a .toml): --backend openvino in its "
+                                     "inference precision (auto: bf16 where the CPU has it).")
 DEVICE_KEY = typer.Option(None, help="The device's private key for sealed .kes bundles: a file, or - for stdin.")
 DEVICE_KEY_COMMAND = typer.Option(None, help="A command printing the device's private key (e.g. from OP-TEE secure "
                                              "storage or a TPM); default: $KEYEDGE_DEVICE_KEY_COMMAND.")
@@ -97,6 +99,18 @@ def access(device_key: Path | None, device_key_command: str | None, trust: list[
     from .runtime.bundle import DeviceAccess
 
     return DeviceAccess(device_key, device_key_command, tuple(trust), allow_unsigned)
+
+
+def cpu_backend(target: str | None, backend: Backend, inference_precision: InferencePrecision
+                ) -> tuple[Backend, InferencePrecision]:
+    """What ``--target`` (an OpenVINO CPU profile) makes of --backend and --inference-precision (an explicit
+    bf16 wins); without it, they are as given."""
+    if target is None:
+        return backend, inference_precision
+    from .workflows.openvino_export import cpu_target
+
+    _, hint = cpu_target(target)
+    return "openvino", inference_precision if inference_precision != "fp32" else hint
 
 
 def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -305,23 +319,51 @@ def export_cmd(
         layout: Layout = typer.Option(X.layout),
         batch: int = typer.Option(X.batch, min=1, help="Static batch size."),
         dynamic_batch: bool = typer.Option(False, help="Dynamic batch dimension instead of --batch."),
-        precision: Precision = typer.Option(X.precision, help="fp32; fp16 (weights/compute, fp32 I/O); int8 (CPU)."),
+        precision: Precision = typer.Option(X.precision, help="fp32; fp16 (weights/compute, fp32 I/O); int8 (CPU: "
+                                                              "ONNX Runtime's; --runtime openvino: NNCF's)."),
         int8_method: Int8Method = typer.Option(X.int8_method, help="int8: dynamic, or static with calibration."),
         calibration_n: int = typer.Option(X.calibration_n, min=1, help="Calibration images for static int8."),
         opset: int = typer.Option(X.opset, min=17),
+        runtime: Runtime = typer.Option("onnxruntime", help="onnxruntime: ONNX; openvino: OpenVINO IR for x86 CPUs "
+                                                            "(from the verified ONNX; --precision int8 by NNCF, "
+                                                            "calibrated on the run's keyed training images)."),
+        inference_precision: InferencePrecision = typer.Option("fp32", help="--runtime openvino: the precision the "
+                                                                            "IR executes in (bf16: AMX or AVX512-BF16; "
+                                                                            "held to parity's rule before writing)."),
+        parity_n: int = typer.Option(200, min=1, help="--runtime openvino in int8 or bf16: test images of the parity "
+                                                      "gate (clean and adversarial)."),
+        target: str | None = typer.Option(None, help="An OpenVINO CPU target profile (cpu-x86 or a .toml): --runtime "
+                                                     "openvino in the profile's precision and inference precision "
+                                                     "(the options win where they are given)."),
         ensemble_form: EnsembleForm | None = typer.Option(None, help="A random ensemble's run: gathered (one graph: "
                                                           "the base once, each member's folded patch embedding, LoRA "
                                                           "deltas and head, any batch; LoRA members' default) or "
                                                           "separate (each member's merged model; full fine-tunes)."),
         force: bool = FORCE) -> None:
-    """Merge LoRA, fold the key (or keep a gather), export ONNX and verify it with ONNX Runtime."""
+    """Merge LoRA, fold the key (or keep a gather), export ONNX and verify it with ONNX Runtime (or, --runtime
+    openvino, OpenVINO IR verified with OpenVINO)."""
     from .core.ensemble import is_ensemble
     from .workflows.export import export_run
 
     opts = ExportOptions(mode=mode, input=input, layout=layout, batch=None if dynamic_batch else batch,
                          embed_key=embed_key, precision=precision, int8_method=int8_method,
                          calibration_n=calibration_n, opset=opset)
-    if is_ensemble(run):
+    if target is not None:
+        from .workflows.openvino_export import cpu_target
+
+        profile, hint = cpu_target(target)
+        runtime = "openvino"
+        opts.precision = precision if precision != X.precision else profile.precision  # type: ignore[assignment]
+        inference_precision = inference_precision if inference_precision != "fp32" else hint
+    if runtime == "openvino":
+        from .workflows.openvino_export import export_ir
+
+        if is_ensemble(run) or ensemble_form is not None:
+            raise KeyedgeError(f"{run}: a random ensemble is exported to ONNX (its runner is ONNX Runtime's)")
+        export_ir(run, key, out, opts, inference_precision=inference_precision, parity_n=parity_n, force=force)
+    elif inference_precision != "fp32":
+        raise KeyedgeError("--inference-precision applies to --runtime openvino")
+    elif is_ensemble(run):
         from .workflows.ensemble import export_ensemble
 
         if key is None:
@@ -346,6 +388,7 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
            tolerance_fp16: float = typer.Option(100 * DEFAULT_TOLERANCE["fp16"].accuracy),
            tolerance_int8: float = typer.Option(100 * DEFAULT_TOLERANCE["int8"].accuracy),
            backend: Backend = BACKEND, inference_precision: InferencePrecision = INFERENCE_PRECISION,
+           target: str | None = CPU_TARGET,
            device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
            trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
            force: bool = FORCE) -> None:
@@ -353,6 +396,7 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
     (exit 1 if not). int8 differs between CPUs: check it on the deploying one."""
     from .workflows.parity import run_parity
 
+    backend, inference_precision = cpu_backend(target, backend, inference_precision)
     cfg = ParityConfig(n=n).with_accuracy({"fp32": tolerance_fp32, "fp16": tolerance_fp16, "int8": tolerance_int8})
     report = run_parity(reference, key, artifacts, out, data=data, base=base, cfg=cfg, force=force,
                         access=access(device_key, device_key_command, trust, allow_unsigned), backend=backend,
@@ -394,7 +438,9 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
           rounds: int = typer.Option(B.rounds, min=1, help="Interleaved rounds."),
           iters: int = typer.Option(B.iters, min=1, help="Timed iterations per model per round."),
           estimate: bool = typer.Option(False, help="Roofline floor for --target instead of measuring."),
-          target: str = typer.Option("desktop", help="Target profile for --estimate."),
+          target: str | None = typer.Option(None, help="--estimate: a TensorRT target profile (default desktop); "
+                                                       "else an OpenVINO CPU target (cpu-x86): --backend openvino in "
+                                                       "its inference precision."),
           ensemble_draw: int | None = typer.Option(None, min=1, help="A random ensemble: members drawn from the OS "
                                                                      "CSPRNG to answer each query (default 1)."),
           query_noise: float | None = typer.Option(None, help="RND: Gaussian noise of this standard deviation "
@@ -409,8 +455,9 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
 
     batches = ints(batch, "--batch")
     if estimate:
-        workflow.estimate(artifacts, target, batches)
+        workflow.estimate(artifacts, target or "desktop", batches)
         return
+    backend, inference_precision = cpu_backend(target, backend, inference_precision)
     workflow.bench(artifacts, out, BenchConfig(device=device, batches=batches, rounds=rounds, iters=iters,
                                                ensemble_draw=ensemble_draw, query_noise=query_noise,
                                                backend=backend, inference_precision=inference_precision),

@@ -12,6 +12,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from keyedge import Key, create_vit
@@ -117,3 +118,17 @@ def fake_engine(export_dir: Path, dest: Path, tensorrt_version: str = "10.3.0") 
     EngineManifest(**plan.fields_of(BuildPlan), tensorrt_version=tensorrt_version,
                    compute_capability="8.7").write(dest / "model.engine.json")
     return engine
+
+
+def runner_images(runner, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random images as ``runner``'s input spec takes them (uint8 or float in [0, 1])."""
+    rng = np.random.default_rng(seed)
+    shape = runner.input_spec.shape(n)
+    if runner.input_spec.dtype == "uint8":
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    return rng.random(shape, dtype=np.float32)
+
+
+def max_rel_err(a, b) -> float:
+    """The largest absolute difference relative to the largest magnitude of ``b`` (numpy arrays)."""
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))

@@ -16,7 +16,7 @@ import torch
 
 from ..core.manifests import ArtifactManifest
 from ..core.models import KeyedClassifier
-from ..runtime.runners import OnnxRunner
+from ..runtime.runners import OnnxRunner, Runner
 from ..runtime.runners.ensemble import EnsembleRunner
 from .config import VERIFY_IMAGES, VERIFY_TOLERANCE
 
@@ -57,11 +57,19 @@ def _passed(result: dict[str, Any], tol: float, min_agree: float) -> bool:
 
 def verify(path: Path, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None, *,
            n: int = VERIFY_IMAGES, seed: int = 0) -> dict[str, Any]:
-    """ONNX Runtime vs the PyTorch keyed model on ``n`` random and ``n`` real images, through the
-    runner's own batching (a fixed-batch artifact gets them in chunks)."""
-    tol, min_agree = VERIFY_TOLERANCE[manifest.precision]
-    report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree, "images": n}
-    with OnnxRunner(path, keyed.key, manifest=manifest) as runner:
+    """ONNX Runtime vs the PyTorch keyed model on ``n`` random and ``n`` real images."""
+    return verify_runner(OnnxRunner(path, keyed.key, manifest=manifest), keyed, manifest, real, n=n, seed=seed)
+
+
+def verify_runner(runner: Runner, keyed: KeyedClassifier, manifest: ArtifactManifest, real: torch.Tensor | None,
+                  *, n: int = VERIFY_IMAGES, seed: int = 0) -> dict[str, Any]:
+    """An artifact's runner vs the PyTorch keyed model on ``n`` random and ``n`` real images, through the
+    runner's own batching (a fixed-batch artifact gets them in chunks), under the rule of the precision the
+    runner executes in."""
+    tol, min_agree = VERIFY_TOLERANCE[runner.precision]
+    report: dict[str, Any] = {"tolerance_rel": tol, "min_agreement": min_agree, "images": n,
+                              "runner": runner.name, "precision": runner.precision}
+    with runner:
         for name, images in _image_sets(manifest, real, n, seed).items():
             feed = manifest.input.from_canonical(images)
             got = torch.as_tensor(runner(feed))

@@ -38,9 +38,11 @@ from .io import atomic_write_text, reading
 from .keys import Key
 
 METADATA_KEY = "keyedge_manifest"  # the ONNX metadata_props entry holding the artifact manifest
+METADATA_NAME = "manifest"  # an OpenVINO IR's: rt_info["keyedge"]["manifest"]
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
+IR_FILE, IR_WEIGHTS = "model.xml", "model.bin"  # an OpenVINO IR artifact (the manifest also in its rt_info)
 
 M = TypeVar("M", bound="Manifest")
 
@@ -55,6 +57,7 @@ Backend = Literal["onnxruntime", "openvino"]  # what runs an exported ONNX artif
 InferencePrecision = Literal["fp32", "bf16"]  # OpenVINO's inference precision hint
 EnsembleForm = Literal["gathered", "separate"]
 Int8Method = Literal["dynamic", "static"]
+Runtime = Literal["onnxruntime", "openvino"]  # what an artifact's file is for: ONNX, or OpenVINO IR
 PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
 DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the linear layers LoRA adapts inside each block
 
@@ -438,10 +441,15 @@ class ArtifactManifest(Manifest):
     source_run: str
     versions: dict[str, str]
     ensemble: EnsembleSpec | None = None
+    runtime: Runtime = "onnxruntime"
+    inference_precision: InferencePrecision | None = None  # an OpenVINO IR's: the hint it was verified with
 
     def __post_init__(self) -> None:
         super().__post_init__()
         c = self.input.channels
+        _require((self.runtime == "openvino") == (self.inference_precision is not None),
+                 "an OpenVINO IR artifact (and only one) names its inference precision")
+        _require(self.runtime == "onnxruntime" or self.ensemble is None, "a random ensemble is an ONNX artifact")
         _require(self.ensemble is None or (self.fold_mode == "fused" and self.key_input is None),
                  "an ensemble's keys are folded into its members")
         _require(len(self.mean) == c and len(self.std) == c, f"mean and std need {c} values (one per channel)")
@@ -507,6 +515,30 @@ def read_onnx_manifest(path: Path) -> ArtifactManifest:
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             return read_deployed(parse_json(prop.value, f"{path}: its keyedge manifest"), str(path))
+    raise KeyedgeError(f"{path} carries no keyedge manifest")
+
+
+def read_ir_manifest(path: Path) -> ArtifactManifest:
+    """The manifest inside an OpenVINO IR's ``rt_info`` (``<rt_info><keyedge><manifest value=...>``), read off
+    the XML without loading the weights."""
+    import xml.etree.ElementTree as ET
+
+    stack: list[str] = []
+    try:
+        for event, element in ET.iterparse(str(path), events=("start", "end")):
+            if event == "start":
+                stack.append(element.tag)
+                if stack[-3:] == ["rt_info", "keyedge", METADATA_NAME] and len(stack) == 4:
+                    text = element.get("value", "")
+                    return read_deployed(parse_json(text, f"{path}: its keyedge manifest"), str(path))
+            else:
+                stack.pop()
+                if element.tag == "layers":
+                    element.clear()  # the graph itself is not needed
+    except FileNotFoundError:
+        raise KeyedgeError(f"artifact {path} does not exist") from None
+    except ET.ParseError as exc:
+        raise KeyedgeError(f"{path} is not a readable OpenVINO IR (XML): {exc}") from None
     raise KeyedgeError(f"{path} carries no keyedge manifest")
 
 

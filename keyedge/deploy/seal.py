@@ -10,7 +10,7 @@ from typing import Any
 from ..core.errors import KeyedgeError
 from ..core.io import wipe
 from ..core.keys import Key
-from ..core.manifests import ArtifactManifest, check_key, needs_key
+from ..core.manifests import IR_FILE, IR_WEIGHTS, ArtifactManifest, check_key, needs_key
 from ..runtime.artifacts import open_artifact
 from ..runtime.bundle import EXTERNAL_DATA, DevicePublicKey, PublisherKey, external_layout, seal
 
@@ -30,6 +30,9 @@ def seal_artifact(artifact_dir: Path, recipient: DevicePublicKey, key: Key | Non
     if art.kind == "onnx":  # graph + tensors, so that runners load the tensors where they are decrypted
         graph, data = external_layout(art.path.read_bytes())
         files: dict[str, bytes | bytearray] = {"model.onnx": graph, **({EXTERNAL_DATA: data} if data else {}),
+                 "manifest.json": manifest.to_json().encode()}
+    elif art.kind == "ir":  # the XML and its weights, read by OpenVINO from the decrypted buffer as they lie
+        files = {IR_FILE: art.path.read_bytes(), IR_WEIGHTS: art.path.with_suffix(".bin").read_bytes(),
                  "manifest.json": manifest.to_json().encode()}
     else:
         files = {"model.engine": art.path.read_bytes(), "model.engine.json": manifest.to_json().encode()}

@@ -1,4 +1,6 @@
-"""TensorRT target profiles (``export/targets/*.toml``, shipped in the wheel), validated on load."""
+"""Target profiles (``export/targets/*.toml``, shipped in the wheel), validated on load: TensorRT GPU targets
+(:class:`Target`, built by ``keyedge build``) and OpenVINO CPU targets (:class:`CpuTarget`, ``runtime =
+"openvino"``: exported by ``keyedge export --target``, run by ``bench`` and ``parity --target``)."""
 
 from __future__ import annotations
 
@@ -122,8 +124,61 @@ def parse_target(data: dict[str, Any], path: Path) -> Target:
                   dla_gpu_fallback=bool(dla.get("gpu_fallback", True)), peak=peak_obj, path=path)
 
 
+@dataclass(frozen=True)
+class CpuTarget:
+    """An x86 CPU target run by OpenVINO: the IR's weights (fp32, or NNCF int8) and the inference precision
+    (``auto``: bf16 where the CPU has it)."""
+    name: str
+    description: str
+    precision: str
+    inference_precision: str
+    path: Path
+
+    def resolved_inference_precision(self, cpu_has_bf16: bool) -> str:
+        if self.inference_precision == "auto":
+            return "bf16" if cpu_has_bf16 else "fp32"
+        return self.inference_precision
+
+
+def parse_cpu_target(data: dict[str, Any], path: Path) -> CpuTarget:
+    where = str(path)
+    precision = _get(data, "precision", str, where)
+    if precision not in ("fp32", "int8"):
+        raise KeyedgeError(f"{where}: an OpenVINO target's precision is fp32 or int8, got {precision!r}")
+    hint = _get(data, "inference_precision", str, where)
+    if hint not in ("auto", "fp32", "bf16"):
+        raise KeyedgeError(f"{where}: inference_precision must be auto, fp32 or bf16, got {hint!r}")
+    return CpuTarget(_get(data, "name", str, where), _get(data, "description", str, where), precision, hint, path)
+
+
 def load_target(name_or_path: str | Path) -> Target:
-    """A packaged target by name (``desktop``, ``jetson-orin``, ...) or a path to a TOML profile."""
+    """A packaged TensorRT target by name (``desktop``, ``jetson-orin``, ...) or a path to a TOML profile."""
+    data, path = _read_profile(name_or_path)
+    if data.get("runtime", "tensorrt") == "openvino":
+        raise KeyedgeError(f"{data.get('name', path)} is an OpenVINO CPU target, not a TensorRT one: keyedge export "
+                           "--target writes its IR, and bench / parity --target run it")
+    return parse_target(data, path)
+
+
+def load_any_target(name_or_path: str | Path) -> Target | CpuTarget:
+    """A TensorRT or an OpenVINO target profile, by what its ``runtime`` says (TensorRT when it says nothing)."""
+    data, path = _read_profile(name_or_path)
+    runtime = data.get("runtime", "tensorrt")
+    if runtime not in ("tensorrt", "openvino"):
+        raise KeyedgeError(f"{path}: runtime must be tensorrt or openvino, got {runtime!r}")
+    return parse_cpu_target(data, path) if runtime == "openvino" else parse_target(data, path)
+
+
+def load_cpu_target(name_or_path: str | Path) -> CpuTarget:
+    """An OpenVINO CPU target profile (``cpu-x86`` or a .toml), refused in one line if it is a TensorRT one."""
+    target = load_any_target(name_or_path)
+    if not isinstance(target, CpuTarget):
+        raise KeyedgeError(f"{target.name} is a TensorRT target, not an OpenVINO CPU one (a TensorRT target is "
+                           "for keyedge build --target and bench --estimate --target)")
+    return target
+
+
+def _read_profile(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
     path = Path(name_or_path)
     if path.suffix == ".toml":
         if not path.is_file():
@@ -140,7 +195,6 @@ def load_target(name_or_path: str | Path) -> Target:
             raise KeyedgeError(f"unknown target {name_or_path!r} (available: {', '.join(available_targets())})")
         text, path = packaged.read_text(), Path(f"{name_or_path}.toml")
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text), path
     except tomllib.TOMLDecodeError as exc:
         raise KeyedgeError(f"{path}: not valid TOML: {exc}") from None
-    return parse_target(data, path)

@@ -129,22 +129,25 @@ def _find(artifact: Artifact, base_weight: torch.Tensor, key: Key | None, querie
                        "TensorRT engines are not parsed here (a proprietary serialization): a fused engine holds the "
                        "fused weights, i.e. the key, readable with TensorRT's refitter or inspector where the engine "
                        "allows; treated as holding the key when its manifest says so", chance=chance)
-    if artifact.kind == "onnx":
+    if artifact.kind in ("onnx", "ir"):
         assert isinstance(m, ArtifactManifest)
+        fmt = artifact.kind
         if m.fold_mode == "fused":
-            fused = keyrecovery.onnx_patch_embedding(artifact.path)
-            return Finding(name, f"fused-onnx-{m.precision}", True,
+            fused = (keyrecovery.onnx_patch_embedding if fmt == "onnx" else keyrecovery.ir_patch_embedding)(
+                artifact.path)
+            return Finding(name, f"fused-{fmt}-{m.precision}", True,
                            "patch-embedding columns matched to the public base's (linear assignment)",
                            "the fused weights are the keyed weights with their columns permuted by the key",
                            recovered=keyrecovery.recover_from_fused(fused, base_weight, block), chance=chance)
-        constants = keyrecovery.permutation_constants(artifact.path, n)
+        constants = (keyrecovery.permutation_constants if fmt == "onnx" else keyrecovery.ir_permutation_constants)(
+            artifact.path, n)
         if constants:
             guess = constants[0]
             if key is not None:  # the constant is the key or its inverse: keep the better
                 guess = max((guess, np.argsort(guess)), key=lambda g: float(np.mean(g == key.perm)))
-            return Finding(name, f"{m.fold_mode}-onnx-embedded-key", True, "integer permutation constant in the graph",
+            return Finding(name, f"{m.fold_mode}-{fmt}-embedded-key", True, "integer permutation constant in the graph",
                            "the graph holds the permutation as a constant (--embed-key)", recovered=guess, chance=chance)
-        return Finding(name, f"{m.fold_mode}-onnx", False, "integer constants of the graph scanned",
+        return Finding(name, f"{m.fold_mode}-{fmt}", False, "integer constants of the graph scanned",
                        "the file holds no key; it lives in key.bin / perm.bin on the device", fraction=0.0,
                        chance=chance)
     # a run directory: the un-fused weights

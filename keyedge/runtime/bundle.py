@@ -654,7 +654,8 @@ class Bundle:
     """An opened bundle, in memory only: the model (and the key, if it has one) in a buffer keyedge
     wipes as soon as the runner has loaded the model, and the manifest."""
     path: Path
-    model_name: str  # model.onnx (with model.onnx.data when it has large tensors) or model.engine
+    model_name: str  # model.onnx (with model.onnx.data when it has large tensors), model.xml (with model.bin)
+    # or model.engine
     manifest_text: str
     plain: Plaintext
 
@@ -708,8 +709,9 @@ def open_bundle(path: Path, opener: Opener) -> Bundle:
     finally:
         data.close()
     spans = plain.spans
-    model_name = next((n for n in ("model.engine", "model.onnx") if n in spans), None)
-    manifest_name = {"model.engine": "model.engine.json", "model.onnx": "manifest.json"}.get(model_name or "")
+    model_name = next((n for n in ("model.engine", "model.onnx", "model.xml") if n in spans), None)
+    manifest_name = {"model.engine": "model.engine.json", "model.onnx": "manifest.json",
+                     "model.xml": "manifest.json"}.get(model_name or "")
     try:
         if model_name is None or manifest_name not in spans:
             raise BundleError(f"{path} holds no model and manifest")

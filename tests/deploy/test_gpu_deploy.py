@@ -188,6 +188,7 @@ def test_mypy_over_the_tensorrt_module_runners_and_manifests():
     proc = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
                            "keyedge/runtime/", "keyedge/deploy/tensorrt.py", "keyedge/deploy/bindings.py",
                            "keyedge/deploy/targets.py", "keyedge/deploy/seal.py", "keyedge/deploy/config.py",
+                           "keyedge/deploy/openvino_ir.py",
                            "keyedge/core/manifests.py", "keyedge/core/io.py", "keyedge/core/resources.py",
                            "keyedge/checks/config.py", "keyedge/training/config.py", "keyedge/workflows/build.py",
                            "keyedge/workflows/sealing.py", "keyedge/workflows/parity.py"],

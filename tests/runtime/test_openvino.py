@@ -7,29 +7,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from keyedge.core.errors import KeyedgeError
 from keyedge.runtime.runners import OnnxRunner, OpenVinoRunner, open_runner
 
-from ..helpers import keyedge
+from ..helpers import keyedge, max_rel_err, runner_images
 from .bundles import MODES, opener
 
 ov = pytest.importorskip("openvino", reason="the OpenVINO backend's tests need openvino (pip install 'keyedge[openvino]')")
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-def _images(runner, n, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = runner.input_spec.shape(n)
-    if runner.input_spec.dtype == "uint8":
-        return rng.integers(0, 256, shape, dtype=np.uint8)
-    return rng.random(shape, dtype=np.float32)
-
-
-def _rel_err(a, b):
-    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -39,8 +26,8 @@ def test_every_mode_gives_onnx_runtimes_logits_through_openvino(sealed, mode):
     with OnnxRunner(model, key) as ref, open_runner(root / mode, key, backend="openvino") as r:
         assert isinstance(r, OpenVinoRunner) and r.precision == "fp32" and r.name == "openvino-cpu-fp32"
         for n in (1, 5):  # one image, and a batch (chunked where the artifact's batch is fixed)
-            x = _images(ref, n, seed=n)
-            assert _rel_err(r(x), ref(x)) <= 1e-4
+            x = runner_images(ref, n, seed=n)
+            assert max_rel_err(r(x), ref(x)) <= 1e-4
 
 
 def test_the_key_rule_holds_under_openvino(sealed):
@@ -62,8 +49,8 @@ def test_bf16_execution_on_a_cpu_that_has_it(sealed, trained_keyed, tmp_path):
     with OnnxRunner(root / "fused" / "model.onnx", key) as ref, \
             open_runner(root / "fused", key, backend="openvino", inference_precision="bf16") as r:
         assert r.precision == "bf16" and r.name == "openvino-cpu-bf16"
-        x = _images(ref, 8)
-        err = _rel_err(r(x), ref(x))
+        x = runner_images(ref, 8)
+        err = max_rel_err(r(x), ref(x))
         assert 0 < err <= 3e-2  # bf16 really ran (fp32 would be ~1e-6), within an 8-bit mantissa's error
     # adversarial images lie near the decision boundary: on 100 of them bf16 may flip up to 3 (the 97% floor)
     r = keyedge("parity", root / "fused", "--reference", run, "--key", key_path, "--n", "100", "--backend", "openvino",

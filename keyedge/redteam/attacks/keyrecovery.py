@@ -11,6 +11,8 @@ Four methods, one per kind of file keyedge emits:
   the public base's, so matching ``W'`` to the base reads the key off the file.
 * **Permutation constants** (:func:`permutation_constants`): a gather graph with ``--embed-key``
   holds the permutation as an integer constant.
+
+OpenVINO IR files are read the same two ways (:func:`ir_patch_embedding`, :func:`ir_permutation_constants`).
 * **Logit probes** (:func:`probe_key`): with the un-fused keyed weights and ``C*M*M`` queries of the
   deployed model, one probe per value of a block (that value set in every block, the rest grey),
   each answer is matched to the leaked weights' answer for every position: the key, exactly.
@@ -152,6 +154,42 @@ def permutation_constants(path: Path, n: int) -> list[np.ndarray]:
         if flat.dtype.kind in "iu" and flat.size == n and np.array_equal(np.sort(flat), np.arange(n)) \
                 and not np.array_equal(flat, np.arange(n)):
             found.append(flat.astype(np.int64))
+    return found
+
+
+def _ir_model(path: Path):
+    try:
+        import openvino
+    except ImportError:
+        raise KeyedgeError(f"{path} is an OpenVINO IR: reading it needs OpenVINO (pip install 'keyedge[openvino]')") \
+            from None
+    core = openvino.Core()
+    return openvino, core, core.read_model(str(path))
+
+
+def ir_patch_embedding(path: Path) -> np.ndarray:
+    """The first convolution's weight (D, C, P, P) of an OpenVINO IR, as the graph computes it (an int8 IR's
+    dequantizing Convert / Subtract / Multiply chain evaluated): a ViT's patch embedding."""
+    openvino, core, model = _ir_model(path)
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Convolution":
+            weights = openvino.Model([op.input_value(1)], [], "patch_embedding_weights")
+            (value,) = core.compile_model(weights, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({}).values()
+            if value.ndim == 4:
+                return np.asarray(value, dtype=np.float64)
+    raise KeyedgeError(f"{path}: no patch-embedding convolution found in the graph")
+
+
+def ir_permutation_constants(path: Path, n: int) -> list[np.ndarray]:
+    """Every integer constant of an OpenVINO IR that is a non-identity permutation of ``0..n-1``."""
+    _, _, model = _ir_model(path)
+    found = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            flat = np.asarray(op.get_data()).ravel()
+            if flat.dtype.kind in "iu" and flat.size == n and np.array_equal(np.sort(flat), np.arange(n)) \
+                    and not np.array_equal(flat, np.arange(n)):
+                found.append(flat.astype(np.int64))
     return found
 
 

@@ -29,27 +29,31 @@ def runner_for(artifact: Artifact, key: Key | None = None, *, device: str = "cpu
                query_noise: float | None = None, backend: Backend = "onnxruntime",
                inference_precision: str = "fp32") -> Runner:
     """The runner of a resolved artifact: torch for runs, ONNX Runtime (or, ``backend="openvino"``, OpenVINO
-    with its ``inference_precision``) for .onnx, TensorRT for engines, a random ensemble's runner for an
-    ensemble (``draw`` of its members answer each query). A sealed artifact is opened in memory at each
+    with its ``inference_precision``) for .onnx, OpenVINO for an IR (in ``inference_precision`` with
+    ``backend="openvino"``, else in the precision it was verified with), TensorRT for engines, a random
+    ensemble's runner for an ensemble (``draw`` of its members answer each query). A sealed artifact is opened in memory at each
     activation, with the key its bundle holds (if any). ``query_noise``: RND, fresh Gaussian noise of that
     standard deviation added to every query."""
-    if backend == "openvino":
-        runner = _openvino_runner(artifact, key, device, draw, inference_precision)
+    if backend == "openvino" or artifact.kind == "ir":  # an IR runs on OpenVINO only, whatever the default
+        runner = _openvino_runner(artifact, key, device, draw, inference_precision if backend == "openvino" else None)
     else:
         runner = _runner(artifact, key, device, draw)
     return runner if query_noise is None else QueryNoise(runner, query_noise)
 
 
 def _openvino_runner(artifact: Artifact, key: Key | None, device: str, draw: int | None,
-                     inference_precision: str) -> Runner:
+                     inference_precision: str | None) -> Runner:
     if device != "cpu":
-        raise KeyedgeError(f"--backend openvino runs on the CPU, not on --device {device}")
+        raise KeyedgeError(f"OpenVINO (--backend openvino, and OpenVINO IR artifacts) runs on the CPU, not on "
+                           f"--device {device}")
     if artifact.kind == "engine":
         raise KeyedgeError(f"{artifact.path} is a TensorRT engine: it runs on TensorRT, not OpenVINO")
     if artifact.is_ensemble:
         raise KeyedgeError(f"{artifact.path} is a random ensemble: its runner is ONNX Runtime's (--backend onnxruntime)")
     if artifact.kind == "run":  # the PyTorch reference is what it is, whatever runs the exports
         return _runner(artifact, key, device, draw)
+    if draw not in (None, 1):
+        raise KeyedgeError(f"--ensemble-draw applies to a random ensemble's artifact; {artifact.path} is a single model")
     assert isinstance(artifact.manifest, ArtifactManifest)
     return OpenVinoRunner(artifact.path, key, inference_precision=inference_precision, manifest=artifact.manifest,
                           sealed=artifact.sealed)

@@ -1,0 +1,166 @@
+"""keyedge export --runtime openvino: OpenVINO IR of every mode with the PyTorch model's logits, int8 by NNCF
+calibrated on keyed images and held to parity before it is written, sealed IR bundles run from memory, the
+key read off a folded IR by the audit, and bad input refused in one line."""
+
+import json
+import stat
+
+import numpy as np
+import pytest
+
+from keyedge import Key
+from keyedge.checks import config as checks_config
+from keyedge.checks.config import Tolerance
+from keyedge.core.manifests import read_ir_manifest
+from keyedge.runtime.runners import OnnxRunner, OpenVinoRunner, open_runner
+
+from ..helpers import keyedge, max_rel_err, runner_images
+from ..runtime.bundles import MODES, opener
+
+ov = pytest.importorskip("openvino", reason="OpenVINO IR needs openvino (pip install 'keyedge[openvino]')")
+pytest.importorskip("nncf", reason="int8 IR needs NNCF (pip install 'keyedge[openvino]')")
+HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.fixture(scope="module")
+def irs(tmp_path_factory, finetuned_keyed):
+    """Every mode as fp32 IR, the folded and the kernel mode as int8 IR, and the fused ONNX beside them."""
+    run, key_path, key, _ = finetuned_keyed
+    root = tmp_path_factory.mktemp("ir")
+    exports = {**{name: args for name, args in MODES.items()},
+               "fused_int8": ["--precision", "int8"], "kernel_int8": [*MODES["kernel"], "--precision", "int8"]}
+    for name, args in exports.items():
+        r = keyedge("export", run, "--key", key_path, "-o", root / name, "--runtime", "openvino", "--parity-n", "100",
+                    *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert keyedge("export", run, "--key", key_path, "-o", root / "onnx").returncode == 0
+    return root, key
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_as_ir_has_the_pytorch_models_logits(irs, mode):
+    root, key = irs
+    report = json.loads((root / mode / "verification.json").read_text())
+    assert report["passed"] and report["runner"] == "openvino-cpu-fp32" and report["real"]["rel_error"] <= 1e-4
+    assert sorted(p.name for p in (root / mode).iterdir()) == ["manifest.json", "model.bin", "model.xml",
+                                                                "verification.json"]
+    for name in ("model.xml", "model.bin"):  # a keyed model's weights: as secret as the key
+        assert stat.S_IMODE((root / mode / name).stat().st_mode) == 0o600
+    manifest = read_ir_manifest(root / mode / "model.xml")
+    assert manifest.to_dict() == json.loads((root / mode / "manifest.json").read_text())
+    assert manifest.runtime == "openvino" and manifest.inference_precision == "fp32" and manifest.fold_mode == mode \
+        .replace("embedded", "gather")
+    with open_runner(root / mode, key) as r:  # an IR runs on OpenVINO whatever --backend says
+        assert isinstance(r, OpenVinoRunner) and r.is_ir
+        if mode == "fused":
+            with OnnxRunner(root / "onnx" / "model.onnx") as ref:
+                x = runner_images(ref, 5)
+                assert max_rel_err(r(x), ref(x)) <= 1e-4
+
+
+def test_int8_ir_is_calibrated_keeps_the_head_and_passed_parity_before_it_was_written(irs, finetuned_keyed, tmp_path):
+    root, key = irs
+    run, key_path, _, _ = finetuned_keyed
+    for name in ("fused_int8", "kernel_int8"):
+        manifest = read_ir_manifest(root / name / "model.xml")
+        assert manifest.precision == "int8" and manifest.int8_method == "nncf" and "nncf" in manifest.versions
+        gate = json.loads((root / name / "verification.json").read_text())["parity"]
+        assert gate["passed"] and gate["precision"] == "int8" and gate["n"] == 100
+        assert {"clean", "whitebox_linf", "pgd_linf_transfer_base"} <= set(gate["sets"])  # adversarial, transfer too
+        model = ov.Core().read_model(str(root / name / "model.xml"))
+        fq = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+        assert len(fq) >= 8  # the blocks' matrix products really are int8
+        matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
+        head_inputs = [matmuls[-1].input_value(i).get_node().get_type_name() for i in range(2)]
+        assert "FakeQuantize" not in head_inputs  # the head stays in higher precision
+    r = keyedge("parity", root / "fused_int8", root / "kernel_int8", "--reference", run, "--key", key_path, "--n",
+                "100", "-o", tmp_path / "parity")
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads((tmp_path / "parity" / "parity.json").read_text())["artifacts"]
+    assert all(v["precision"] == "int8" and v["runner"] == "openvino-cpu-fp32" for v in results.values())
+
+
+def test_an_int8_ir_that_fails_parity_is_not_written(finetuned_keyed, tmp_path, monkeypatch):
+    run, key_path, _, _ = finetuned_keyed
+    strict = Tolerance(accuracy=0.0, agreement=1.0, paired_test=False)  # int8 moves some image: this fails
+    monkeypatch.setitem(checks_config.DEFAULT_TOLERANCE, "int8", strict)
+    r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "ir", "--runtime", "openvino", "--precision", "int8",
+                "--parity-n", "100")
+    assert r.returncode == 1 and "fails parity" in r.stderr and "nothing written" in r.stderr
+    assert not (tmp_path / "ir").exists() and not list(tmp_path.glob(".ir*"))
+
+
+def test_a_sealed_ir_runs_from_memory_and_its_buffer_is_wiped(irs, finetuned_keyed, tmp_path):
+    root, key = irs
+    _, key_path, _, _ = finetuned_keyed
+    assert keyedge("device", "keygen", "-o", tmp_path / "device.key").returncode == 0
+    assert keyedge("publisher", "keygen", "-o", tmp_path / "publisher.key").returncode == 0
+    for name in ("fused_int8", "gather"):  # the folded weights; the gather's key travels in the bundle
+        r = keyedge("seal", root / name, "--to", tmp_path / "device.pub", "-o", tmp_path / f"{name}.kes", "--key",
+                    key_path, "--sign-with", tmp_path / "publisher.key")
+        assert r.returncode == 0, r.stderr
+        with open_runner(root / name, key) as plain, \
+                open_runner(tmp_path / f"{name}.kes", opener=opener(tmp_path)) as sealed:
+            assert isinstance(sealed, OpenVinoRunner) and sealed.precision == plain.precision
+            bundle = sealed._bundle
+            assert bundle is not None and not bundle.plain.wiped  # OpenVINO executes from it while active
+            x = runner_images(plain, 4, seed=3)
+            np.testing.assert_array_equal(sealed(x), plain(x))
+        assert bundle.plain.wiped and sealed._bundle is None
+
+
+def test_the_audit_reads_the_key_off_a_folded_ir(irs, finetuned_keyed, tmp_path):
+    root, _ = irs
+    _, key_path, _, base = finetuned_keyed
+    r = keyedge("audit", root / "fused", root / "fused_int8", root / "gather", root / "embedded", "--base", base,
+                "--key", key_path, "-o", tmp_path / "audit", "--n", "32")
+    assert r.returncode == 0, r.stdout + r.stderr
+    found = {f["kind"]: f for f in json.loads((tmp_path / "audit" / "audit.json").read_text())["artifacts"]}
+    assert found["fused-ir-fp32"]["fraction"] >= 0.9 and found["fused-ir-int8"]["fraction"] >= 0.9
+    assert found["gather-ir"]["holds_key"] is False and found["gather-ir-embedded-key"]["fraction"] == 1.0
+
+
+def test_an_ir_whose_manifest_does_not_match_is_refused_in_one_line(irs, tmp_path):
+    root, key = irs
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for f in ("model.xml", "model.bin"):
+        (swapped / f).write_bytes((root / "fused" / f).read_bytes())
+    (swapped / "manifest.json").write_text((root / "gather" / "manifest.json").read_text())
+    r = keyedge("bench", swapped, "-o", tmp_path / "bench")
+    assert r.returncode == 2 and "does not match" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bench").exists()
+    other = tmp_path / "other.bin"
+    Key.generate(key.block_size, channels=key.channels, seed=99, allow_small=True).save(other)
+    r = keyedge("bench", root / "gather", "--key", other, "-o", tmp_path / "bench")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bench").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--runtime", "openvino", "--precision", "fp16"], "bf16"),
+    (["--inference-precision", "bf16"], "--runtime openvino"),
+])
+def test_export_refuses_what_openvino_ir_does_not_take(finetuned_keyed, tmp_path, args, words):
+    run, key_path, _, _ = finetuned_keyed
+    r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "ir", *args)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ir").exists()
+
+
+def test_an_ir_does_not_go_into_an_onnx_export(irs, finetuned_keyed):
+    root, _ = irs
+    run, key_path, _, _ = finetuned_keyed
+    r = keyedge("export", run, "--key", key_path, "-o", root / "onnx", "--runtime", "openvino", "--force")
+    assert r.returncode == 2 and "directory of its own" in r.stderr
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has neither AMX nor AVX512-BF16 (OpenVINO offers no BF16)")
+def test_a_bf16_ir_records_its_precision_and_passed_parity(finetuned_keyed, tmp_path):
+    run, key_path, key, _ = finetuned_keyed
+    r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "ir", "--runtime", "openvino",
+                "--inference-precision", "bf16", "--parity-n", "100")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert read_ir_manifest(tmp_path / "ir" / "model.xml").inference_precision == "bf16"
+    assert json.loads((tmp_path / "ir" / "verification.json").read_text())["parity"]["precision"] == "bf16"
+    with open_runner(tmp_path / "ir", key) as r:
+        assert r.precision == "bf16" and r.name == "openvino-cpu-bf16"
