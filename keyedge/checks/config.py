@@ -38,9 +38,10 @@ class Tolerance:
         return max(2 * self.accuracy, 2 / n) if self.paired_test else self.accuracy
 
 
-# after every export: the relative logit error allowed, and the least top-1 agreement on real images
+# after every export: the relative logit error allowed, and the least top-1 agreement on real images. bf16
+# keeps 8 bits of mantissa to fp16's 11: 8x fp16's error (a random-init ViT-B/16 in bf16 measures 3.8e-2)
 VERIFY_TOLERANCE: dict[ExecPrecision, tuple[float, float]] = {"fp32": (1e-4, 1.0), "fp16": (1e-2, 0.97),
-                                                              "bf16": (3e-2, 0.97), "int8": (0.1, 0.9)}
+                                                              "bf16": (8e-2, 0.97), "int8": (0.1, 0.9)}
 VERIFY_IMAGES = 16  # random and real images checked after every export (at least)
 
 # parity: fp32 must match (0.1 point, no test); fp16 and int8 1 point, or up to 2 points consistent with chance

@@ -50,7 +50,7 @@ from .parity import run_parity
 from .sealing import seal_to
 
 
-def _common(cfg: DemoConfig) -> dict[str, Any]:
+def train_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     """What every training run of the demo shares."""
     return dict(model=cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=10,
                 model_kwargs=cfg.model_kwargs, data="digits", seed=cfg.seed, force=True, batch_size=64)
@@ -60,7 +60,7 @@ def _train_models(cfg: DemoConfig, out: Path, key_path: Path, console: Console,
                   timings: dict[str, float]) -> dict[str, RunManifest]:
     """The base, then three fine-tunes of it: plain, keyed full, keyed LoRA."""
     runs = out / "runs"
-    common = _common(cfg)
+    common = train_kwargs(cfg)
     base_ckpt = str(runs / "base" / WEIGHTS)
     plan = [
         ("base", "pre-train the plain base (stand-in for the public model)",
@@ -133,7 +133,7 @@ def _randomized(cfg: DemoConfig, out: Path, key: Key, console: Console) -> dict[
     """The random ensemble and RND on the images the query attacks used (the first ``query_n``)."""
     x, y = sample(load_data("digits", cfg.img_size).test, cfg.eval.n, seed=cfg.seed)
     q = min(cfg.eval.query_n, len(x))
-    return ensemble_targets(cfg, out, _common(cfg), key, x[:q], y[:q], console)
+    return ensemble_targets(cfg, out, train_kwargs(cfg), key, x[:q], y[:q], console)
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..checks.config import VERIFY_IMAGES, ParityConfig
 from ..checks.parity import check_artifact, craft
 from ..checks.verify import verify, verify_runner
@@ -46,9 +48,11 @@ def _versions(base: dict[str, str], int8: bool) -> dict[str, str]:
 
 def export_ir(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOptions, *,
               inference_precision: str = "fp32", parity_n: int = PARITY_GATE_N, force: bool = False,
-              echo: Echo = echo) -> dict[str, Any]:
+              calibration: torch.Tensor | None = None, echo: Echo = echo) -> dict[str, Any]:
     """Export ``run`` into ``out`` as OpenVINO IR; returns the verification report. Nothing is written when
-    the ONNX or the IR fails verification, or a reduced-precision IR fails parity."""
+    the ONNX or the IR fails verification, or a reduced-precision IR fails parity. ``calibration``: int8's
+    calibration images ([0, 1] NCHW) instead of the run's training images (a benchmark's random-init run,
+    which has none)."""
     check_output_dir(out, force)
     if (out / ONNX_FILE).exists():
         raise KeyedgeError(f"{out} holds an ONNX export: an OpenVINO IR goes into a directory of its own")
@@ -64,7 +68,8 @@ def export_ir(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOpt
     keyed = load_run(run, key)
     opts.resolved_mode(keyed.block_size, keyed.model.patch_embed.patch_size[0])  # refuse early
     real = run_images(manifest, VERIFY_IMAGES)
-    calib = run_images(manifest, opts.calibration_n, train=True) if int8 else None
+    calib = (calibration, None) if calibration is not None else \
+        run_images(manifest, opts.calibration_n, train=True) if int8 else None
     if int8 and calib is None:
         raise KeyedgeError(f"int8 calibration needs the run's training images: its data set {manifest.data.spec} is "
                            "not here")
@@ -86,8 +91,10 @@ def export_ir(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOpt
         del model
         shutil.rmtree(onnx_dir)  # the IR's directory holds the IR
         runner = OpenVinoRunner(xml, keyed.key, manifest=ir)
-        report = verify_runner(runner, keyed, ir, real[0] if real else None)
-        checks = ", ".join(f"{k} rel err {v['rel_error']:.2e}" for k, v in report.items() if isinstance(v, dict))
+        report = verify_runner(runner, keyed, ir, real[0] if real else None, calibrated=int8 and calibration is None)
+        checks = ", ".join(f"{k} rel err {v['rel_error']:.2e}" + ("" if k == "real" or report["random_held"] else
+                                                                  " (outside the calibrated ranges: not held)")
+                           for k, v in report.items() if isinstance(v, dict))
         if not report["passed"]:
             raise VerificationFailed(f"OpenVINO verification failed ({checks}; tolerance {report['tolerance_rel']}, "
                                      f"{runner.precision}); nothing written")
@@ -121,8 +128,11 @@ def _parity_gate(runner: OpenVinoRunner, keyed, manifest, run: Path, n: int) -> 
         result = check_artifact(runner, keyed, craft(keyed, x, y, cfg, base), y, cfg.tolerance)
     result["n"] = len(y)
     if not result["passed"]:
-        worst = max(result["sets"].items(), key=lambda kv: abs(kv[1]["difference"]))
+        worst = min(result["sets"].items(), key=lambda kv: (kv[1]["passed"], -abs(kv[1]["difference"]),
+                                                            kv[1]["top1_agreement"]))
         raise VerificationFailed(f"the {runner.precision} IR fails parity with {run} ({worst[0]}: "
                                  f"{100 * worst[1]['accuracy']:.1f}% vs {100 * worst[1]['reference_accuracy']:.1f}%, "
-                                 f"agreement {100 * worst[1]['top1_agreement']:.1f}%); nothing written")
+                                 f"agreement {100 * worst[1]['top1_agreement']:.1f}%; the {runner.precision} rule: "
+                                 f"{100 * cfg.tolerance[runner.precision].accuracy:.1f} point, agreement >= "
+                                 f"{100 * cfg.tolerance[runner.precision].agreement:.0f}%); nothing written")
     return result

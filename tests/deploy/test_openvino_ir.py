@@ -58,13 +58,16 @@ def test_every_mode_as_ir_has_the_pytorch_models_logits(irs, mode):
                 assert max_rel_err(r(x), ref(x)) <= 1e-4
 
 
-def test_int8_ir_is_calibrated_keeps_the_head_and_passed_parity_before_it_was_written(irs, finetuned_keyed, tmp_path):
+def test_int8_ir_is_calibrated_keeps_patch_embedding_and_head_and_passed_parity_before_it_was_written(irs, finetuned_keyed, tmp_path):
     root, key = irs
     run, key_path, _, _ = finetuned_keyed
     for name in ("fused_int8", "kernel_int8"):
         manifest = read_ir_manifest(root / name / "model.xml")
         assert manifest.precision == "int8" and manifest.int8_method == "nncf" and "nncf" in manifest.versions
-        gate = json.loads((root / name / "verification.json").read_text())["parity"]
+        report = json.loads((root / name / "verification.json").read_text())
+        # calibrated on the data's ranges: uniform noise is reported, the real images held
+        assert report["random_held"] is False and report["real"]["rel_error"] <= 0.1 and report["passed"]
+        gate = report["parity"]
         assert gate["passed"] and gate["precision"] == "int8" and gate["n"] == 100
         assert {"clean", "whitebox_linf", "pgd_linf_transfer_base"} <= set(gate["sets"])  # adversarial, transfer too
         model = ov.Core().read_model(str(root / name / "model.xml"))
@@ -73,6 +76,8 @@ def test_int8_ir_is_calibrated_keeps_the_head_and_passed_parity_before_it_was_wr
         matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
         head_inputs = [matmuls[-1].input_value(i).get_node().get_type_name() for i in range(2)]
         assert "FakeQuantize" not in head_inputs  # the head stays in higher precision
+        conv = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+        assert all(conv.input_value(i).get_node().get_type_name() != "FakeQuantize" for i in range(2))  # and the patch embedding
     r = keyedge("parity", root / "fused_int8", root / "kernel_int8", "--reference", run, "--key", key_path, "--n",
                 "100", "-o", tmp_path / "parity")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -164,3 +169,56 @@ def test_a_bf16_ir_records_its_precision_and_passed_parity(finetuned_keyed, tmp_
     assert json.loads((tmp_path / "ir" / "verification.json").read_text())["parity"]["precision"] == "bf16"
     with open_runner(tmp_path / "ir", key) as r:
         assert r.precision == "bf16" and r.name == "openvino-cpu-bf16"
+
+
+def test_the_cpu_x86_profile_is_an_openvino_target_and_only_that():
+    from keyedge.core.errors import KeyedgeError
+    from keyedge.deploy.targets import load_cpu_target, load_target
+
+    t = load_cpu_target("cpu-x86")
+    assert (t.name, t.precision, t.inference_precision) == ("cpu-x86", "fp32", "auto")
+    assert t.resolved_inference_precision(True) == "bf16" and t.resolved_inference_precision(False) == "fp32"
+    with pytest.raises(KeyedgeError, match="OpenVINO CPU target, not a TensorRT one"):
+        load_target("cpu-x86")  # keyedge build has nothing to build for it
+    with pytest.raises(KeyedgeError, match="TensorRT target, not an OpenVINO CPU one"):
+        load_cpu_target("desktop")
+
+
+@pytest.mark.parametrize("body, words", [
+    ('precision = "fp16"\ninference_precision = "auto"', "fp32 or int8"),
+    ('precision = "fp32"\ninference_precision = "fp16"', "auto, fp32 or bf16"),
+])
+def test_a_malformed_cpu_profile_is_refused_in_one_line_before_any_work(finetuned_keyed, tmp_path, body, words):
+    run, key_path, _, _ = finetuned_keyed
+    profile = tmp_path / "mine.toml"
+    profile.write_text(f'name = "mine"\ndescription = "x"\nruntime = "openvino"\n{body}\n')
+    r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "ir", "--target", profile)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ir").exists()
+
+
+def test_export_bench_and_parity_take_the_cpu_x86_target(finetuned_keyed, tmp_path):
+    """--target cpu-x86: IR in the precision this CPU resolves auto to (bf16 where it has it), run on
+    OpenVINO in that precision by bench and parity; a TensorRT profile there is refused in one line."""
+    run, key_path, _, _ = finetuned_keyed
+    want = "bf16" if HAS_BF16 else "fp32"
+    r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "ir", "--target", "cpu-x86", "--parity-n", "60")
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = read_ir_manifest(tmp_path / "ir" / "model.xml")
+    assert manifest.runtime == "openvino" and manifest.inference_precision == want and manifest.precision == "fp32"
+    report = json.loads((tmp_path / "ir" / "verification.json").read_text())
+    assert report["precision"] == want and ("parity" in report) == (want == "bf16")
+    r = keyedge("bench", tmp_path / "ir", "--target", "cpu-x86", "--batch", "1", "--rounds", "1", "--iters", "2",
+                "-o", tmp_path / "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {m["backend"] for m in json.loads((tmp_path / "bench" / "bench.json").read_text())["measurements"]} \
+        == {f"openvino-cpu-{want}"}
+    r = keyedge("parity", tmp_path / "ir", "--reference", run, "--key", key_path, "--n", "40", "--target", "cpu-x86",
+                "-o", tmp_path / "parity")
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads((tmp_path / "parity" / "parity.json").read_text())["artifacts"]
+    assert [v["runner"] for v in results.values()] == [f"openvino-cpu-{want}"]
+    r = keyedge("parity", tmp_path / "ir", "--reference", run, "--key", key_path, "--target", "desktop",
+                "-o", tmp_path / "parity2")
+    assert r.returncode == 2 and "TensorRT target" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "parity2").exists()
