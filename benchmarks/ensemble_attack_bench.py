@@ -283,7 +283,18 @@ def markdown(results: dict) -> str:
                      f"{r.get('latency_ms_batch1_interleaved', r['latency_ms_batch1']):.2f} | "
                      f"{r['artifact_bytes']:,} | {r['rows_per_query']} | "
                      f"{r.get('machine', {}).get('cpu', '?')}, {r['eval_s'] / 60:.0f} min |")
-    return "\n".join([*costs, "", *table(square), "", *table(labels), "", *table(other)])
+    def row(r: dict | None) -> str:
+        return "—" if r is None else (f"{100 * r['robust_mean']:.0f}% ({100 * r['robust_worst_draw']:.0f}; "
+                                      f"{100 * r['robust_every_draw']:.0f})")
+
+    rows = [("scores", b) for b in budgets] + [("labels", b) for b in budgets]
+    threat = ["| target | " + " | ".join(f"{kind} @{b}" for kind, b in rows) + " | transfer | one leaked member "
+              "| all keys |", "|---" * (len(rows) + 4) + "|"]
+    for name, r in targets.items():
+        t = r["threat_model"]
+        threat.append(f"| {name} | " + " | ".join(row(t[kind].get(str(b))) for kind, b in rows) + " | "
+                      + " | ".join(row(t[k]) for k in ("transfer", "leaked_member", "all_keys")) + " |")
+    return "\n".join([*costs, "", *table(square), "", *table(labels), "", *table(other), "", *threat])
 
 
 def _reopen(name: str, arts: Path, sigma: float):

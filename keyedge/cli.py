@@ -80,8 +80,8 @@ OVERWRITE = typer.Option(False, "--force", help="Overwrite an existing file.")
 KEY = typer.Option(None, help="The key file (checked against the artifact's fingerprint).")
 BACKEND = typer.Option("onnxruntime", help="What runs ONNX artifacts on the CPU: onnxruntime, or openvino "
                                             "(pip install 'keyedge[openvino]').")
-INFERENCE_PRECISION = typer.Option("fp32", help="--backend openvino: execute in fp32, or in bf16 (CPUs with AMX or "
-                                                "AVX512-BF16; held to the bf16 parity rule).")
+INFERENCE_PRECISION = typer.Option(None, help="--backend openvino: execute in fp32 (the default), or in bf16 (CPUs "
+                                                "with AMX or AVX512-BF16; held to the bf16 parity rule).")
 CPU_TARGET = typer.Option(None, help="An OpenVINO CPU target profile (cpu-x86 or a .toml): --backend openvino in its "
                                      "inference precision (auto: bf16 where the CPU has it).")
 DEVICE_KEY = typer.Option(None, help="The device's private key for sealed .kes bundles: a file, or - for stdin.")
@@ -101,16 +101,16 @@ def access(device_key: Path | None, device_key_command: str | None, trust: list[
     return DeviceAccess(device_key, device_key_command, tuple(trust), allow_unsigned)
 
 
-def cpu_backend(target: str | None, backend: Backend, inference_precision: InferencePrecision
+def cpu_backend(target: str | None, backend: Backend, inference_precision: InferencePrecision | None
                 ) -> tuple[Backend, InferencePrecision]:
-    """What ``--target`` (an OpenVINO CPU profile) makes of --backend and --inference-precision (an explicit
-    bf16 wins); without it, they are as given."""
+    """What ``--target`` (an OpenVINO CPU profile) makes of --backend and --inference-precision (one given
+    explicitly wins); without it, they are as given (fp32 where none is)."""
     if target is None:
-        return backend, inference_precision
+        return backend, inference_precision or "fp32"
     from .workflows.openvino_export import cpu_target
 
     _, hint = cpu_target(target)
-    return "openvino", inference_precision if inference_precision != "fp32" else hint
+    return "openvino", inference_precision or hint
 
 
 def command(group: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -319,19 +319,20 @@ def export_cmd(
         layout: Layout = typer.Option(X.layout),
         batch: int = typer.Option(X.batch, min=1, help="Static batch size."),
         dynamic_batch: bool = typer.Option(False, help="Dynamic batch dimension instead of --batch."),
-        precision: Precision = typer.Option(X.precision, help="fp32; fp16 (weights/compute, fp32 I/O); int8 (CPU: "
-                                                              "ONNX Runtime's; --runtime openvino: NNCF's)."),
+        precision: Precision | None = typer.Option(None, help="fp32 (the default); fp16 (weights/compute, fp32 "
+                                                                     "I/O); int8 (CPU: ONNX Runtime's; --runtime "
+                                                                     "openvino: NNCF's)."),
         int8_method: Int8Method = typer.Option(X.int8_method, help="int8: dynamic, or static with calibration."),
         calibration_n: int = typer.Option(X.calibration_n, min=1, help="Calibration images for static int8."),
         opset: int = typer.Option(X.opset, min=17),
         runtime: Runtime = typer.Option("onnxruntime", help="onnxruntime: ONNX; openvino: OpenVINO IR for x86 CPUs "
                                                             "(from the verified ONNX; --precision int8 by NNCF, "
                                                             "calibrated on the run's keyed training images)."),
-        inference_precision: InferencePrecision = typer.Option("fp32", help="--runtime openvino: the precision the "
-                                                                            "IR executes in (bf16: AMX or AVX512-BF16; "
-                                                                            "held to parity's rule before writing)."),
-        parity_n: int = typer.Option(200, min=1, help="--runtime openvino in int8 or bf16: test images of the parity "
-                                                      "gate (clean and adversarial)."),
+        inference_precision: InferencePrecision | None = typer.Option(
+            None, help="--runtime openvino: the precision the IR executes in (fp32, the default; bf16: AMX or "
+                       "AVX512-BF16; held to parity's rule before writing)."),
+        parity_n: int = typer.Option(200, min=0, help="--runtime openvino in int8 or bf16: test images of the parity "
+                                                      "gate (clean and adversarial); 0 writes the IR unchecked."),
         target: str | None = typer.Option(None, help="An OpenVINO CPU target profile (cpu-x86 or a .toml): --runtime "
                                                      "openvino in the profile's precision and inference precision "
                                                      "(the options win where they are given)."),
@@ -346,22 +347,23 @@ def export_cmd(
     from .workflows.export import export_run
 
     opts = ExportOptions(mode=mode, input=input, layout=layout, batch=None if dynamic_batch else batch,
-                         embed_key=embed_key, precision=precision, int8_method=int8_method,
+                         embed_key=embed_key, precision=precision or X.precision, int8_method=int8_method,
                          calibration_n=calibration_n, opset=opset)
     if target is not None:
         from .workflows.openvino_export import cpu_target
 
         profile, hint = cpu_target(target)
         runtime = "openvino"
-        opts.precision = precision if precision != X.precision else profile.precision  # type: ignore[assignment]
-        inference_precision = inference_precision if inference_precision != "fp32" else hint
+        opts.precision = precision or profile.precision  # type: ignore[assignment]
+        inference_precision = inference_precision or hint
     if runtime == "openvino":
         from .workflows.openvino_export import export_ir
 
         if is_ensemble(run) or ensemble_form is not None:
             raise KeyedgeError(f"{run}: a random ensemble is exported to ONNX (its runner is ONNX Runtime's)")
-        export_ir(run, key, out, opts, inference_precision=inference_precision, parity_n=parity_n, force=force)
-    elif inference_precision != "fp32":
+        export_ir(run, key, out, opts, inference_precision=inference_precision or "fp32", parity_n=parity_n,
+                  force=force)
+    elif inference_precision is not None:
         raise KeyedgeError("--inference-precision applies to --runtime openvino")
     elif is_ensemble(run):
         from .workflows.ensemble import export_ensemble
@@ -387,7 +389,7 @@ def parity(artifacts: list[Path] = typer.Argument(..., help="Artifacts to check 
                                                 help="Allowed accuracy difference, points."),
            tolerance_fp16: float = typer.Option(100 * DEFAULT_TOLERANCE["fp16"].accuracy),
            tolerance_int8: float = typer.Option(100 * DEFAULT_TOLERANCE["int8"].accuracy),
-           backend: Backend = BACKEND, inference_precision: InferencePrecision = INFERENCE_PRECISION,
+           backend: Backend = BACKEND, inference_precision: InferencePrecision | None = INFERENCE_PRECISION,
            target: str | None = CPU_TARGET,
            device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
            trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
@@ -445,7 +447,7 @@ def bench(artifacts: list[Path] = typer.Argument(..., help="Artifacts: export di
                                                                      "CSPRNG to answer each query (default 1)."),
           query_noise: float | None = typer.Option(None, help="RND: Gaussian noise of this standard deviation "
                                                               "([0,1] image scale) added to every query."),
-          backend: Backend = BACKEND, inference_precision: InferencePrecision = INFERENCE_PRECISION,
+          backend: Backend = BACKEND, inference_precision: InferencePrecision | None = INFERENCE_PRECISION,
           device_key: Path | None = DEVICE_KEY, device_key_command: str | None = DEVICE_KEY_COMMAND,
           trust: list[Path] = TRUST, allow_unsigned: bool = ALLOW_UNSIGNED,
           force: bool = FORCE) -> None:

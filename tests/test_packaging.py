@@ -77,3 +77,17 @@ def test_build_bindings_and_the_kernel_build_from_the_installed_wheel(installed,
     assert (tmp_path / "kernel-build" / "CMakeCache.txt").is_file()
     assert (tmp_path / "kernel-build" / "libkeyedge_preprocess.so").is_file()
     assert str(root / "venv") in (tmp_path / "kernel-build" / "CMakeCache.txt").read_text()  # the wheel's sources
+
+
+def test_the_kernel_folder_never_shadows_an_installed_package_named_kernels(tmp_path):
+    """``python -m`` in the checkout puts it first on sys.path: ``kernels/`` is a namespace package (no
+    ``__init__.py``), so any installed ``kernels`` (transformers, under peft, imports one) still wins."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("WHO = 'installed'\n")
+    r = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.WHO)"], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 0 and r.stdout.strip() == "installed", r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", "import peft"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,5 +1,5 @@
-"""The check after every export: the file, run by ONNX Runtime through keyedge's runner, against the PyTorch
-keyed model on random and real images (logits, and top-1 agreement on the real ones).
+"""The check after every export: the file, run through keyedge's runner (ONNX Runtime, or OpenVINO for an
+IR), against the PyTorch keyed model on random and real images (logits, and top-1 agreement on the real ones).
 
 A top-1 flip between classes the reference itself nearly ties (its margin within the precision's relative
 tolerance of its logit range) is what that tolerance allows, not a defect: it is reported but not held

@@ -5,8 +5,9 @@ The key stays as the ONNX has it: folded into the patch embedding, a Gather fed 
 mode) the keyed pixels the runtime's CPU twin makes. Calibration feeds the graph exactly what it meets when
 deployed (the run's training images, and for kernel mode their keyed preprocessing), so the ranges NNCF
 measures inside the graph are those of keyed images, not of a plain model's. NNCF's transformer scheme
-quantizes the matrix products only: LayerNorm, Softmax and GELU stay in the inference precision, and so
-does the classifier head (the graph's last MatMul), whose int8 error would move every logit at once.
+quantizes the matrix products only: LayerNorm, Softmax and GELU stay in the inference precision, and so do
+the classifier head (the graph's last MatMul), whose int8 error would move every logit at once, and the patch
+embedding (the input layer, where a folded key lives).
 
 The manifest goes into the IR's ``rt_info`` (``keyedge`` / ``manifest``) and beside it, as with ONNX.
 Runs nothing for verification: that is :mod:`keyedge.checks.verify`'s, through a runner.
@@ -83,7 +84,8 @@ def head_matmul(model: Any) -> str:
 
 def kept_in_float(model: Any) -> list[str]:
     """The layers int8 leaves in higher precision: the patch embedding (the input layer, where a folded key
-    lives; its int8 input triples a ViT-B's logit error for 0.7% of its FLOPs) and the head."""
+    lives; 0.7% of a ViT-B/16's FLOPs, and with it in int8 a random-init ViT-B/16 measured a relative logit error
+    of 0.11 against 0.04 without) and the head."""
     convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
     return [*convs, head_matmul(model)]
 

@@ -68,6 +68,10 @@ def export_ir(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOpt
     keyed = load_run(run, key)
     opts.resolved_mode(keyed.block_size, keyed.model.patch_embed.patch_size[0])  # refuse early
     real = run_images(manifest, VERIFY_IMAGES)
+    if (int8 or precision == "bf16") and parity_n > 0 and real is None:
+        raise KeyedgeError(f"a {'int8' if int8 else 'bf16'} IR is held to parity on the run's test images before it "
+                           f"is written, and its data set {manifest.data.spec} is not here: export where it is, or "
+                           "pass --parity-n 0 to write it unchecked (then run keyedge parity on the device's data)")
     calib = (calibration, None) if calibration is not None else \
         run_images(manifest, opts.calibration_n, train=True) if int8 else None
     if int8 and calib is None:
@@ -96,10 +100,12 @@ def export_ir(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOpt
                                                                   " (outside the calibrated ranges: not held)")
                            for k, v in report.items() if isinstance(v, dict))
         if not report["passed"]:
+            agreement = (f", real top-1 agreement {100 * report['real']['material_agreement']:.1f}% (at least "
+                         f"{100 * report['min_agreement']:.0f}%)" if "real" in report else "")
             raise VerificationFailed(f"OpenVINO verification failed ({checks}; tolerance {report['tolerance_rel']}, "
-                                     f"{runner.precision}); nothing written")
+                                     f"{runner.precision}{agreement}); nothing written")
         if runner.precision != "fp32":
-            report["parity"] = _parity_gate(runner, keyed, manifest, run, parity_n)
+            report["parity"] = _parity_gate(runner, keyed, manifest, run, parity_n) if parity_n > 0 else None
         write_json(stage / "verification.json", report)
     gate = report.get("parity")
     echo(f"wrote {out / IR_FILE} (OpenVINO IR, {ir.fold_mode}, {runner.precision}, {ir.input.dtype} {ir.input.layout})"
@@ -130,9 +136,13 @@ def _parity_gate(runner: OpenVinoRunner, keyed, manifest, run: Path, n: int) -> 
     if not result["passed"]:
         worst = min(result["sets"].items(), key=lambda kv: (kv[1]["passed"], -abs(kv[1]["difference"]),
                                                             kv[1]["top1_agreement"]))
+        tol = cfg.tolerance[runner.precision]
+        rule = f"{100 * tol.accuracy:.1f} point" + (f" (up to {100 * tol.excusable(len(y)):.1f} with McNemar p >= "
+                                                    f"{tol.alpha})" if tol.paired_test else "")
+        s = worst[1]
         raise VerificationFailed(f"the {runner.precision} IR fails parity with {run} ({worst[0]}: "
-                                 f"{100 * worst[1]['accuracy']:.1f}% vs {100 * worst[1]['reference_accuracy']:.1f}%, "
-                                 f"agreement {100 * worst[1]['top1_agreement']:.1f}%; the {runner.precision} rule: "
-                                 f"{100 * cfg.tolerance[runner.precision].accuracy:.1f} point, agreement >= "
-                                 f"{100 * cfg.tolerance[runner.precision].agreement:.0f}%); nothing written")
+                                 f"{100 * s['accuracy']:.1f}% vs {100 * s['reference_accuracy']:.1f}%, McNemar p "
+                                 f"{s['mcnemar_p']:.2f}, agreement {100 * s['top1_agreement']:.1f}%; the "
+                                 f"{runner.precision} rule: {rule}, agreement >= {100 * tol.agreement:.0f}%); "
+                                 "nothing written")
     return result

@@ -3,6 +3,7 @@ calibrated on keyed images and held to parity before it is written, sealed IR bu
 key read off a folded IR by the audit, and bad input refused in one line."""
 
 import json
+import shutil
 import stat
 
 import numpy as np
@@ -20,6 +21,19 @@ from ..runtime.bundles import MODES, opener
 ov = pytest.importorskip("openvino", reason="OpenVINO IR needs openvino (pip install 'keyedge[openvino]')")
 pytest.importorskip("nncf", reason="int8 IR needs NNCF (pip install 'keyedge[openvino]')")
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _int8_fed(op, depth: int = 4) -> bool:
+    """Whether an input of ``op`` comes (through converts, scales and reshapes) from int8: a FakeQuantize on an
+    activation, or an 8-bit constant (NNCF's compressed weights)."""
+    for i in range(op.get_input_size()):
+        node = op.input_value(i).get_node()
+        kind = node.get_type_name()
+        if kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type().get_type_name() in ("i8", "u8")):
+            return True
+        if depth and kind in ("Convert", "Subtract", "Multiply", "Reshape", "Transpose") and _int8_fed(node, depth - 1):
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +72,8 @@ def test_every_mode_as_ir_has_the_pytorch_models_logits(irs, mode):
                 assert max_rel_err(r(x), ref(x)) <= 1e-4
 
 
-def test_int8_ir_is_calibrated_keeps_patch_embedding_and_head_and_passed_parity_before_it_was_written(irs, finetuned_keyed, tmp_path):
+def test_int8_ir_is_calibrated_keeps_patch_embedding_and_head_passed_parity_before_writing(irs, finetuned_keyed,
+                                                                                          tmp_path):
     root, key = irs
     run, key_path, _, _ = finetuned_keyed
     for name in ("fused_int8", "kernel_int8"):
@@ -71,13 +86,10 @@ def test_int8_ir_is_calibrated_keeps_patch_embedding_and_head_and_passed_parity_
         assert gate["passed"] and gate["precision"] == "int8" and gate["n"] == 100
         assert {"clean", "whitebox_linf", "pgd_linf_transfer_base"} <= set(gate["sets"])  # adversarial, transfer too
         model = ov.Core().read_model(str(root / name / "model.xml"))
-        fq = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
-        assert len(fq) >= 8  # the blocks' matrix products really are int8
         matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
-        head_inputs = [matmuls[-1].input_value(i).get_node().get_type_name() for i in range(2)]
-        assert "FakeQuantize" not in head_inputs  # the head stays in higher precision
+        assert sum(_int8_fed(m) for m in matmuls) >= 8  # the blocks' matrix products really are int8
         conv = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
-        assert all(conv.input_value(i).get_node().get_type_name() != "FakeQuantize" for i in range(2))  # and the patch embedding
+        assert not _int8_fed(matmuls[-1]) and not _int8_fed(conv)  # the head and the patch embedding are not
     r = keyedge("parity", root / "fused_int8", root / "kernel_int8", "--reference", run, "--key", key_path, "--n",
                 "100", "-o", tmp_path / "parity")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -92,7 +104,23 @@ def test_an_int8_ir_that_fails_parity_is_not_written(finetuned_keyed, tmp_path, 
     r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "ir", "--runtime", "openvino", "--precision", "int8",
                 "--parity-n", "100")
     assert r.returncode == 1 and "fails parity" in r.stderr and "nothing written" in r.stderr
+    assert "the int8 rule: 0.0 point, agreement >= 100%" in r.stderr  # the set that failed, and the rule it broke
+    failed = r.stderr.split("(", 1)[1].split(":", 1)[0]
+    assert failed in ("clean", "whitebox_linf", "whitebox_l2", "pgd_linf_transfer_base", "pgd_l2_transfer_base")
     assert not (tmp_path / "ir").exists() and not list(tmp_path.glob(".ir*"))
+
+
+def test_a_reduced_precision_ir_without_the_runs_test_images_is_refused_unless_unchecked(finetuned_keyed, tmp_path):
+    run, key_path, _, _ = finetuned_keyed
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["data"]["spec"] = str(tmp_path / "not-here")  # the run's data set is on another machine
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    r = keyedge("export", moved, "--key", key_path, "-o", tmp_path / "ir", "--runtime", "openvino", "--precision",
+                "int8")
+    assert r.returncode == 2 and "--parity-n 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ir").exists()
 
 
 def test_a_sealed_ir_runs_from_memory_and_its_buffer_is_wiped(irs, finetuned_keyed, tmp_path):
@@ -218,6 +246,9 @@ def test_export_bench_and_parity_take_the_cpu_x86_target(finetuned_keyed, tmp_pa
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads((tmp_path / "parity" / "parity.json").read_text())["artifacts"]
     assert [v["runner"] for v in results.values()] == [f"openvino-cpu-{want}"]
+    r = keyedge("export", run, "--key", key_path, "-o", tmp_path / "ir32", "--target", "cpu-x86",
+                "--inference-precision", "fp32")  # an explicit precision wins over the profile's auto
+    assert r.returncode == 0 and read_ir_manifest(tmp_path / "ir32" / "model.xml").inference_precision == "fp32"
     r = keyedge("parity", tmp_path / "ir", "--reference", run, "--key", key_path, "--target", "desktop",
                 "-o", tmp_path / "parity2")
     assert r.returncode == 2 and "TensorRT target" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -268,7 +268,7 @@ def test_a_release_whose_lease_is_lost_records_nothing_and_stops(trained, monkey
     def export_then_revoked(*args, **kwargs):
         real(*args, **kwargs)
         commands.revoke(db, "cam-0", commands.MasterKey(root / "master.key"), echo=quiet)
-        time.sleep(5)  # the renewer (every 0.5 s) finds the lease gone and interrupts this
+        time.sleep(30)  # the renewer (every 0.5 s) finds the lease gone and interrupts this (long before, unloaded)
         raise AssertionError("not interrupted")
 
     monkeypatch.setattr(export, "export_run", export_then_revoked)

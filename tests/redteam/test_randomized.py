@@ -129,3 +129,24 @@ def test_images_crafted_without_the_randomness_do_not_depend_on_what_ran_before(
     assert crafted[0].keys() == crafted[1].keys() == {"whitebox_eot", "leaked_member_0"}
     for name in crafted[0]:
         assert torch.equal(crafted[0][name], crafted[1][name])
+
+
+def test_a_threat_row_holds_every_attack_up_to_its_budget():
+    """An attacker with 30 queries per image also has the 10-query attacks: its row is never above the
+    smaller budget's, and the expected-output attack capped below the largest budget still counts there."""
+    from keyedge.redteam.config import RandomizedConfig
+    from keyedge.redteam.randomized import RandomizedTarget, evaluate_randomized
+
+    members = [_linear(s) for s in range(3)]
+    x = torch.rand(8, 3, 8, 8)
+    y = ExpectedOutput(members)(x).argmax(1)
+    cfg = RandomizedConfig(budgets=(10, 30), eot=(1,), label_only=False, draws=2, whitebox_steps=2,
+                           square_expected_max=10)
+    target = RandomizedTarget("t", Counting(members[0], flip=0.3), ExpectedOutput(members),
+                              expected=ExpectedOutput(members))
+    result = evaluate_randomized(target, x, y, cfg, transfer={}, classes=10)
+    assert "square_expected@10" in result["attacks"] and "square_expected@30" not in result["attacks"]
+    low, high = result["threat_model"]["scores"]["10"], result["threat_model"]["scores"]["30"]
+    for k in ("robust_mean", "robust_worst_draw", "robust_every_draw"):
+        assert high[k] <= low[k]
+        assert high[k] <= min(result["attacks"][a][k] for a in ("square_k1@30", "square_expected@10")) + 1e-9
