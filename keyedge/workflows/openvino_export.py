@@ -113,7 +113,7 @@ def export_ir(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOpt
          + ("" if real else " (no real images here: random inputs only)")
          + (f"; parity on {gate['n']} clean and adversarial test images: largest accuracy difference "
             f"{100 * gate['max_accuracy_difference']:.1f} points" if gate else "")
-         + ("; no test images here: parity NOT checked (run keyedge parity on the device's data)"
+         + ("; --parity-n 0: parity NOT checked (run keyedge parity on the device's data)"
             if runner.precision != "fp32" and gate is None else ""))
     if ir.contains_key:
         echo(f"WARNING: {ir.secret}", err=True)

@@ -121,6 +121,11 @@ def test_a_reduced_precision_ir_without_the_runs_test_images_is_refused_unless_u
                 "int8")
     assert r.returncode == 2 and "--parity-n 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "ir").exists()
+    if HAS_BF16:  # bf16 needs no calibration: --parity-n 0 writes it, and says it is unchecked
+        r = keyedge("export", moved, "--key", key_path, "-o", tmp_path / "bf16", "--runtime", "openvino",
+                    "--inference-precision", "bf16", "--parity-n", "0")
+        assert r.returncode == 0 and "parity NOT checked" in r.stdout, r.stdout + r.stderr
+        assert json.loads((tmp_path / "bf16" / "verification.json").read_text())["parity"] is None
 
 
 def test_a_sealed_ir_runs_from_memory_and_its_buffer_is_wiped(irs, finetuned_keyed, tmp_path):
