@@ -86,6 +86,11 @@ def by_hand_bf16(onnx: Path, core):
     return lambda x: request.infer({compiled.inputs[0]: x})
 
 
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    """Relative logit error, as keyedge's verification measures it."""
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
 def latency(model: str, root: Path, key: Key, args, bf16: bool, core, status) -> dict:
     keyed, plain = make_run(root, model, key), make_run(root, model, None)
     size = 224
@@ -104,13 +109,12 @@ def latency(model: str, root: Path, key: Key, args, bf16: bool, core, status) ->
             r.activate()
             runners.append(r)
             ref = want["plain" if name.startswith("plain") else "keyed"]
-            errors[name] = float(np.linalg.norm(r(x) - ref) / np.linalg.norm(ref))
+            errors[name] = rel_err(r(x), ref)
             fns[name] = (lambda r=r, x=x: r(x))
         if bf16:
             hand = by_hand_bf16(arts["plain-ort-fp32"] / "model.onnx", core)
             fns["plain-by-hand-ov-bf16"] = lambda hand=hand, x=x: hand(x)
-            out = np.asarray(next(iter(hand(x).values())))
-            errors["plain-by-hand-ov-bf16"] = float(np.linalg.norm(out - want["plain"]) / np.linalg.norm(want["plain"]))
+            errors["plain-by-hand-ov-bf16"] = rel_err(np.asarray(next(iter(hand(x).values()))), want["plain"])
         status(f"{model} batch {batch}: {len(fns)} interleaved")
         timings = interleaved(fns, warmup=3, rounds=args.rounds, iters=args.iters)
         for r in runners:

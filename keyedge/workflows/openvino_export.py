@@ -120,12 +120,12 @@ def export_ir(run: Path, key_path: Path | Key | None, out: Path, opts: ExportOpt
     return report
 
 
-def _parity_gate(runner: OpenVinoRunner, keyed, manifest, run: Path, n: int) -> dict[str, Any] | None:
+def _parity_gate(runner: OpenVinoRunner, keyed, manifest, run: Path, n: int) -> dict[str, Any]:
     """Parity's rule for the IR's execution precision on ``n`` test images (clean, white-box and transfer
-    adversarials crafted on the PyTorch reference); raises when it fails, None where no test images are here."""
+    adversarials crafted on the PyTorch reference; :func:`export_ir` refused the export where they are not
+    here); raises when it fails."""
     images = run_images(manifest, n)
-    if images is None:
-        return None
+    assert images is not None
     x, y = images
     cfg = ParityConfig(n=n)
     base_path = base_checkpoint_path(manifest, verify=False)
