@@ -594,6 +594,9 @@ def fleet_init(db: str = DB,
                batch_size: int = typer.Option(T.batch_size, min=1), lora_rank: int = typer.Option(T.lora_rank, min=1),
                max_steps: int | None = typer.Option(None, min=1, help="Stop each device's training after this "
                                                                       "many optimizer steps (smoke runs)."),
+               ensemble: int | None = typer.Option(None, min=2, max=64, help="Every device serves a random "
+                                                   "ensemble of N keyed LoRA members (a key set of N each), "
+                                                   "released as one gathered graph."),
                vault: Path = typer.Option(Path("fleet.vault"), help="The key vault to create (0600, encrypted)."),
                publisher_pub: Path | None = typer.Option(None, help="Where the publisher's public key goes, for "
                                                                     "the devices' --trust (default: publisher.pub "
@@ -608,7 +611,7 @@ def fleet_init(db: str = DB,
                                 ("embed_dim", embed_dim), ("num_heads", heads), ("num_classes", num_classes))
               if v is not None}
     recipe = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_rank": lora_rank,
-              **({"max_steps": max_steps} if max_steps else {})}
+              **({"max_steps": max_steps} if max_steps else {}), **({"ensemble": ensemble} if ensemble else {})}
     init(db, FleetSpec(base, model, kwargs, data, block_size, channels, mode, recipe), vault,
          MasterKey(master_key, master_key_command), publisher_pub=publisher_pub)
 
@@ -794,8 +797,10 @@ def fleet_status(db: str = DB, as_json: bool = typer.Option(False, "--json", hel
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    table = Table(title=f"fleet {shown(db)}: {report['fleet']['model']} ({report['fleet']['mode']}), publisher "
-                        f"{report['fleet']['publisher']}")
+    f = report["fleet"]
+    table = Table(title=f"fleet {shown(db)}: {f['model']} ({f['mode']}"
+                        + (f", random ensembles of {f['ensemble']}" if f["ensemble"] else "")
+                        + f"), publisher {f['publisher']}")
     for column in ("device", "target", "key", "state", "clean", "transfer", "bundle", "updated", "why"):
         table.add_column(column)
     for d in report["devices"]:

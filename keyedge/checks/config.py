@@ -37,6 +37,13 @@ class Tolerance:
         images' worth where that is more (the agreement floor still bounds how many images may differ)."""
         return max(2 * self.accuracy, 2 / n) if self.paired_test else self.accuracy
 
+    def describe(self, n: int | None = None) -> str:
+        """The rule in words; with ``n``, the difference the paired test may excuse on ``n`` images."""
+        excused = f"{100 * self.excusable(n):.1f}" if n else f"{200 * self.accuracy:.1f}, or two images,"
+        return (f"{100 * self.accuracy:.1f} point"
+                + (f" (up to {excused} with McNemar p >= {self.alpha})" if self.paired_test else "")
+                + f", agreement >= {100 * self.agreement:.0f}%")
+
 
 # after every export: the relative logit error allowed, and the least top-1 agreement on real images. bf16
 # keeps 8 bits of mantissa to fp16's 11: 8x fp16's error (a random-init ViT-B/16 in bf16 measures 3.8e-2)

@@ -128,10 +128,7 @@ def parity_markdown(report: dict[str, Any]) -> str:
         rows.append([name, r["runner"], r["precision"], r["input"], *(_cell(s) for s in r["sets"].values()),
                      f"{100 * min(s['top1_agreement'] for s in r['sets'].values()):.1f}%",
                      f"{max(s['max_abs_logit_error'] for s in r['sets'].values()):.2e}", verdict])
-    rules = "; ".join(f"{k}: {100 * t['accuracy']:.1f} point"
-                      + (f" (up to {200 * t['accuracy']:.1f}, or two images, with McNemar p >= {t['alpha']})"
-                         if t["paired_test"] else "")
-                      + f", agreement >= {100 * t['agreement']:.0f}%" for k, t in report["tolerance"].items())
+    rules = "; ".join(f"{k}: {Tolerance(**t).describe()}" for k, t in report["tolerance"].items())
     lines += [markdown_table(["artifact", "runner", "precision", "input", *sets, "least agreement",
                               "max abs logit err", "verdict"], rows),
               "", "Cells: accuracy of the artifact (difference to the reference on the same input, in points; "

@@ -162,3 +162,9 @@ def load_key_or_set(path: str | os.PathLike) -> Key | KeySet:
     except OSError:  # Key.load says what is wrong with it, in one line
         head = b""
     return KeySet.load(path) if head == SET_MAGIC else Key.load(path)
+
+
+def key_or_set_from_bytes(data: bytes | bytearray | memoryview, *, source: str) -> Key | KeySet:
+    """:func:`load_key_or_set` of bytes in memory (a vault's entry)."""
+    return KeySet.from_bytes(data, source=source) if bytes(data[:len(SET_MAGIC)]) == SET_MAGIC else \
+        Key.from_bytes(data, source=source)

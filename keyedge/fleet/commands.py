@@ -14,14 +14,15 @@ from typing import Any
 
 from ..core.errors import KeyedgeError
 from ..core.io import atomic_write_bytes, check_output_file
-from ..core.keys import Key, check_keyspace
+from ..core.keys import can_fold, check_keyspace
+from ..core.keyset import MAX_MEMBERS, MIN_MEMBERS, KeySet
 from ..core.models import file_sha256
 from ..core.progress import Echo, echo
 from ..deploy.targets import load_target
 from ..runtime.bundle import DevicePublicKey, PublisherKey
 from . import db
 from .leases import now
-from .pinned import fleet_row
+from .pinned import ensemble_size, fleet_row, model_patch, new_device_key
 from .schema import STATES, devices, events, fleet, releases, waves
 from .vault import Vault, new_master_key, read_master_key
 
@@ -40,7 +41,8 @@ class MasterKey:
 
 @dataclass(frozen=True)
 class FleetSpec:
-    """What ``fleet init`` pins: the public base, the model, the data, the key shape and the recipe."""
+    """What ``fleet init`` pins: the public base, the model, the data, the key shape and the recipe (whose
+    ``ensemble``, where set, makes every device a random ensemble of that many keyed LoRA members)."""
     base: Path
     model: str
     model_kwargs: dict[str, Any]
@@ -63,6 +65,7 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
     if not spec.base.is_file():
         raise KeyedgeError(f"base checkpoint {spec.base} does not exist")
     check_keyspace(spec.block_size, spec.channels)
+    _check_ensemble(spec)
     if spec.data != "digits" and not Path(spec.data).is_dir():
         raise KeyedgeError(f"data {spec.data} is neither 'digits' nor a directory")
     url = db.database_url(database)
@@ -106,10 +109,32 @@ def init(database: str, spec: FleetSpec, vault_path: Path, master: MasterKey, *,
                 Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
         raise
     echo(f"created fleet {db.shown(database)}: base {spec.base.name} (sha256 {base_sha256[:16]}...), {spec.model}, "
-         f"{spec.mode}, block size {spec.block_size}; publisher {publisher.fingerprint} ({publisher_pub}: every "
+         f"{spec.mode}, block size {spec.block_size}"
+         + (f", every device a random ensemble of {ensemble_size(spec)} members" if ensemble_size(spec) else "")
+         + f"; publisher {publisher.fingerprint} ({publisher_pub}: every "
          f"device trusts it); vault {vault_path}"
          + (f"; new master key {master.path} (0600: keep it apart from the vault)" if new_master else ""))
     return publisher.fingerprint
+
+
+def _check_ensemble(spec: FleetSpec) -> None:
+    """An ensemble fleet's devices get one gathered graph each: LoRA members of one base, every key folded."""
+    n = ensemble_size(spec)
+    if n is None:
+        return
+    if not MIN_MEMBERS <= n <= MAX_MEMBERS:
+        raise KeyedgeError(f"--ensemble must be {MIN_MEMBERS} to {MAX_MEMBERS} members, not {n}")
+    if spec.mode != "lora":
+        raise KeyedgeError("--ensemble needs --mode lora: a device's members are gathered into one graph over the "
+                           "shared base, the one form a bundle carries")
+    patch = model_patch(spec)
+    if patch is not None and not can_fold(spec.block_size, patch):
+        raise KeyedgeError(f"--ensemble: block size {spec.block_size} does not divide patch size {patch}; an "
+                           "ensemble's keys are folded into its members, so M must divide P")
+
+
+def _shown(key) -> str:
+    return f"key set {key.fingerprint} ({len(key)} members)" if isinstance(key, KeySet) else f"key {key.fingerprint}"
 
 
 def upgrade(database: str, *, echo: Echo = echo) -> str:
@@ -172,9 +197,9 @@ def enroll(database: str, enrollments: list[Enrollment], master: MasterKey, *, w
             if taken is not None:
                 raise KeyedgeError(f"device {e.device_id} (or its public key {pub.fingerprint}) is enrolled already "
                                    f"as {taken.device_id}")
-        fingerprints = []
+        fingerprints, shown = [], []
         for e, pub in checked:
-            k = Key.generate(row.block_size, row.channels)
+            k = new_device_key(row)
             vault.devices[e.device_id] = bytes(k.to_bytes())
             t = now()
             device = conn.execute(devices.insert().values(
@@ -183,12 +208,13 @@ def enroll(database: str, enrollments: list[Enrollment], master: MasterKey, *, w
             conn.execute(events.insert().values(device=device, kind="enroll",
                                                 detail={"key_fingerprint": k.fingerprint, "target": e.target}, at=t))
             fingerprints.append(k.fingerprint)
+            shown.append(_shown(k))
             k.wipe()
         with _vault_writes(vault_path):
             vault.save(vault_path, key)
             conn.commit()
-    for e, fp in zip(enrollments, fingerprints):
-        echo(f"enrolled {e.device_id} ({e.target}): key {fp}")
+    for e, what in zip(enrollments, shown):
+        echo(f"enrolled {e.device_id} ({e.target}): {what}")
     return fingerprints
 
 
@@ -230,7 +256,7 @@ def rotate(database: str, device_id: str, master: MasterKey, *, echo: Echo = ech
         vault_path = Path(spec.vault_path)
         vault = Vault.open(vault_path, key)
         vault.retire(device_id, row.key_fingerprint)
-        k = Key.generate(spec.block_size, spec.channels)
+        k = new_device_key(spec)
         vault.devices[device_id] = bytes(k.to_bytes())
         t = now()
         conn.execute(devices.update().where(devices.c.id == row.id).values(
@@ -239,12 +265,12 @@ def rotate(database: str, device_id: str, master: MasterKey, *, echo: Echo = ech
         conn.execute(events.insert().values(device=row.id, kind="rotate", detail={
             "old_key_fingerprint": row.key_fingerprint, "key_fingerprint": k.fingerprint, "state_before": row.state},
             at=t))
-        fingerprint = k.fingerprint
+        fingerprint, what = k.fingerprint, _shown(k)
         k.wipe()
         with _vault_writes(vault_path):
             vault.save(vault_path, key)
             conn.commit()
-    echo(f"rotated {device_id}: key {row.key_fingerprint} retired, new key {fingerprint}; its current bundle stays "
+    echo(f"rotated {device_id}: key {row.key_fingerprint} retired, new {what}; its current bundle stays "
          "valid until the new one is released")
     return fingerprint
 
@@ -320,5 +346,6 @@ def status_in(conn, database: str) -> dict[str, Any]:
             "enrolled_at": r.enrolled_at.isoformat(), "updated_at": r.updated_at.isoformat()})
     counts = {s: sum(d["state"] == s for d in listed) for s in STATES if any(d["state"] == s for d in listed)}
     return {"fleet": {"model": spec.model, "mode": spec.mode, "block_size": spec.block_size,
-                      "base_sha256": spec.base_sha256, "publisher": spec.publisher_fingerprint},
+                      "ensemble": ensemble_size(spec), "base_sha256": spec.base_sha256,
+                      "publisher": spec.publisher_fingerprint},
             "devices": listed, "counts": counts, "waves": staged}

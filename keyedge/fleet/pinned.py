@@ -1,5 +1,6 @@
 """What ``fleet init`` pinned, read back by every other command: the fleet's row, its base checkpoint
-(refused when its SHA-256 changed), and its vault (opened in memory with the master key)."""
+(refused when its SHA-256 changed), its vault (opened in memory with the master key), and what a device's
+key is: one key, or, in a fleet of random ensembles (``fleet init --ensemble N``), a key set of N."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from ..core.errors import KeyedgeError
 from ..core.keys import Key
+from ..core.keyset import KeySet, key_or_set_from_bytes
 from ..core.models import file_sha256
 from . import db
 from .schema import devices, fleet
@@ -40,6 +42,27 @@ def check_base(spec) -> Path:
     return path
 
 
+def model_patch(spec) -> int | None:
+    """The fleet model's patch size: its ``patch_size`` argument, else the one its timm name says."""
+    import re
+
+    found = re.search(r"patch(\d+)", spec.model)
+    return spec.model_kwargs.get("patch_size") or (int(found.group(1)) if found else None)
+
+
+def ensemble_size(spec) -> int | None:
+    """N where every device serves a random ensemble of N keyed members, else None."""
+    return (spec.recipe or {}).get("ensemble")
+
+
+def new_device_key(spec) -> Key | KeySet:
+    """A device's fresh key (a key set of N in an ensemble fleet), from the OS CSPRNG."""
+    n = ensemble_size(spec)
+    if n is None:
+        return Key.generate(spec.block_size, spec.channels)
+    return KeySet.generate(n, spec.block_size, spec.channels)
+
+
 def open_vault(spec, master: bytearray) -> Vault:
     return Vault.open(Path(spec.vault_path), master)
 
@@ -52,14 +75,15 @@ class VaultKeys:
         self.spec, self.master = spec, master
         self.vault = open_vault(spec, master)
 
-    def key(self, row) -> Key:
-        """The key of the claimed device ``row`` (a mapping with ``device_id`` and ``key_fingerprint``)."""
+    def key(self, row) -> Key | KeySet:
+        """The key (key set) of the claimed device ``row`` (a mapping with ``device_id`` and
+        ``key_fingerprint``)."""
         for fresh in (False, True):
             if fresh:
                 self.vault = open_vault(self.spec, self.master)
             raw = self.vault.devices.get(row["device_id"])
             if raw is not None:
-                key = Key.from_bytes(raw, source=f"the vault's key of {row['device_id']}")
+                key = key_or_set_from_bytes(raw, source=f"the vault's key of {row['device_id']}")
                 if key.fingerprint == row["key_fingerprint"]:
                     return key
                 key.wipe()

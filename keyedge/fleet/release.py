@@ -12,6 +12,11 @@ Per device (claimed by a lease, like training: two releases of one device never 
    the signature checked as a device checks it;
 5. ``keyedge audit`` as the gate: the bundle, as a copy of it stands, must yield no key and no model.
 
+In a fleet of random ensembles, step 1 exports the device's members as one gathered graph (fp32, every
+member verified), parity holds every member to its own PyTorch reference, and step 3 is skipped: the
+device serves the sealed graph with ONNX Runtime (keyedge's ensemble runner, ``--ensemble-draw S``, or
+the C++ runtime), which draws the answering members afresh per query.
+
 A device whose export, parity or audit fails is not released: its release row says which step and why,
 and the device is ``failed`` (``fleet release DEVICE`` tries it again). The plaintext (the export and the
 plan's model) is removed once sealed unless ``keep_plaintext``; the reports stay."""
@@ -35,6 +40,7 @@ import sqlalchemy as sa
 from ..core.errors import KeyedgeError
 from ..core.io import atomic_write_bytes, check_output_dir, private_dir
 from ..core.keys import Key
+from ..core.keyset import KeySet
 from ..core.manifests import FoldMode
 from ..core.models import file_sha256
 from ..core.progress import Echo, echo, quiet
@@ -42,7 +48,7 @@ from ..core.tables import pct
 from . import db
 from .leases import (RELEASE, RELEASE_NAMED, LeaseLost, Renewer, claim, clock, give_back, holders,
                      leased_elsewhere, now, rank_worker)
-from .pinned import VaultKeys, check_base, fleet_row, known_devices
+from .pinned import VaultKeys, check_base, ensemble_size, fleet_row, known_devices, model_patch
 from .schema import devices, events, releases, waves
 
 RELEASABLE = RELEASE_NAMED.waiting
@@ -87,7 +93,7 @@ def _step(name: str, fn, *args, timings: dict[str, float], **kwargs):
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
-def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: ReleaseOptions,
+def _release_one(spec, row: dict[str, Any], key: Key | KeySet, publisher, d: Path, opts: ReleaseOptions,
                  record: dict[str, Any], timings: dict[str, float]) -> None:
     """The five steps into ``d``; fills ``record`` (the release row) and ``timings`` as it goes."""
     from ..checks.config import ParityConfig
@@ -98,29 +104,37 @@ def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: 
     from ..runtime.bundle import DevicePublicKey, Trust
     from ..workflows.audit import audit_release
     from ..workflows.build import build
+    from ..workflows.ensemble import export_ensemble
     from ..workflows.export import export_run
     from ..workflows.parity import run_parity
 
     run, base, target = Path(row["run_dir"]), Path(spec.base_path), load_target(row["target"])
-    # a strongly typed target (TensorRT 11) takes its precision from the ONNX types; the others build an
-    # fp32 export with the profile's precision flags
-    precision = target.precision if target.strongly_typed else "fp32"
-    art = _step("export", export_run, run, key, d / "export",
-                ExportOptions(mode=opts.mode, batch=None, precision=precision), echo=quiet, timings=timings)
+    ensemble = isinstance(key, KeySet)
+    if ensemble:  # one gathered graph (fp32, any batch: a query's S members are S rows), every member verified
+        art = _step("export", export_ensemble, run, key, d / "export", ExportOptions(mode=opts.mode, batch=None),
+                    form="gathered", echo=quiet, timings=timings)
+    else:
+        # a strongly typed target (TensorRT 11) takes its precision from the ONNX types; the others build an
+        # fp32 export with the profile's precision flags
+        precision = target.precision if target.strongly_typed else "fp32"
+        art = _step("export", export_run, run, key, d / "export",
+                    ExportOptions(mode=opts.mode, batch=None, precision=precision), echo=quiet, timings=timings)
     record.update(fold_mode=art.fold_mode, precision=art.precision)
     onnx = d / "export" / "model.onnx"
     report = _step("parity", run_parity, run, key, [onnx], d / "parity", base=base,
                    cfg=ParityConfig(n=opts.parity_n, seed=opts.seed), echo=quiet, timings=timings)
-    result = report["artifacts"][str(onnx)]
-    sets = {name: {"accuracy": s["accuracy"], "difference": s["difference"]} for name, s in result["sets"].items()}
-    record.update(parity={"passed": result["passed"], "n": report["n"], "sets": sets,
-                          "max_accuracy_difference": result["max_accuracy_difference"]},
-                  clean=sets["clean"]["accuracy"], transfer=sets.get("pgd_linf_transfer_base", {}).get("accuracy"))
-    if not result["passed"]:
-        raise StepFailed("parity", "the export does not keep the PyTorch model's accuracy: " + ", ".join(
-            f"{name} {100 * s['difference']:+.1f} points" for name, s in sets.items()) + f" (see {d / 'parity'})")
-    _step("build plan", build, d / "export", row["target"], d / "plan", plan_only=True, echo=quiet,
-          timings=timings)
+    record["parity"] = parity = _parity_record(report)
+    sets = parity["sets"]
+    record.update(clean=sets["clean"]["accuracy"], transfer=sets.get("pgd_linf_transfer_base", {}).get("accuracy"))
+    if not parity["passed"]:
+        failed = [name for name, r in report["artifacts"].items() if not r["passed"]]
+        raise StepFailed("parity", "the export does not keep the PyTorch model's accuracy: " + "; ".join(
+            (f"{name.removeprefix(str(onnx))} " if ensemble else "") + ", ".join(
+                f"{set_name} {100 * s['difference']:+.1f} points" for set_name, s in report["artifacts"][name]["sets"]
+                .items()) for name in failed) + f" (see {d / 'parity'})")
+    if not ensemble:  # a random ensemble is served by ONNX Runtime (keyedge's ensemble runner): no TensorRT plan
+        _step("build plan", build, d / "export", row["target"], d / "plan", plan_only=True, echo=quiet,
+              timings=timings)
     bundle = d / "model.kes"
     data, _ = _step("seal", seal_artifact, d / "export", DevicePublicKey(row["device_public"]), key, publisher,
                     timings=timings)
@@ -138,6 +152,19 @@ def _release_one(spec, row: dict[str, Any], key: Key, publisher, d: Path, opts: 
             audit = json.loads((d / "audit" / "audit.json").read_text())
             record["audit"] = {"passed": audit["passed"], "fail_above": audit["fail_above"], "findings": [
                 {k: f[k] for k in ("kind", "holds_key", "leaked", "note")} for f in audit["artifacts"]]}
+
+
+def _parity_record(report: dict[str, Any]) -> dict[str, Any]:
+    """The release row's parity verdict: the accuracy of each set and its difference from PyTorch; for a
+    random ensemble, each member's (``members``) and, under ``sets``, the lowest member's of each set."""
+    per = [{name: {"accuracy": s["accuracy"], "difference": s["difference"]} for name, s in r["sets"].items()}
+           for r in report["artifacts"].values()]
+    record = {"passed": report["passed"], "n": report["n"],
+              "sets": {name: min((p[name] for p in per), key=lambda s: s["accuracy"]) for name in per[0]},
+              "max_accuracy_difference": max(r["max_accuracy_difference"] for r in report["artifacts"].values())}
+    if len(per) > 1:
+        record["members"] = per
+    return record
 
 
 def _retarget_reports(stage: Path, final: Path) -> None:
@@ -167,20 +194,16 @@ def check_releasable(conn, only: list[str] | None) -> None:
 
 
 def _check_mode(spec, opts: ReleaseOptions) -> None:
-    """``--mode fused`` where the fleet's key cannot fold is refused before any device is claimed (by the
-    export's own rule)."""
+    """``--mode fused`` where the fleet's key cannot fold, and ``--mode gather`` in a fleet of ensembles, are
+    refused before any device is claimed (by the export's own rule)."""
     from ..deploy.config import ExportOptions
 
-    patch = spec.model_kwargs.get("patch_size") or _name_patch(spec.model)
+    if ensemble_size(spec) is not None and opts.mode == "gather":
+        raise KeyedgeError("a fleet of random ensembles folds every member's key into its patch embedding: "
+                           "--mode gather does not apply")
+    patch = model_patch(spec)
     if opts.mode == "fused" and patch is not None:
         ExportOptions(mode=opts.mode).resolved_mode(spec.block_size, patch)
-
-
-def _name_patch(model: str) -> int | None:
-    import re
-
-    found = re.search(r"patch(\d+)", model)
-    return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)
@@ -426,8 +449,11 @@ def _release_claimed(database, spec, row, keys: VaultKeys, publisher, out: Path,
     if failure:
         echo(f"NOT released {row['device_id']}: {failure}", err=True)
         return str(failure)
-    echo(f"released {row['device_id']} r{number} ({record['fold_mode']}, {row['target']}): parity passed (clean "
-         f"{pct(record['clean'])}, transfer {pct(record['transfer'])}), audit passed; {record['bundle_path']} "
+    members = record["parity"].get("members")
+    what = (f"random ensemble of {len(members)}, served by ONNX Runtime" if members else record["fold_mode"])
+    echo(f"released {row['device_id']} r{number} ({what}, {row['target']}): parity passed ("
+         + ("lowest member's " if members else "") + f"clean {pct(record['clean'])}, transfer "
+         f"{pct(record['transfer'])}), audit passed; {record['bundle_path']} "
          f"({record['bundle_bytes']:,} bytes, sha256 {record['bundle_sha256'][:16]}...) signed by "
          f"{record['publisher_fingerprint']}" + ("" if not opts.keep_plaintext else "; plaintext kept"))
     return "released"

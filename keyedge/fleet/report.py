@@ -1,6 +1,8 @@
 """``keyedge fleet report``: the blast radius across a sample of the fleet's devices (``keyedge``'s own
 K x K measurement, :func:`~keyedge.redteam.evaluate.blast_radius`), and what each device costs: its adapter
-(or model) bytes, its training and release time and its bundle, against one full model."""
+(or model) bytes, its training and release time and its bundle, against one full model. A device that
+serves a random ensemble is attacked, and scored, on its expected answer (the mean probability over all of
+its members: EOT over its draw, exactly); its per-device weights are all of its members'."""
 
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ from typing import Any
 
 from ..core.errors import KeyedgeError
 from ..core.io import atomic_write_text, check_output_dir, staged_dir
-from ..core.keys import Key
+from ..core.keyset import KeySet, key_or_set_from_bytes
 from ..core.manifests import read_run, write_json
 from ..core.progress import Echo, echo
 from ..core.tables import markdown_table, pct
 from . import db
-from .pinned import fleet_row, open_vault
+from .pinned import ensemble_size, fleet_row, open_vault
 from .schema import devices, events, releases
 
 def _costs(conn) -> list[dict[str, Any]]:
@@ -49,7 +51,9 @@ def fleet_report(database: str, master: bytearray, out: Path, *, sample: int = 4
     """Write ``report.md`` and ``report.json`` into ``out``: the blast radius over ``sample`` trained
     devices (drawn with ``seed``) on ``n`` test images, and every trained device's cost."""
     from ..core.data import run_images
+    from ..core.ensemble import is_ensemble, load_members, read_ensemble
     from ..core.runs import load_run
+    from ..redteam.attacks.randomized import ExpectedOutput
     from ..redteam.config import EvalConfig
     from ..redteam.evaluate import blast_radius
 
@@ -68,16 +72,19 @@ def fleet_report(database: str, master: bytearray, out: Path, *, sample: int = 4
     runs = {c["device"]: Path(c["run"]) for c in costs}
     models = {}
     for device in chosen:  # a revoked device's model too: a stolen device is what the blast radius is about
-        key = Key.from_bytes(vault.key_file(device, by_device[device]["key_fingerprint"]),
-                             source=f"the vault's key of {device}")
-        models[device] = load_run(runs[device], key)
-    images = run_images(read_run(runs[chosen[0]]), n, seed=seed)
+        key = key_or_set_from_bytes(vault.key_file(device, by_device[device]["key_fingerprint"]),
+                                    source=f"the vault's key of {device}")
+        models[device] = (ExpectedOutput(load_members(runs[device], key)) if isinstance(key, KeySet)
+                          else load_run(runs[device], key))
+    first = runs[chosen[0]]
+    images = run_images(read_run(first / read_ensemble(first).members[0].run if is_ensemble(first) else first), n,
+                        seed=seed)
     if images is None:
         raise KeyedgeError(f"the fleet's data set {spec.data} is not here")
     echo(f"blast radius across {len(chosen)} devices on {n} images (white-box PGD of each, replayed on the others)")
     blast = blast_radius(models, *images, EvalConfig(n=n, seed=seed))
     report = {"fleet": {"model": spec.model, "mode": mode, "block_size": spec.block_size,
-                        "base_sha256": spec.base_sha256},
+                        "base_sha256": spec.base_sha256, "ensemble": ensemble_size(spec)},
               "blast_radius": blast, "costs": costs, "summary": _summary(costs, blast)}
     with staged_dir(out, force=force) as stage:
         write_json(stage / "report.json", report)
@@ -120,12 +127,18 @@ def _s(v: float | None) -> str:
 def report_markdown(report: dict[str, Any]) -> str:
     b, s, f = report["blast_radius"], report["summary"], report["fleet"]
     eps = b["attack"]["eps"] * 255
-    lines = [f"# keyedge fleet report: {f['model']} ({f['mode']}), {s['devices']} trained devices", "",
+    n = f.get("ensemble")
+    of = f", every device a random ensemble of {n} keyed members" if n else ""
+    lines = [f"# keyedge fleet report: {f['model']} ({f['mode']}{of}), {s['devices']} trained devices", "",
              f"## Blast radius: {s['sampled']} devices, {b['n_images']} test images", "",
-             "Attacker: has everything of device A (its weights and its key: white-box PGD l_inf "
-             f"{eps:.0f}/255, {b['attack']['steps']} steps), and replays those examples on device B, whose key "
-             "and model it does not have. Each cell is B's robust accuracy (right on the clean image and on "
-             "the example). The diagonal is the white-box bound: a device whose key leaked.", "",
+             "Attacker: has everything of device A (" + (
+                 "every member's weights and key: white-box PGD on its expected answer, the mean probability over "
+                 "all its members" if n else "its weights and its key: white-box PGD") + f" l_inf "
+             f"{eps:.0f}/255, {b['attack']['steps']} steps), and replays those examples on device B, whose key"
+             + (" set" if n else "") + " and model it does not have. Each cell is B's robust accuracy (right on "
+             "the clean image and on the example" + ("; B scored on its expected answer" if n else "")
+             + "). The diagonal is the white-box bound: a device whose key" + (" set" if n else "")
+             + " leaked.", "",
              markdown_table(["crafted on \\ replayed on", *b["devices"]],
                             [[a, *(pct(v) for v in row)] for a, row in zip(b["devices"], b["matrix"])]), "",
              "Clean: " + ", ".join(f"{d} {pct(c)}" for d, c in zip(b["devices"], b["clean"])) + ".", "",

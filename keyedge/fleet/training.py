@@ -1,5 +1,6 @@
 """``keyedge fleet train``: each pending device's adapter (or model) trained from the fleet's base with
-keyedge's trainer, the work claimed in the database so that any number of workers split it.
+keyedge's trainer, the work claimed in the database so that any number of workers split it. In a fleet of
+random ensembles, a device's N members are trained one after another into one ensemble run (its key set's).
 
 A worker claims one device at a time with a lease (its id and an expiry) in one short transaction:
 ``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL; a thread renews the
@@ -14,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.io import check_output_dir, private_dir
+from ..core.ensemble import ENSEMBLE
 from ..core.keys import Key
+from ..core.keyset import KeySet
 from ..core.progress import Echo, echo
+from ..core.runs import CHECKPOINT
 from . import db
 from .leases import TRAIN, LeaseLost, Renewer, claim, rank_worker, give_back, leased_elsewhere, now
 from .pinned import VaultKeys, check_base, fleet_row, known_devices
@@ -28,24 +32,33 @@ def run_dir_for(runs: Path, device_id: str, key_fingerprint: str) -> Path:
     return runs / device_id / key_fingerprint
 
 
-def _train_one(spec, row: dict[str, Any], key: Key, run_dir: Path, epochs: int | None) -> dict[str, Any]:
+def _train_one(spec, row: dict[str, Any], key: Key | KeySet, run_dir: Path, epochs: int | None) -> dict[str, Any]:
     from ..training.config import TrainConfig
+    from ..training.ensemble import train_ensemble
     from ..training.train import train
 
     kwargs = dict(spec.model_kwargs)
     top = {k: kwargs.pop(k) for k in ("img_size", "patch_size", "num_classes") if k in kwargs}
     recipe = {k: v for k, v in (spec.recipe or {}).items() if k in ("lr", "batch_size", "lora_rank", "max_steps")}
     private_dir(run_dir.parent)
-    resume = (run_dir / "checkpoint.pt").is_file()
+    resume = (run_dir / (ENSEMBLE if isinstance(key, KeySet) else CHECKPOINT)).is_file()
     cfg = TrainConfig(model=spec.model, out=str(run_dir), data=spec.data, checkpoint=spec.base_path,
                       mode=spec.mode, model_kwargs=kwargs, progress=False,
                       epochs=epochs or (spec.recipe or {}).get("epochs", 1), resume=resume, force=not resume,
                       seed=row["id"], workers=0, **top, **recipe)  # the rest: TrainConfig's own defaults
     t0 = time.perf_counter()
-    manifest = train(cfg, key=key, alone=True)  # the key from the vault, in memory; one device per rank
-    return {"run": str(run_dir), "resumed": resume, "epochs": manifest.epochs_done,
-            "test_acc": (manifest.metrics or {}).get("test_acc"), "per_key_bytes": manifest.per_key_bytes,
-            "full_model_bytes": manifest.full_model_bytes, "seconds": round(time.perf_counter() - t0, 3)}
+    if isinstance(key, KeySet):  # members finished are kept, the interrupted one continues from its checkpoint
+        _, members = train_ensemble(cfg, key, alone=True)
+    else:
+        members = [train(cfg, key=key, alone=True)]  # the key from the vault, in memory; one device per rank
+    accs = [(m.metrics or {}).get("test_acc") for m in members]
+    result = {"run": str(run_dir), "resumed": resume, "epochs": members[-1].epochs_done,
+              "test_acc": accs[0] if len(accs) == 1 else sum(accs) / len(accs),  # an ensemble's: its members' mean
+              "per_key_bytes": sum(m.per_key_bytes or 0 for m in members) or None,
+              "full_model_bytes": members[0].full_model_bytes, "seconds": round(time.perf_counter() - t0, 3)}
+    if isinstance(key, KeySet):
+        result["members_test_acc"] = accs
+    return result
 
 
 def train_devices(database: str, master: bytearray, runs: Path, *, only: list[str] | None = None,
@@ -96,8 +109,10 @@ def train_devices(database: str, master: bytearray, runs: Path, *, only: list[st
             raise
         if recorded:
             done.append(row["device_id"])
+            accs = result.get("members_test_acc")
             echo(f"trained {row['device_id']} ({'resumed' if result['resumed'] else 'from the base'}): "
-                 f"test accuracy {result['test_acc']}")
+                 + (f"{len(accs)} members, test accuracy {', '.join(f'{a:.4f}' for a in accs)}" if accs else
+                    f"test accuracy {result['test_acc']}"))
         else:
             echo(f"{row['device_id']}: the lease was lost while training (another worker took it); not recorded",
                  err=True)

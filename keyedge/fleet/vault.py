@@ -11,6 +11,9 @@ header as additional data::
     34  ..  ciphertext || 16-byte tag of the JSON {"publisher": hex seed, "devices": {id: hex key file},
             "retired": {key fingerprint: hex key file}}
 
+A key file here is a device's key, or, in a fleet of random ensembles, its key set file
+(:mod:`keyedge.core.keyset`, fingerprinted by the set's fingerprint).
+
 ``retired`` keeps the keys that rotation or revocation took out of use, for audits of old bundles.
 
 The master key file: ``"KEYEDGEM" || u16 version 1 || u8 kind 1 || 32 bytes``, 0600, read from a file,
@@ -87,11 +90,11 @@ class Vault:
         self.retired[fingerprint] = self.devices.pop(device_id)
 
     def key_file(self, device_id: str, fingerprint: str) -> bytes:
-        """The key file of ``fingerprint``: the device's current key, or a retired one."""
-        from ..core.keys import Key
+        """The key file of ``fingerprint``: the device's current key (key set), or a retired one."""
+        from ..core.keyset import key_or_set_from_bytes
 
         current = self.devices.get(device_id)
-        if current is not None and Key.from_bytes(current).fingerprint == fingerprint:
+        if current is not None and key_or_set_from_bytes(current, source="a vault entry").fingerprint == fingerprint:
             return current
         if fingerprint in self.retired:
             return self.retired[fingerprint]

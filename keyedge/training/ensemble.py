@@ -30,15 +30,16 @@ def _finished(run: Path, cfg: TrainConfig) -> bool:
                                               and done.history[-1]["step"] >= cfg.max_steps)
 
 
-def train_ensemble(cfg: TrainConfig, keys: KeySet | str | Path, console=None) -> tuple[EnsembleManifest,
-                                                                                        list[RunManifest]]:
-    """Train every member of ``keys`` into ``cfg.out``; returns the ensemble's manifest and the members'."""
+def train_ensemble(cfg: TrainConfig, keys: KeySet | str | Path, console=None, *,
+                   alone: bool = False) -> tuple[EnsembleManifest, list[RunManifest]]:
+    """Train every member of ``keys`` into ``cfg.out``; returns the ensemble's manifest and the members'.
+    ``alone``: this rank trains the whole ensemble by itself (``fleet train``: one device per rank)."""
     keys = KeySet.given(keys)
     out = Path(cfg.out)
     manifest = EnsembleManifest(key_set_fingerprint=keys.fingerprint, mode=cfg.mode,
                                 members=tuple(EnsembleMember(f"member-{i}", k.fingerprint)
                                               for i, k in enumerate(keys)))
-    main_process = _dist_env()[1] == 0
+    main_process = alone or _dist_env()[1] == 0
     created = not out.exists()
     if cfg.resume:
         if not (out / ENSEMBLE).is_file():
@@ -49,7 +50,7 @@ def train_ensemble(cfg: TrainConfig, keys: KeySet | str | Path, console=None) ->
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         manifest.write(out / ENSEMBLE)  # first: a --resume finds the members' keys (removed if none trains)
     try:
-        return manifest, _train_members(cfg, manifest, keys, out, console)
+        return manifest, _train_members(cfg, manifest, keys, out, console, alone)
     except BaseException:
         if main_process and not cfg.resume and not any((out / m.run / MANIFEST).is_file()
                                                        for m in manifest.members):
@@ -61,7 +62,7 @@ def train_ensemble(cfg: TrainConfig, keys: KeySet | str | Path, console=None) ->
 
 
 def _train_members(cfg: TrainConfig, manifest: EnsembleManifest, keys: KeySet, out: Path,
-                   console) -> list[RunManifest]:
+                   console, alone: bool) -> list[RunManifest]:
     runs: list[RunManifest] = []
     for i, (member, key) in enumerate(zip(manifest.members, keys)):
         run = out / member.run
@@ -71,7 +72,7 @@ def _train_members(cfg: TrainConfig, manifest: EnsembleManifest, keys: KeySet, o
         resume = cfg.resume and (run / CHECKPOINT).is_file()
         member_cfg = dataclasses.replace(cfg, out=str(run), key=None, seed=cfg.seed + i,
                                          resume=resume, force=True)
-        runs.append(train(member_cfg, console, key=key))
+        runs.append(train(member_cfg, console, key=key, alone=alone))
         if console is not None:  # after: a refusal of the first member is the command's only line
             console.print(f"[bold]{member.run}[/] (key {key.fingerprint}) trained: test accuracy "
                           f"{runs[-1].metrics['test_acc']:.4f}")

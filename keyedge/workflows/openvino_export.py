@@ -136,13 +136,10 @@ def _parity_gate(runner: OpenVinoRunner, keyed, manifest, run: Path, n: int) -> 
     if not result["passed"]:
         worst = min(result["sets"].items(), key=lambda kv: (kv[1]["passed"], -abs(kv[1]["difference"]),
                                                             kv[1]["top1_agreement"]))
-        tol = cfg.tolerance[runner.precision]
-        rule = f"{100 * tol.accuracy:.1f} point" + (f" (up to {100 * tol.excusable(len(y)):.1f} with McNemar p >= "
-                                                    f"{tol.alpha})" if tol.paired_test else "")
+        rule = cfg.tolerance[runner.precision].describe(len(y))
         s = worst[1]
         raise VerificationFailed(f"the {runner.precision} IR fails parity with {run} ({worst[0]}: "
                                  f"{100 * s['accuracy']:.1f}% vs {100 * s['reference_accuracy']:.1f}%, McNemar p "
                                  f"{s['mcnemar_p']:.2f}, agreement {100 * s['top1_agreement']:.1f}%; the "
-                                 f"{runner.precision} rule: {rule}, agreement >= {100 * tol.agreement:.0f}%); "
-                                 "nothing written")
+                                 f"{runner.precision} rule: {rule}); nothing written")
     return result
