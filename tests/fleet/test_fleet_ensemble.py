@@ -48,15 +48,22 @@ def _init(root: Path, db: str, *extra) -> object:
     (["--ensemble", "1"], "--ensemble"),
     (["--ensemble", "65"], "--ensemble"),
 ])
-def test_an_ensemble_fleet_that_cannot_be_released_is_refused_before_anything_is_written(tmp_path, args, needle):
+def test_an_ensemble_fleet_that_cannot_be_released_is_refused_before_anything_is_written(tmp_path, database, args,
+                                                                                        needle):
+    import sqlalchemy as sa
+
+    from keyedge.fleet import db as fleet_db
+
     _base(tmp_path)
-    r = _init(tmp_path, str(tmp_path / "fleet.db"), *args)
+    r = _init(tmp_path, database, *args)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+    if "postgresql" in database:  # no schema made on the server either
+        assert sa.inspect(fleet_db.engine_for(database)).get_table_names() == []
 
 
-def test_a_fleet_of_random_ensembles_trains_releases_rotates_and_reports(tmp_path):
-    root, db = tmp_path, str(tmp_path / "fleet.db")
+def test_a_fleet_of_random_ensembles_trains_releases_rotates_and_reports(tmp_path, database):
+    root, db = tmp_path, database
     _base(root)
     r = _init(root, db, "--ensemble", str(N))
     assert r.returncode == 0 and f"random ensemble of {N} members" in r.stdout, r.stderr
@@ -145,14 +152,14 @@ def test_a_fleet_of_random_ensembles_trains_releases_rotates_and_reports(tmp_pat
     assert "every member's weights and key" in (root / "report" / "report.md").read_text()
 
 
-def test_an_interrupted_ensemble_keeps_its_finished_members_and_trains_the_rest(tmp_path, monkeypatch):
+def test_an_interrupted_ensemble_keeps_its_finished_members_and_trains_the_rest(tmp_path, database, monkeypatch):
     """A worker stopped while it trains member 1 gives the device back; the next one keeps member 0 (not
     trained again) and trains member 1."""
     from keyedge.core.progress import quiet
     from keyedge.fleet.training import train_devices
     from keyedge.training import ensemble as training_ensemble
 
-    root, db = tmp_path, str(tmp_path / "fleet.db")
+    root, db = tmp_path, database
     _base(root)
     assert _init(root, db, "--ensemble", str(N)).returncode == 0
     DeviceKey.generate().save(root / "cam-0.key")
