@@ -120,6 +120,13 @@ def create_vit(name: str, *, num_classes: int | None = None, img_size: int | Non
     return model
 
 
+
+def patch_size_of(name: str, **kwargs: Any) -> int:
+    """The patch size of the ViT ``create_vit(name, **kwargs)`` builds, from the model made on the meta
+    device (no weights, no time); an unknown model is refused as :func:`create_vit` refuses it."""
+    with torch.device("meta"):
+        return int(create_vit(name, **kwargs).patch_embed.patch_size[0])
+
 def model_input_spec(model: nn.Module) -> dict[str, Any]:
     """Image size, patch size, channels, and the mean/std the model was trained with."""
     pe = model.patch_embed

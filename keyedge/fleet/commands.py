@@ -128,7 +128,7 @@ def _check_ensemble(spec: FleetSpec) -> None:
         raise KeyedgeError("--ensemble needs --mode lora: a device's members are gathered into one graph over the "
                            "shared base, the one form a bundle carries")
     patch = model_patch(spec)
-    if patch is not None and not can_fold(spec.block_size, patch):
+    if not can_fold(spec.block_size, patch):
         raise KeyedgeError(f"--ensemble: block size {spec.block_size} does not divide patch size {patch}; an "
                            "ensemble's keys are folded into its members, so M must divide P")
 

@@ -6,13 +6,16 @@ a new directory written atomically (built under a temporary name, renamed into p
 
     {"format": "keyedge-fleet-export", "version": 1, "exported_at": ISO time,
      "publisher": {"fingerprint": ..., "public_key": "publisher.pub"},
+     "ensemble": N or null,
      "devices": [{"device": id, "target": profile, "state": released | revoked | ...,
                   "release": N, "bundle": "bundles/ID.kes", "sha256": hex, "bytes": n,
                   "key_fingerprint": ..., "publisher": fingerprint,
                   "revoked": [{"release": N, "sha256": hex, "reason": text, "revoked_at": ISO time}]}]}
 
 A device without a current bundle (revoked, or not released yet) is listed with ``"bundle": null``;
-``revoked`` lists every bundle of the device that must no longer be shipped. Each bundle is checked
+``revoked`` lists every bundle of the device that must no longer be shipped. ``ensemble``: in a fleet of
+random ensembles, every bundle holds one gathered graph of N members, served by ONNX Runtime (no TensorRT
+engine is built for it on the device). Each bundle is checked
 against the SHA-256 recorded at its release before it is copied: one that changed since is refused.
 """
 
@@ -31,7 +34,7 @@ from ..core.models import file_sha256
 from ..core.progress import Echo, echo
 from . import db
 from .commands import status_in
-from .pinned import fleet_row
+from .pinned import ensemble_size, fleet_row
 from .schema import devices, releases
 
 FORMAT, VERSION = "keyedge-fleet-export", 1
@@ -87,7 +90,7 @@ def export_fleet(database: str, to: Path, *, echo: Echo = echo) -> dict[str, Any
         entries.append(entry)
     index = {"format": FORMAT, "version": VERSION, "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(),
              "publisher": {"fingerprint": spec.publisher_fingerprint, "public_key": "publisher.pub"},
-             "devices": entries}
+             "ensemble": ensemble_size(spec), "devices": entries}
     from ..runtime.bundle import PublisherPublicKey
 
     with new_dir(to) as stage:  # ciphertext and public data only: readable by the OTA tool's user too

@@ -42,12 +42,11 @@ def check_base(spec) -> Path:
     return path
 
 
-def model_patch(spec) -> int | None:
-    """The fleet model's patch size: its ``patch_size`` argument, else the one its timm name says."""
-    import re
+def model_patch(spec) -> int:
+    """The fleet model's patch size (the model built on the meta device)."""
+    from ..core.models import patch_size_of
 
-    found = re.search(r"patch(\d+)", spec.model)
-    return spec.model_kwargs.get("patch_size") or (int(found.group(1)) if found else None)
+    return patch_size_of(spec.model, **spec.model_kwargs)
 
 
 def ensemble_size(spec) -> int | None:

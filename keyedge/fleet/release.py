@@ -194,16 +194,16 @@ def check_releasable(conn, only: list[str] | None) -> None:
 
 
 def _check_mode(spec, opts: ReleaseOptions) -> None:
-    """``--mode fused`` where the fleet's key cannot fold, and ``--mode gather`` in a fleet of ensembles, are
-    refused before any device is claimed (by the export's own rule)."""
+    """A ``--mode`` the export would refuse is refused before any device is claimed, by the export's own
+    rules: in a fleet of ensembles anything but fused (every member's key is folded), elsewhere fused where
+    the key cannot fold."""
     from ..deploy.config import ExportOptions
+    from ..deploy.ensemble import check_options
 
-    if ensemble_size(spec) is not None and opts.mode == "gather":
-        raise KeyedgeError("a fleet of random ensembles folds every member's key into its patch embedding: "
-                           "--mode gather does not apply")
-    patch = model_patch(spec)
-    if opts.mode == "fused" and patch is not None:
-        ExportOptions(mode=opts.mode).resolved_mode(spec.block_size, patch)
+    if ensemble_size(spec) is not None:
+        check_options(ExportOptions(mode=opts.mode, batch=None), "gathered")
+    elif opts.mode == "fused":
+        ExportOptions(mode=opts.mode).resolved_mode(spec.block_size, model_patch(spec))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 from ..core.io import check_output_dir, private_dir
 from ..core.ensemble import ENSEMBLE
 from ..core.keys import Key
-from ..core.keyset import KeySet
+from ..core.keyset import MAX_MEMBERS, KeySet
 from ..core.progress import Echo, echo
 from ..core.runs import CHECKPOINT
 from . import db
@@ -45,7 +45,9 @@ def _train_one(spec, row: dict[str, Any], key: Key | KeySet, run_dir: Path, epoc
     cfg = TrainConfig(model=spec.model, out=str(run_dir), data=spec.data, checkpoint=spec.base_path,
                       mode=spec.mode, model_kwargs=kwargs, progress=False,
                       epochs=epochs or (spec.recipe or {}).get("epochs", 1), resume=resume, force=not resume,
-                      seed=row["id"], workers=0, **top, **recipe)  # the rest: TrainConfig's own defaults
+                      # member i of an ensemble takes seed + i: devices' seeds MAX_MEMBERS apart never overlap
+                      seed=row["id"] * (MAX_MEMBERS if isinstance(key, KeySet) else 1), workers=0, **top,
+                      **recipe)  # the rest: TrainConfig's own defaults
     t0 = time.perf_counter()
     if isinstance(key, KeySet):  # members finished are kept, the interrupted one continues from its checkpoint
         _, members = train_ensemble(cfg, key, alone=True)

@@ -94,8 +94,12 @@ class Vault:
         from ..core.keyset import key_or_set_from_bytes
 
         current = self.devices.get(device_id)
-        if current is not None and key_or_set_from_bytes(current, source="a vault entry").fingerprint == fingerprint:
-            return current
+        if current is not None:
+            parsed = key_or_set_from_bytes(current, source="a vault entry")
+            matches = parsed.fingerprint == fingerprint
+            parsed.wipe()
+            if matches:
+                return current
         if fingerprint in self.retired:
             return self.retired[fingerprint]
         raise VaultError(f"the vault holds no key {fingerprint} of device {device_id}")

@@ -51,9 +51,10 @@ def train_ensemble(cfg: TrainConfig, keys: KeySet | str | Path, console=None, *,
         manifest.write(out / ENSEMBLE)  # first: a --resume finds the members' keys (removed if none trains)
     try:
         return manifest, _train_members(cfg, manifest, keys, out, console, alone)
-    except BaseException:
-        if main_process and not cfg.resume and not any((out / m.run / MANIFEST).is_file()
-                                                       for m in manifest.members):
+    except BaseException:  # a command's own new run that trained nothing is removed; never a fleet's (``alone``):
+        # a worker that lost its lease would remove the run the device's new holder trains in
+        if main_process and not alone and not cfg.resume and not any((out / m.run / MANIFEST).is_file()
+                                                                     for m in manifest.members):
             if created:
                 shutil.rmtree(out, ignore_errors=True)
             else:

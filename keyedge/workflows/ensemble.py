@@ -18,7 +18,7 @@ from ..core.keyset import KeySet
 from ..core.lora import merge_lora
 from ..core.manifests import (ArtifactManifest, EnsembleForm, EnsembleManifest, EnsembleSpec, RunManifest, read_run,
                               write_json)
-from ..core.models import create_vit
+from ..core.models import patch_size_of
 from ..core.progress import Echo, echo
 from ..deploy.config import ExportOptions
 from ..deploy.ensemble import MEMBERS_NAME, check_options, export_gathered, gathered_ensemble
@@ -26,14 +26,6 @@ from ..deploy.onnx_export import export_onnx
 from ..training.config import TrainConfig
 from ..training.ensemble import train_ensemble as train_members
 from .export import VerificationFailed
-
-
-def _patch_size(run: RunManifest) -> int:
-    """The run's patch size, from its model built on the meta device (no weights, no time)."""
-    import torch
-
-    with torch.device("meta"):
-        return int(create_vit(run.model.name, **run.model.kwargs).patch_embed.patch_size[0])
 
 
 def train_ensemble(cfg: TrainConfig, n: int, *, console=None, echo: Echo = echo) -> EnsembleManifest:
@@ -69,7 +61,7 @@ def export_ensemble(run: Path, keys_path: Path | KeySet, out: Path, opts: Export
         opts = replace(opts, batch=None)  # any batch: a query's S members are S rows
     check_options(opts, form)
     runs = [read_run(run / m.run) for m in ens.members]
-    patch = _patch_size(runs[0])
+    patch = patch_size_of(runs[0].model.name, **runs[0].model.kwargs)
     if not can_fold(keys.block_size, patch):
         raise KeyedgeError(f"block size {keys.block_size} does not divide patch size {patch}: an ensemble's keys are "
                            "folded into its members, so M must divide P")

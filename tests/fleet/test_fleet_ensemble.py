@@ -45,8 +45,9 @@ def _init(root: Path, db: str, *extra) -> object:
 @pytest.mark.parametrize("args, needle", [
     (["--ensemble", "2", "--mode", "full"], "--ensemble needs --mode lora"),
     (["--ensemble", "2", "--block-size", "8"], "block size 8 does not divide patch size 4"),
-    (["--ensemble", "1"], "--ensemble"),
-    (["--ensemble", "65"], "--ensemble"),
+    (["--ensemble", "1"], "'--ensemble': Input should be greater than or equal to 2"),
+    (["--ensemble", "65"], "'--ensemble': Input should be less than or equal to 64"),
+    (["--ensemble", "2", "--model", "no_such_vit"], "unknown timm model 'no_such_vit'"),
 ])
 def test_an_ensemble_fleet_that_cannot_be_released_is_refused_before_anything_is_written(tmp_path, database, args,
                                                                                         needle):
@@ -96,20 +97,30 @@ def test_a_fleet_of_random_ensembles_trains_releases_rotates_and_reports(tmp_pat
                for t in trained.values())
 
     # release: one gathered graph per device, parity per member, sealed and audited; no TensorRT plan
-    r = keyedge("fleet", "release", *master, "--mode", "gather", "--out", root / "rel")
-    assert r.returncode == 2 and "--mode gather does not apply" in r.stderr
-    assert {s for (s,) in rows(db, "SELECT state FROM devices")} == {"trained"}
+    for mode in ("gather", "kernel"):  # refused before any device is claimed
+        r = keyedge("fleet", "release", *master, "--mode", mode, "--out", root / "rel")
+        assert r.returncode == 2 and "--mode fused only" in r.stderr, r.stderr
+    assert {s for (s,) in rows(db, "SELECT state FROM devices")} == {"trained"} and not (root / "rel").exists()
     r = keyedge("fleet", "release", *master, "--out", root / "rel", "--parity-n", "30")
     assert r.returncode == 0 and r.stdout.count(f"random ensemble of {N}, served by ONNX Runtime") == 2, r.stderr
-    for device, parity, hashes, precision in rows(db, "SELECT d.device_id, r.parity, r.hashes, r.precision FROM "
-                                                      "releases r JOIN devices d ON r.device = d.id"):
-        parity, hashes = as_json(parity), as_json(hashes)
+    for device, parity, hashes, precision, audit, fp in rows(
+            db, "SELECT d.device_id, r.parity, r.hashes, r.precision, r.audit, r.key_fingerprint FROM releases r "
+                "JOIN devices d ON r.device = d.id"):
+        parity, hashes, audit = as_json(parity), as_json(hashes), as_json(audit)
         assert parity["passed"] and len(parity["members"]) == N and precision == "fp32"
+        assert fp == sets[device].fingerprint  # the set's fingerprint: no member's, no key
+        assert audit["passed"] and [(f["kind"], f["leaked"]) for f in audit["findings"]] == [("sealed-bundle", 0.0)]
         assert parity["sets"]["clean"]["accuracy"] == min(m["clean"]["accuracy"] for m in parity["members"])
         assert "model.kes" in hashes and not any(h.startswith("plan/") for h in hashes)
     assert not [p for p in (root / "rel").rglob("*") if p.suffix in (".onnx", ".data")]
     status = json.loads(keyedge("fleet", "status", "--db", db, "--json").stdout)
     assert status["fleet"]["ensemble"] == N
+    r = keyedge("fleet", "export", "--to", root / "ota", "--db", db)
+    assert r.returncode == 0 and json.loads((root / "ota" / "index.json").read_text())["ensemble"] == N, r.stderr
+    if "://" not in db:  # nothing secret in the database file: no member's permutation or key file
+        stored = b"".join(p.read_bytes() for p in root.glob("fleet.db*"))
+        for member in (k for s in sets.values() for k in s):
+            assert member.perm.astype("<u4").tobytes() not in stored and bytes(member.to_bytes()) not in stored
 
     # the device opens its bundle and answers from the members it draws: a draw's answer is the mean
     # probability of those members' PyTorch references
@@ -152,40 +163,52 @@ def test_a_fleet_of_random_ensembles_trains_releases_rotates_and_reports(tmp_pat
     assert "every member's weights and key" in (root / "report" / "report.md").read_text()
 
 
-def test_an_interrupted_ensemble_keeps_its_finished_members_and_trains_the_rest(tmp_path, database, monkeypatch):
-    """A worker stopped while it trains member 1 gives the device back; the next one keeps member 0 (not
-    trained again) and trains member 1."""
+def test_an_interrupted_ensemble_keeps_its_finished_members_and_resumes_the_one_it_trained(tmp_path, database,
+                                                                                        monkeypatch):
+    """A worker stopped after member 1's first epoch (of 2) gives the device back; the next one keeps member 0
+    (not trained again) and continues member 1 from its epoch checkpoint."""
     from keyedge.core.progress import quiet
     from keyedge.fleet.training import train_devices
     from keyedge.training import ensemble as training_ensemble
+    from keyedge.training import train as training_train
 
     root, db = tmp_path, database
     _base(root)
-    assert _init(root, db, "--ensemble", str(N)).returncode == 0
+    assert _init(root, db, "--ensemble", str(N), "--epochs", "2").returncode == 0
     DeviceKey.generate().save(root / "cam-0.key")
     (root / "cam-0.pub").write_bytes(DeviceKey.from_bytes((root / "cam-0.key").read_bytes(), "k").public.to_bytes())
     r = keyedge("fleet", "enroll", "cam-0", "--pubkey", root / "cam-0.pub", "--target", "jetson-orin", "--db", db,
                 "--master-key", root / "master.key")
     assert r.returncode == 0, r.stderr
     master = read_master_key(root / "master.key")
-    real, calls, stop = training_ensemble.train, [], {"at": 2}
+    real_train, real_save, calls = training_ensemble.train, training_train._save_epoch, []
 
-    def counted(cfg, *args, **kwargs):  # the member trainer, stopped at its stop["at"]-th call
-        calls.append(Path(cfg.out).name)
-        if len(calls) == stop["at"]:
+    def stopped_after_member_1_epoch_1(out, s, cfg, manifest, epoch, step):
+        saved = real_save(out, s, cfg, manifest, epoch, step)
+        if Path(out).name == "member-1" and epoch == 0:
             raise KeyboardInterrupt
-        return real(cfg, *args, **kwargs)
+        return saved
+
+    def counted(cfg, *args, **kwargs):
+        calls.append((Path(cfg.out).name, cfg.resume))
+        return real_train(cfg, *args, **kwargs)
 
     monkeypatch.setattr(training_ensemble, "train", counted)
+    monkeypatch.setattr(training_train, "_save_epoch", stopped_after_member_1_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train_devices(db, master, root / "runs", echo=quiet)
-    assert calls == ["member-0", "member-1"] and rows(db, "SELECT state, lease_owner FROM devices") == [
-        ("enrolled", None)]
+    assert calls == [("member-0", False), ("member-1", False)]
+    assert rows(db, "SELECT state, lease_owner FROM devices") == [("enrolled", None)]
     (run,) = [p.parent for p in (root / "runs").rglob("ensemble.json")]
     member0 = (run / "member-0" / "manifest.json").read_bytes()
+    first_epoch = read_run(run / "member-1").history
+    assert len(first_epoch) == 1 and (run / "member-1" / "checkpoint.pt").is_file()
+
     calls.clear()
-    stop["at"] = 0
+    monkeypatch.setattr(training_train, "_save_epoch", real_save)
     assert train_devices(db, master, root / "runs", echo=quiet) == ["cam-0"]
-    assert calls == ["member-1"] and (run / "member-0" / "manifest.json").read_bytes() == member0
+    assert calls == [("member-1", True)] and (run / "member-0" / "manifest.json").read_bytes() == member0
+    history = read_run(run / "member-1").history
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == first_epoch[0]  # continued, not redone
     (detail,), = rows(db, "SELECT detail FROM events WHERE kind = 'trained'")
     assert as_json(detail)["resumed"] and len(as_json(detail)["members_test_acc"]) == N
