@@ -268,7 +268,11 @@ def test_a_release_whose_lease_is_lost_records_nothing_and_stops(trained, monkey
     def export_then_revoked(*args, **kwargs):
         real(*args, **kwargs)
         commands.revoke(db, "cam-0", commands.MasterKey(root / "master.key"), echo=quiet)
-        time.sleep(30)  # the renewer (every 0.5 s) finds the lease gone and interrupts this (long before, unloaded)
+        # work goes on in Python steps (the interruption lands between two bytecodes: a single 30 s sleep in C
+        # would be woken by nothing); the renewer (every 0.5 s) finds the lease gone and interrupts it
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
         raise AssertionError("not interrupted")
 
     monkeypatch.setattr(export, "export_run", export_then_revoked)
