@@ -41,15 +41,16 @@ def _train_one(spec, row: dict[str, Any], key: Key | KeySet, run_dir: Path, epoc
     top = {k: kwargs.pop(k) for k in ("img_size", "patch_size", "num_classes") if k in kwargs}
     recipe = {k: v for k, v in (spec.recipe or {}).items() if k in ("lr", "batch_size", "lora_rank", "max_steps")}
     private_dir(run_dir.parent)
-    resume = (run_dir / (ENSEMBLE if isinstance(key, KeySet) else CHECKPOINT)).is_file()
+    ensemble = isinstance(key, KeySet)
+    resume = (run_dir / (ENSEMBLE if ensemble else CHECKPOINT)).is_file()
     cfg = TrainConfig(model=spec.model, out=str(run_dir), data=spec.data, checkpoint=spec.base_path,
                       mode=spec.mode, model_kwargs=kwargs, progress=False,
                       epochs=epochs or (spec.recipe or {}).get("epochs", 1), resume=resume, force=not resume,
                       # member i of an ensemble takes seed + i: devices' seeds MAX_MEMBERS apart never overlap
-                      seed=row["id"] * (MAX_MEMBERS if isinstance(key, KeySet) else 1), workers=0, **top,
+                      seed=row["id"] * (MAX_MEMBERS if ensemble else 1), workers=0, **top,
                       **recipe)  # the rest: TrainConfig's own defaults
     t0 = time.perf_counter()
-    if isinstance(key, KeySet):  # members finished are kept, the interrupted one continues from its checkpoint
+    if ensemble:  # members finished are kept, the interrupted one continues from its checkpoint
         _, members = train_ensemble(cfg, key, alone=True)
     else:
         members = [train(cfg, key=key, alone=True)]  # the key from the vault, in memory; one device per rank
@@ -58,7 +59,7 @@ def _train_one(spec, row: dict[str, Any], key: Key | KeySet, run_dir: Path, epoc
               "test_acc": accs[0] if len(accs) == 1 else sum(accs) / len(accs),  # an ensemble's: its members' mean
               "per_key_bytes": sum(m.per_key_bytes or 0 for m in members) or None,
               "full_model_bytes": members[0].full_model_bytes, "seconds": round(time.perf_counter() - t0, 3)}
-    if isinstance(key, KeySet):
+    if ensemble:
         result["members_test_acc"] = accs
     return result
 
